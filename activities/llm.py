@@ -1,0 +1,156 @@
+"""The model activity and the agent-resolution activity.
+
+`spine.model_call` rebuilds the transcript from the transcript store, asks the provider, and
+returns only the new assistant message with its usage. Provider SDK retries are off: Temporal
+owns retries, so every attempt is visible in history.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping
+from typing import Protocol
+
+from temporalio import activity
+
+from activities.errors import DependencyUnavailable, ModelRequestRejected, SpineError
+from activities.models import (
+    AgentSpec,
+    ChatMessage,
+    ModelCallInput,
+    ModelCallResult,
+    ProviderRequest,
+    ProviderResponse,
+    ResolveAgentInput,
+    ScriptTurn,
+    TokenUsage,
+    ToolCall,
+)
+from activities.tools import Registry
+from activities.transcript import TranscriptStore
+from guardrails.policy import Policy
+
+
+class ModelProvider(Protocol):
+    name: str
+
+    async def complete(self, request: ProviderRequest) -> ProviderResponse: ...
+
+
+def scripted_response(turn: ScriptTurn, step: int) -> ModelCallResult:
+    """The scripted model's answer for one turn: what the script says, as a provider would."""
+    calls = []
+    for index, call in enumerate(turn.tool_calls):
+        call_id = f"call_{step}_{index}"
+        if call.raw_args is not None:
+            try:
+                parsed = json.loads(call.raw_args)
+            except ValueError:
+                parsed = None
+            args = parsed if isinstance(parsed, dict) else None
+            calls.append(ToolCall(id=call_id, name=call.name, args=args, raw_args=call.raw_args))
+        else:
+            calls.append(ToolCall(id=call_id, name=call.name, args=call.args))
+    usage = turn.usage or TokenUsage()
+    return ModelCallResult(
+        message=ChatMessage(role="assistant", content=turn.text, tool_calls=calls),
+        usage=usage,
+        model="scripted",
+        provider="scripted",
+        finish_reason="tool_calls" if calls else "stop",
+        confidence=turn.confidence,
+    )
+
+
+class ModelActivities:
+    """Activities that talk to models. Clients are built on the worker and injected."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        policy: Policy,
+        transcripts: TranscriptStore,
+        providers: Mapping[str, ModelProvider],
+        *,
+        search_attributes: bool = True,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.transcripts = transcripts
+        self.providers = providers
+        self.search_attributes = search_attributes
+
+    @activity.defn(name="spine.resolve_agent")
+    async def resolve_agent(self, request: ResolveAgentInput) -> AgentSpec:
+        """Pin the agent's tools and the policy slice that applies to this run."""
+        try:
+            agent = self.registry.agent(request.agent)
+        except SpineError as err:
+            raise err.to_application_error() from err
+        policy = self.policy
+        agent_policy = policy.agents.get(agent.name)
+        tools = []
+        for name in agent.tools:
+            definition = self.registry.latest(name)
+            tools.append(definition.descriptor())
+            if definition.compensation:
+                tools.append(self.registry.latest(definition.compensation).descriptor())
+        return AgentSpec(
+            name=agent.name,
+            instructions=agent.instructions,
+            tools=tools,
+            allowed_tools=policy.allowed_tools(agent.name, request.role),
+            approval_rules=policy.approval_rules(agent.name),
+            default_provider=agent.default_provider,  # type: ignore[arg-type]  # checked at start
+            default_model=agent.default_model,
+            default_models=dict(policy.models.defaults),
+            max_steps=agent_policy.max_steps if agent_policy else 20,
+            max_usd=agent_policy.max_usd if agent_policy else None,
+            max_invalid_tool_calls=policy.runtime.max_invalid_tool_calls,
+            max_tokens=policy.runtime.max_tokens,
+            continue_as_new_after_events=policy.runtime.continue_as_new_after_events,
+            prices=policy.price_table(),
+            policy_version=policy.full_version,
+            search_attributes=self.search_attributes,
+        )
+
+    @activity.defn(name="spine.model_call")
+    async def model_call(self, call: ModelCallInput) -> ModelCallResult:
+        """One model turn."""
+        try:
+            return await self._model_call(call)
+        except SpineError as err:
+            raise err.to_application_error() from err
+
+    async def _model_call(self, call: ModelCallInput) -> ModelCallResult:
+        messages = await self.transcripts.extend(
+            call.transcript_id, call.base_len, call.base_digest, call.new_messages
+        )
+        if call.provider == "scripted":
+            if call.script_turn is None:
+                raise ModelRequestRejected("scripted model: no script turn for this step")
+            # Fault injection for demos and benchmarks; randomness is fine in an activity.
+            if call.fail_rate and random.random() < call.fail_rate:
+                raise DependencyUnavailable(
+                    f"scripted model: injected transient failure (fail_rate={call.fail_rate})"
+                )
+            return scripted_response(call.script_turn, call.step)
+        provider = self.providers.get(call.provider)
+        if provider is None:
+            raise ModelRequestRejected(
+                f"provider {call.provider!r} is not configured on this worker"
+            )
+        tools = [self.registry.get(r.name, r.version).schema_for_model() for r in call.tools]
+        response = await provider.complete(
+            ProviderRequest(
+                model=call.model, messages=messages, tools=tools, max_tokens=call.max_tokens
+            )
+        )
+        return ModelCallResult(
+            message=response.message,
+            usage=response.usage,
+            model=response.model,
+            provider=call.provider,
+            finish_reason=response.finish_reason,
+        )

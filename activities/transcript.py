@@ -1,0 +1,97 @@
+"""The transcript store: where the conversation lives so history carries only what is new.
+
+Each model activity sends the messages added since the previous call plus the length and digest
+of the prefix it expects; the store verifies the prefix, appends, and returns the whole
+transcript. History bytes per step therefore stay flat however long the run gets.
+
+The default store is SQLite in ``SPINE_STATE_DIR``; all workers of a deployment must share it
+(one host, or a shared volume). The workflow keeps the messages of its current run in memory and
+resends them in full if the store lost them (:class:`TranscriptUnavailable`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from activities.errors import TranscriptUnavailable
+from activities.models import EMPTY_DIGEST, ChatMessage, chain_digest
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS transcript (
+    transcript_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (transcript_id, seq)
+)
+"""
+
+
+class TranscriptStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    async def extend(
+        self,
+        transcript_id: str,
+        base_len: int,
+        base_digest: str,
+        new_messages: list[ChatMessage],
+    ) -> list[ChatMessage]:
+        """Verify the stored prefix, store the new messages after it, return the transcript."""
+        return await asyncio.to_thread(
+            self._extend, transcript_id, base_len, base_digest, new_messages
+        )
+
+    def _extend(
+        self,
+        transcript_id: str,
+        base_len: int,
+        base_digest: str,
+        new_messages: list[ChatMessage],
+    ) -> list[ChatMessage]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT message, digest FROM transcript WHERE transcript_id = ? AND seq < ? "
+                "ORDER BY seq",
+                (transcript_id, base_len),
+            ).fetchall()
+            stored_digest = rows[-1][1] if rows else EMPTY_DIGEST
+            if len(rows) != base_len or stored_digest != base_digest:
+                raise TranscriptUnavailable(
+                    f"transcript {transcript_id!r}: store has {len(rows)} messages "
+                    f"(digest {stored_digest[:12]}), workflow expects {base_len} "
+                    f"(digest {base_digest[:12]})"
+                )
+            messages = [ChatMessage.model_validate_json(m) for m, _ in rows]
+            digest = base_digest
+            # A retried activity writes the same rows again: replace keeps it idempotent, and
+            # the workflow (the source of truth) decides what follows the verified prefix.
+            for offset, message in enumerate(new_messages):
+                digest = chain_digest(digest, message)
+                db.execute(
+                    "INSERT OR REPLACE INTO transcript VALUES (?, ?, ?, ?)",
+                    (transcript_id, base_len + offset, message.model_dump_json(), digest),
+                )
+            return messages + new_messages
+
+    async def copy(self, source_id: str, target_id: str, length: int) -> None:
+        """Copy the first `length` messages to a new transcript (used when forking a run)."""
+        await asyncio.to_thread(self._copy, source_id, target_id, length)
+
+    def _copy(self, source_id: str, target_id: str, length: int) -> None:
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO transcript SELECT ?, seq, message, digest FROM transcript "
+                "WHERE transcript_id = ? AND seq < ?",
+                (target_id, source_id, length),
+            )

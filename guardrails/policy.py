@@ -1,0 +1,117 @@
+"""The policy file: allowlists, approval rules, limits and prices, validated at worker start.
+
+Pure and deterministic; the workflow receives the relevant slice through the `resolve_agent`
+activity (so a policy change never alters a running workflow's replay).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from activities.models import ApprovalRule
+
+DEFAULT_POLICY_PATH = Path(__file__).with_name("policy.toml")
+
+
+class PolicyError(ValueError):
+    """The policy file is missing or wrong; the message names the file and the entry."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Runtime(_Strict):
+    continue_as_new_after_events: int = Field(default=10_000, ge=100)
+    max_invalid_tool_calls: int = Field(default=3, ge=0)
+    max_tokens: int = Field(default=1024, ge=1)
+
+
+class Price(_Strict):
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class Prices(_Strict):
+    version: str
+    models: dict[str, Price] = Field(default_factory=dict)
+
+
+class Models(_Strict):
+    defaults: dict[str, str] = Field(default_factory=dict)
+
+
+class Rule(_Strict):
+    tool: str
+    always: bool = False
+    arg: str | None = None
+    above: float | None = None
+    below_confidence: float | None = Field(default=None, ge=0, le=1)
+    approver_roles: list[str] = Field(default_factory=lambda: ["supervisor"], min_length=1)
+
+
+class AgentPolicy(_Strict):
+    max_steps: int = Field(default=20, ge=1)
+    max_usd: float | None = Field(default=None, ge=0)
+    roles: dict[str, list[str]] = Field(default_factory=dict)
+    approvals: list[Rule] = Field(default_factory=list)
+
+
+class AccountPolicy(_Strict):
+    daily_usd: float | None = Field(default=None, ge=0)
+    monthly_usd: float | None = Field(default=None, ge=0)
+
+
+class Policy(_Strict):
+    version: str
+    runtime: Runtime = Field(default_factory=Runtime)
+    models: Models = Field(default_factory=Models)
+    prices: Prices
+    agents: dict[str, AgentPolicy] = Field(default_factory=dict)
+    accounts: dict[str, AccountPolicy] = Field(default_factory=dict)
+    digest: str = ""
+
+    def allowed_tools(self, agent: str, role: str) -> list[str]:
+        """Tools `role` may call in `agent`; empty (deny all) for unknown agents or roles."""
+        policy = self.agents.get(agent)
+        return list(policy.roles.get(role, [])) if policy else []
+
+    def approval_rules(self, agent: str) -> list[ApprovalRule]:
+        policy = self.agents.get(agent)
+        if policy is None:
+            return []
+        return [ApprovalRule.model_validate(r.model_dump()) for r in policy.approvals]
+
+    def price_table(self) -> dict[str, tuple[float, float]]:
+        return {name: (p.input, p.output) for name, p in self.prices.models.items()}
+
+    @property
+    def full_version(self) -> str:
+        return f"{self.version}+{self.prices.version}#{self.digest[:12]}"
+
+
+def load_policy(path: Path | str | None = None) -> Policy:
+    """Load and validate a policy file; :class:`PolicyError` names what is wrong."""
+    path = Path(path) if path else DEFAULT_POLICY_PATH
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise PolicyError(f"cannot read policy file {str(path)!r}: {err.strerror}") from err
+    try:
+        data = tomllib.loads(raw.decode())
+    except tomllib.TOMLDecodeError as err:
+        raise PolicyError(f"{path}: not valid TOML: {err}") from err
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise PolicyError(
+            f"{path}: {where}: {first['msg']} ({err.error_count()} problem(s) in all)"
+        ) from err
+    policy.digest = hashlib.sha256(raw).hexdigest()
+    return policy

@@ -1,0 +1,129 @@
+"""Secrets resolved from Vault (or OpenBao) with hvac at execution time, in the activity.
+
+Values are handed to the tool's context only. Nothing here is ever returned to the workflow.
+A Vault that cannot be reached is a transient failure (Temporal retries); a secret that does
+not exist or is denied is terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+
+import hvac
+import hvac.exceptions
+import requests
+
+from activities.errors import SecretMissing, SecretsUnavailable
+from activities.tools import SecretRef
+
+log = logging.getLogger(__name__)
+
+
+class VaultSecrets:
+    """Reads KV v2 secrets with token or AppRole auth.
+
+    Args:
+        url: Vault address (``VAULT_ADDR``).
+        token: A token (``VAULT_TOKEN``), or
+        role_id / secret_id: AppRole credentials; the token is obtained at first use and again
+            whenever Vault answers 403 (expired or revoked token).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        role_id: str | None = None,
+        secret_id: str | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
+        if not token and not (role_id and secret_id):
+            raise ValueError("Vault needs VAULT_TOKEN or VAULT_ROLE_ID + VAULT_SECRET_ID")
+        self.url = url
+        self._token = token
+        self._role_id = role_id
+        self._secret_id = secret_id
+        self._timeout = timeout_s
+        self._lock = threading.Lock()
+        self._client: hvac.Client | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> VaultSecrets | None:
+        url = env.get("VAULT_ADDR")
+        if not url:
+            return None
+        return cls(
+            url,
+            token=env.get("VAULT_TOKEN") or None,
+            role_id=env.get("VAULT_ROLE_ID") or None,
+            secret_id=env.get("VAULT_SECRET_ID") or None,
+        )
+
+    def _login(self) -> hvac.Client:
+        client = hvac.Client(url=self.url, timeout=self._timeout)
+        if self._role_id and self._secret_id and not self._token:
+            client.auth.approle.login(role_id=self._role_id, secret_id=self._secret_id)
+        else:
+            client.token = self._token
+        return client
+
+    def _client_or_login(self, *, fresh: bool = False) -> hvac.Client:
+        with self._lock:
+            if fresh or self._client is None:
+                self._client = self._login()
+            return self._client
+
+    def _read(self, ref: SecretRef, account: str) -> str:
+        path = ref.resolve_path(account)
+        where = f"{ref.mount}/{path}#{ref.key}"
+        try:
+            for fresh in (False, True):
+                client = self._client_or_login(fresh=fresh)
+                try:
+                    response = client.secrets.kv.v2.read_secret_version(
+                        path=path, mount_point=ref.mount, raise_on_deleted_version=True
+                    )
+                    break
+                except hvac.exceptions.Forbidden:
+                    if fresh or not self._role_id:
+                        raise
+                    log.info("vault token refused; logging in again with AppRole")
+        except hvac.exceptions.InvalidPath as err:
+            raise SecretMissing(f"secret {where} does not exist") from err
+        except hvac.exceptions.Forbidden as err:
+            raise SecretMissing(
+                f"secret {where} is denied to this worker's Vault identity"
+            ) from err
+        except (requests.ConnectionError, requests.Timeout) as err:
+            raise SecretsUnavailable(
+                f"Vault at {self.url} is unreachable while reading {where}"
+            ) from err
+        except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError) as err:
+            raise SecretsUnavailable(f"Vault at {self.url} is unavailable: {err}") from err
+        data = response["data"]["data"]
+        if ref.key not in data:
+            raise SecretMissing(f"secret {where}: key {ref.key!r} is not in the secret")
+        return str(data[ref.key])
+
+    async def resolve(self, refs: Sequence[SecretRef], account: str) -> dict[str, str]:
+        """Read every reference; returns name -> value for the tool context only."""
+        return await asyncio.to_thread(self._resolve_sync, refs, account)
+
+    def _resolve_sync(self, refs: Sequence[SecretRef], account: str) -> dict[str, str]:
+        return {ref.name: self._read(ref, account) for ref in refs}
+
+
+class NoSecrets:
+    """Used when no Vault is configured: any tool that needs a secret fails closed."""
+
+    async def resolve(self, refs: Sequence[SecretRef], account: str) -> dict[str, str]:
+        if refs:
+            names = ", ".join(f"{r.mount}/{r.resolve_path(account)}#{r.key}" for r in refs)
+            raise SecretsUnavailable(
+                f"no Vault configured (set VAULT_ADDR and VAULT_TOKEN or AppRole) to read {names}"
+            )
+        return {}

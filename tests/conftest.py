@@ -1,0 +1,74 @@
+"""Session-wide real servers: Temporal dev server, OpenBao dev, the demo business service."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from client.testing import DemoService, VaultDev, demo_stack, temporal_dev_server
+from guardrails.secrets import VaultSecrets
+from worker import WorkerConfig, build_worker
+
+
+@pytest.fixture(scope="session")
+async def temporal_env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WorkflowEnvironment]:
+    async with temporal_dev_server() as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VaultDev, DemoService]]:
+    with demo_stack(tmp_path_factory.mktemp("stack")) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="session")
+def vault(stack: tuple[VaultDev, DemoService]) -> VaultDev:
+    return stack[0]
+
+
+@pytest.fixture(scope="session")
+def service(stack: tuple[VaultDev, DemoService]) -> DemoService:
+    return stack[1]
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"test-{uuid.uuid4()}"
+
+
+@pytest.fixture
+def worker_config(
+    vault: VaultDev, service: DemoService, tmp_path: Path, task_queue: str
+) -> WorkerConfig:
+    settings = {"SPINE_DEMO_URL": service.url}
+    return WorkerConfig(
+        task_queue=task_queue,
+        state_dir=tmp_path / "state",
+        settings=settings,
+        secrets=VaultSecrets(vault.url, token=vault.token),
+        providers={},
+    )
+
+
+@pytest.fixture
+def make_worker(client: Client, worker_config: WorkerConfig):
+    @asynccontextmanager
+    async def make(**overrides: object) -> AsyncIterator[Worker]:
+        config = WorkerConfig(**{**worker_config.__dict__, **overrides})
+        async with build_worker(client, config=config) as w:
+            yield w
+
+    return make

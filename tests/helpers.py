@@ -1,0 +1,65 @@
+"""Small helpers shared by Spine's tests (servers live in client/testing.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from activities.models import ScriptToolCall, ScriptTurn, TokenUsage
+from client.runs import RunHandle, get_state
+from workflows.models import AgentRequest, ModelChoice, RunState
+
+
+def call(name: str, **args: object) -> ScriptToolCall:
+    return ScriptToolCall(name=name, args=args)
+
+
+def turn(*calls: ScriptToolCall, text: str | None = None, confidence: float | None = None,
+         tokens: tuple[int, int] = (100, 20)) -> ScriptTurn:
+    return ScriptTurn(
+        text=text,
+        tool_calls=list(calls),
+        confidence=confidence,
+        usage=TokenUsage(input_tokens=tokens[0], output_tokens=tokens[1]),
+    )
+
+
+def scripted_request(script: list[ScriptTurn], *, role: str = "support", goal: str = "help",
+                     **model: object) -> AgentRequest:
+    return AgentRequest(
+        agent="refund-agent",
+        goal=goal,
+        user="alice",
+        role=role,
+        account="acme",
+        model=ModelChoice(provider="scripted", script=script, **model),  # type: ignore[arg-type]
+    )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 60.0, what: str = "condition"
+) -> None:
+    """Await `check()` until it is true, polling; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            if await check():
+                return
+        except Exception as err:  # noqa: BLE001  # polling: the next try decides
+            last = err
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
+
+
+async def wait_for_status(handle: RunHandle, status: str, timeout: float = 60.0) -> RunState:
+    """Poll the `state` query until the run reports `status`."""
+    seen: list[RunState] = []
+
+    async def check() -> bool:
+        seen.append(await get_state(handle))
+        return seen[-1].status == status
+
+    await eventually(check, timeout=timeout, what=f"status {status!r}")
+    return seen[-1]

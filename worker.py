@@ -1,0 +1,164 @@
+"""The Spine worker: the one place that wires converter, sandbox, activities and agents.
+
+Run it with ``python worker.py`` or ``spine worker``. Tests and ``spine demo`` build their workers
+through :func:`build_worker` too, so what is tested is what runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.llm import ModelActivities, ModelProvider
+from activities.tools import Registry, SecretResolver, ToolRunner, make_tool_activities
+from activities.transcript import TranscriptStore
+from guardrails.policy import Policy, load_policy
+from guardrails.secrets import NoSecrets, VaultSecrets
+from workflows.agent import AgentWorkflow
+from workflows.models import DEFAULT_TASK_QUEUE
+
+log = logging.getLogger("spine.worker")
+
+#: Modules the workflow sandbox passes through instead of re-importing per run.
+PASSTHROUGH_MODULES = (
+    "pydantic",  # models cross the boundary; re-importing per run is slow and breaks isinstance
+    "pydantic_core",  # compiled core of pydantic, must be shared with it
+    "jsonschema",  # validates model arguments; pure and deterministic, heavy to import
+    "referencing",  # jsonschema's $ref resolver
+    "rpds",  # compiled persistent maps used by referencing
+    "activities.models",  # stdlib + pydantic only
+    "activities.errors",  # stdlib + temporalio only
+    "workflows.models",  # stdlib + pydantic only
+    "guardrails.approvals",  # pure functions over the models
+)
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs besides the Temporal client. Defaults come from the env."""
+
+    task_queue: str = DEFAULT_TASK_QUEUE
+    policy_path: Path | None = None
+    state_dir: Path = Path(".spine")
+    agent_modules: tuple[str, ...] = ("demo.agent",)
+    settings: Mapping[str, str] = field(default_factory=dict)
+    secrets: SecretResolver | None = None
+    providers: Mapping[str, ModelProvider] | None = None
+    search_attributes: bool = True
+    max_concurrent_activities: int = 200
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:
+        env = dict(os.environ if env is None else env)
+        modules = tuple(m.strip() for m in env.get("SPINE_AGENTS", "demo.agent").split(",") if m)
+        return cls(
+            task_queue=env.get("SPINE_TASK_QUEUE", DEFAULT_TASK_QUEUE),
+            policy_path=Path(env["SPINE_POLICY"]) if env.get("SPINE_POLICY") else None,
+            state_dir=Path(env.get("SPINE_STATE_DIR", ".spine")),
+            agent_modules=modules,
+            settings=env,
+            secrets=VaultSecrets.from_env(env),
+            search_attributes=env.get("SPINE_SEARCH_ATTRIBUTES", "1") not in ("0", "false"),
+        )
+
+
+def load_registry(modules: tuple[str, ...]) -> Registry:
+    """Import each agent module and let it `register(registry)`; check the result."""
+    registry = Registry()
+    for name in modules:
+        module = importlib.import_module(name)
+        register = getattr(module, "register", None)
+        if register is None:
+            raise ValueError(f"agent module {name!r} has no register(registry) function")
+        register(registry)
+    registry.check()
+    return registry
+
+
+def default_providers(settings: Mapping[str, str]) -> dict[str, ModelProvider]:
+    """OpenAI and Anthropic adapters with SDK retries off; keys and base URLs from settings."""
+    from activities.providers import anthropic_provider_from_env, openai_provider_from_env
+
+    return {
+        "openai": openai_provider_from_env(settings),
+        "anthropic": anthropic_provider_from_env(settings),
+    }
+
+
+def build_worker(
+    client: Client,
+    *,
+    task_queue: str | None = None,
+    config: WorkerConfig | None = None,
+    policy: Policy | None = None,
+) -> Worker:
+    """A worker serving `AgentWorkflow` and every registered tool on `task_queue`.
+
+    Raises :class:`guardrails.policy.PolicyError` or :class:`activities.tools.ToolDefinitionError`
+    with a clear message when the policy or a tool definition is wrong.
+    """
+    config = config or WorkerConfig.from_env()
+    policy = policy or load_policy(config.policy_path)
+    registry = load_registry(config.agent_modules)
+    http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+    runner = ToolRunner(registry, config.secrets or NoSecrets(), http, config.settings)
+    models = ModelActivities(
+        registry,
+        policy,
+        TranscriptStore(config.state_dir / "transcripts.db"),
+        config.providers if config.providers is not None else default_providers(config.settings),
+        search_attributes=config.search_attributes,
+    )
+    return Worker(
+        client,
+        task_queue=task_queue or config.task_queue,
+        workflows=[AgentWorkflow],
+        activities=[models.resolve_agent, models.model_call, *make_tool_activities(runner)],
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(
+                *PASSTHROUGH_MODULES
+            )
+        ),
+        max_concurrent_activities=config.max_concurrent_activities,
+    )
+
+
+async def run_worker(config: WorkerConfig | None = None) -> None:
+    """Connect, serve until SIGINT/SIGTERM, then drain gracefully."""
+    from client.runs import connect
+
+    config = config or WorkerConfig.from_env()
+    client = await connect()
+    worker = build_worker(client, config=config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with worker:
+        log.info("spine worker serving task queue %r", config.task_queue)
+        await stop.wait()
+        log.info("shutting down: finishing in-flight tasks")
+    log.info("worker stopped")
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("SPINE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(run_worker())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Spine workflows. Deterministic code only: no I/O, clocks or randomness outside Temporal."""

@@ -1,0 +1,151 @@
+"""The workflow's request, state, signals and result (CONTRACT.md). Stdlib and pydantic only."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from activities.models import AgentSpec, ChatMessage, JsonObject, ScriptTurn
+
+WORKFLOW_TYPE = "AgentWorkflow"
+DEFAULT_TASK_QUEUE = "spine-agents"
+
+RunStatus = Literal[
+    "running", "awaiting_approval", "parked", "completed", "failed", "compensated", "rejected"
+]
+Provider = Literal["openai", "anthropic", "scripted"]
+
+
+class ModelChoice(BaseModel):
+    """Which model answers. `script` is used by the scripted provider only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Provider = "scripted"
+    name: str | None = None
+    fallback: list[str] = Field(default_factory=list)
+    script: list[ScriptTurn] = Field(default_factory=list)
+    fail_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Scripted model only: transient failure rate."
+    )
+
+
+class Limits(BaseModel):
+    """Per-run limits; they can only tighten what the policy allows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int | None = Field(default=None, ge=1)
+    max_usd: float | None = Field(default=None, ge=0)
+
+
+class AgentRequest(BaseModel):
+    """Input of `AgentWorkflow` (CONTRACT.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str
+    goal: str
+    user: str
+    role: str
+    account: str
+    model: ModelChoice | None = None
+    limits: Limits | None = None
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd: float = 0.0
+
+
+class PendingApproval(BaseModel):
+    approval_id: str
+    tool: str
+    args: JsonObject
+    reason: str
+
+
+class SideEffect(BaseModel):
+    """A side effect that completed, with what undoes it."""
+
+    step: int
+    call_id: str
+    tool: str
+    args: JsonObject
+    output: JsonObject
+    idempotency_key: str
+    compensation: str | None = None
+    compensated: bool = False
+
+
+class RunState(BaseModel):
+    """Answer of the `state` query."""
+
+    status: RunStatus
+    step: int
+    pending_approvals: list[PendingApproval] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    reason: str | None = None
+    agent: str = ""
+    last_tool: str | None = None
+
+
+class ApprovalDecision(BaseModel):
+    """Payload of the `approval` signal and the `decide` update."""
+
+    approval_id: str
+    decision: Literal["approve", "reject"]
+    by: str
+    role: str
+    reason: str = ""
+
+
+class OperatorCommand(BaseModel):
+    """Payload of the `operator` signal for a parked run."""
+
+    action: Literal["retry", "skip", "compensate", "abort"]
+    by: str
+    role: str
+    reason: str = ""
+
+
+class DecisionAck(BaseModel):
+    """What the `decide` update returns."""
+
+    approval_id: str
+    decision: Literal["approve", "reject"]
+    status: RunStatus
+
+
+class AgentResult(BaseModel):
+    """Result of `AgentWorkflow` (CONTRACT.md)."""
+
+    status: RunStatus
+    output: str | None
+    steps: int
+    usage: Usage
+    side_effects: list[SideEffect]
+    reason: str | None = None
+
+
+class Carry(BaseModel):
+    """State carried across continue-as-new. Everything but the transcript, which stays in the
+    transcript store and is referenced by length and digest."""
+
+    step: int
+    usage: Usage
+    side_effects: list[SideEffect]
+    transcript_len: int
+    transcript_digest: str
+    pending_messages: list[ChatMessage]
+    invalid_calls: int = 0
+    script_pos: int = 0
+    spec: AgentSpec
+
+
+class AgentWorkflowInput(AgentRequest):
+    """What the workflow actually receives: the request plus, after continue-as-new, `carry`."""
+
+    carry: Carry | None = None
