@@ -1,0 +1,12 @@
+"""The demo: its business service (`demo.service`) and the refund agent's tools (`demo.agent`)."""
+
+__all__ = ["create_app"]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy, so workers importing `demo.agent` do not pay for FastAPI.
+    if name == "create_app":
+        from demo.service import create_app
+
+        return create_app
+    raise AttributeError(f"module 'demo' has no attribute {name!r}")
