@@ -72,7 +72,10 @@ async def temporal_dev_server(*, db_file: Path | None = None) -> AsyncIterator[W
         data_converter=pydantic_data_converter,
         search_attributes=SEARCH_ATTRIBUTES,
         dev_server_database_filename=str(db_file) if db_file else None,
-        dev_server_extra_args=["--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"],
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "frontend.enableUpdateWorkflowExecution=true",
+        ],
     )
     try:
         yield env
@@ -190,7 +193,17 @@ def start_demo_service(db_path: Path, api_key: str | None = None) -> DemoService
     port = free_port()
     api_key = api_key or secrets.token_hex(16)
     process = subprocess.Popen(
-        [sys.executable, "-m", "demo", "--host", "127.0.0.1", "--port", str(port), "--db", str(db_path)],
+        [
+            sys.executable,
+            "-m",
+            "demo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--db",
+            str(db_path),
+        ],
         env={**os.environ, "SPINE_DEMO_API_KEY": api_key},
         stdout=subprocess.DEVNULL,
     )

@@ -18,7 +18,9 @@ from worker import WorkerConfig, build_worker
 
 
 @pytest.fixture(scope="session")
-async def temporal_env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WorkflowEnvironment]:
+async def temporal_env(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[WorkflowEnvironment]:
     async with temporal_dev_server() as env:
         yield env
 

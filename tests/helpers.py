@@ -15,8 +15,12 @@ def call(name: str, **args: object) -> ScriptToolCall:
     return ScriptToolCall(name=name, args=args)
 
 
-def turn(*calls: ScriptToolCall, text: str | None = None, confidence: float | None = None,
-         tokens: tuple[int, int] = (100, 20)) -> ScriptTurn:
+def turn(
+    *calls: ScriptToolCall,
+    text: str | None = None,
+    confidence: float | None = None,
+    tokens: tuple[int, int] = (100, 20),
+) -> ScriptTurn:
     return ScriptTurn(
         text=text,
         tool_calls=list(calls),
@@ -25,8 +29,9 @@ def turn(*calls: ScriptToolCall, text: str | None = None, confidence: float | No
     )
 
 
-def scripted_request(script: list[ScriptTurn], *, role: str = "support", goal: str = "help",
-                     **model: object) -> AgentRequest:
+def scripted_request(
+    script: list[ScriptTurn], *, role: str = "support", goal: str = "help", **model: object
+) -> AgentRequest:
     return AgentRequest(
         agent="refund-agent",
         goal=goal,

@@ -9,7 +9,9 @@ from tests.helpers import call, scripted_request, turn, wait_for_status
 from workflows.models import ApprovalDecision
 
 
-async def test_demo_run_completes_with_one_approval(client, make_worker, task_queue, service: DemoService):
+async def test_demo_run_completes_with_one_approval(
+    client, make_worker, task_queue, service: DemoService
+):
     """The demo conversation pauses for approval, then refunds, emails and resolves once each."""
     request = build_demo_request("o-1001")
     async with make_worker():
@@ -17,8 +19,12 @@ async def test_demo_run_completes_with_one_approval(client, make_worker, task_qu
         state = await wait_for_status(handle, "awaiting_approval")
         [pending] = state.pending_approvals
         assert pending.tool == "issue_refund" and pending.args["amount"] == 180.0
-        ack = await decide(handle, ApprovalDecision(approval_id=pending.approval_id,
-                           decision="approve", by="bob", role="supervisor"))
+        ack = await decide(
+            handle,
+            ApprovalDecision(
+                approval_id=pending.approval_id, decision="approve", by="bob", role="supervisor"
+            ),
+        )
         assert ack.decision == "approve"
         result = await wait_result(handle)
         assert (await get_state(handle)).status == "completed"

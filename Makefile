@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup up down demo test test-fast lint format worker bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+up: setup
+	temporal-dev/up
+
+down:
+	temporal-dev/down
+
+# Starts the local stack if needed, runs the refund agent on the scripted model (approving its
+# one approval automatically, and saying so), prints the result and the run's Web UI link.
+demo: up
+	source temporal-dev/.env && $(BIN)/spine demo
+
+# The whole suite; every server it needs is started by the tests themselves on free ports.
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+worker: up
+	source temporal-dev/.env && $(BIN)/python worker.py
+
+bench: setup
+	$(BIN)/python -m bench.overhead --quick
+
+clean: down
+	rm -rf $(VENV) temporal-dev/.data .spine
