@@ -90,12 +90,9 @@ async def main(steps: int, rounds: int) -> None:
                     )
     s, b = statistics.median(spine), statistics.median(bare)
     print(f"steps per run: {steps + 1}, rounds: {rounds}")
-    print(
-        f"spine step: median {s * 1000:.1f} ms  (rounds: {', '.join(f'{x * 1000:.1f}' for x in spine)})"
-    )
-    print(
-        f"bare  step: median {b * 1000:.1f} ms  (rounds: {', '.join(f'{x * 1000:.1f}' for x in bare)})"
-    )
+    for label, median, samples in (("spine", s, spine), ("bare ", b, bare)):
+        rounds_ms = ", ".join(f"{x * 1000:.1f}" for x in samples)
+        print(f"{label} step: median {median * 1000:.1f} ms  (rounds: {rounds_ms})")
     print(f"ratio spine/bare: {s / b:.2f}")
 
 

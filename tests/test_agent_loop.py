@@ -32,7 +32,7 @@ async def test_demo_run_completes_with_one_approval(
     assert result.steps == 5
     assert [s.tool for s in result.side_effects] == ["issue_refund", "send_email", "update_ticket"]
     assert result.usage.input_tokens > 0 and result.usage.usd > 0
-    refunds = service.get(f"/v1/refunds?order_id=o-1001")
+    refunds = service.get("/v1/refunds?order_id=o-1001")
     assert len(refunds) == 1 and refunds[0]["amount"] == 180.0
     assert refunds[0]["idempotency_key"] == result.side_effects[0].idempotency_key
     assert len(service.get("/v1/emails?order_id=o-1001")) == 1
