@@ -1,0 +1,37 @@
+"""Client side of Spine: typed helpers (`client.runs`), the `spine` command and the demo."""
+
+from client.runs import (
+    RunHandle,
+    SpineClientError,
+    TemporalUnreachable,
+    connect,
+    decide,
+    describe,
+    get_run,
+    get_state,
+    signal_approval,
+    signal_operator,
+    start_run,
+    task_queue,
+    wait_result,
+    watch,
+    web_ui_url,
+)
+
+__all__ = [
+    "RunHandle",
+    "SpineClientError",
+    "TemporalUnreachable",
+    "connect",
+    "decide",
+    "describe",
+    "get_run",
+    "get_state",
+    "signal_approval",
+    "signal_operator",
+    "start_run",
+    "task_queue",
+    "wait_result",
+    "watch",
+    "web_ui_url",
+]

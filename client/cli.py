@@ -1,0 +1,447 @@
+"""The `spine` command: start, watch and steer agent runs, run a worker, run the demo.
+
+Errors are one line on stderr (`spine: error: ...`) with exit status 2 for bad usage or input and
+1 for everything else; `--json` prints machine-readable output on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Literal, TypeVar, get_args
+
+import click
+from pydantic import TypeAdapter, ValidationError
+from temporalio.client import WorkflowExecutionStatus
+
+from activities.models import ScriptTurn
+from client.runs import (
+    SpineClientError,
+    connect,
+    decide,
+    describe,
+    get_run,
+    get_state,
+    signal_approval,
+    start_run,
+    wait_result,
+    watch,
+    web_ui_url,
+)
+from workflows.models import (
+    AgentRequest,
+    AgentResult,
+    ApprovalDecision,
+    Limits,
+    ModelChoice,
+    Provider,
+    RunState,
+    Usage,
+)
+
+_SCRIPT = TypeAdapter(list[ScriptTurn])
+_PROVIDERS: dict[str, Provider] = {p: p for p in get_args(Provider)}
+T = TypeVar("T")
+
+
+# --- output helpers (also used by `client.demo`) ---------------------------------------------
+
+
+def compact(value: object) -> str:
+    """Compact one-line JSON for tool arguments and outputs."""
+    return json.dumps(value, separators=(", ", ": "), default=str)
+
+
+def state_line(state: RunState) -> str:
+    """One progress line: `step 3  awaiting_approval  approval ap-1 issue_refund {...}: why`."""
+    line = f"step {state.step}  {state.status}"
+    if state.pending_approvals:
+        line += "  " + "; ".join(
+            f"approval {p.approval_id} {p.tool} {compact(p.args)}: {p.reason}"
+            for p in state.pending_approvals
+        )
+    elif state.status == "running" and state.last_tool:
+        line += f"  {state.last_tool}"
+    elif state.reason:
+        line += f"  {state.reason}"
+    return line
+
+
+def usage_text(usage: Usage) -> str:
+    """`1200 input + 180 output tokens, $0.0042`."""
+    return f"{usage.input_tokens} input + {usage.output_tokens} output tokens, ${usage.usd:.4f}"
+
+
+def result_lines(result: AgentResult) -> list[str]:
+    """A human summary of a run's result, one fact per line."""
+    lines = [
+        f"status    {result.status}",
+        f"output    {result.output if result.output is not None else '-'}",
+        f"steps     {result.steps}",
+        f"usage     {usage_text(result.usage)}",
+    ]
+    if result.reason:
+        lines.append(f"reason    {result.reason}")
+    lines.append(f"side effects ({len(result.side_effects)})")
+    for fx in result.side_effects:
+        undone = "  [compensated]" if fx.compensated else ""
+        lines.append(
+            f"  step {fx.step}  {fx.tool} {compact(fx.args)} -> {compact(fx.output)}{undone}"
+        )
+    return lines
+
+
+def _echo_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _run_async(coro: Coroutine[object, object, T]) -> T:
+    return asyncio.run(coro)
+
+
+# --- input parsing ---------------------------------------------------------------------------
+
+
+def summarise_validation(error: ValidationError, root: str = "") -> str:
+    """A pydantic `ValidationError` as one line: the first problem and how many more."""
+    errors = error.errors(include_url=False)
+    if not errors:
+        return str(error).splitlines()[0]
+    first = errors[0]
+    loc = root
+    for part in first["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    text = f"{loc}: {first['msg']}" if loc else first["msg"]
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more)"
+    return text
+
+
+def load_script(path: Path) -> list[ScriptTurn]:
+    """Read a scripted-model script: a JSON list of turns, or an object with a `script` list.
+
+    Raises:
+        click.UsageError: the file cannot be read, is not JSON, or is not a valid script; the
+            message names the file (and the position for JSON errors).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise click.UsageError(f"cannot read script file '{path}': {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise click.UsageError(f"script file '{path}' is not UTF-8 text: {e.reason}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.UsageError(
+            f"script file '{path}' is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from e
+    if isinstance(data, dict) and "script" in data:
+        data = data["script"]
+    try:
+        return _SCRIPT.validate_python(data)
+    except ValidationError as e:
+        raise click.UsageError(
+            f"script file '{path}' is not a valid script: {summarise_validation(e, 'script')}"
+        ) from e
+
+
+def parse_model(spec: str | None, script: list[ScriptTurn] | None) -> ModelChoice | None:
+    """`--model PROVIDER[:NAME]` (and `--script`) as a `ModelChoice`; None keeps the default."""
+    if spec is None and script is None:
+        return None
+    given, _, name = (spec or "scripted").partition(":")
+    provider = _PROVIDERS.get(given)
+    if provider is None:
+        raise click.UsageError(
+            f"unknown model provider {given!r} in --model {spec!r}; "
+            f"use one of {', '.join(_PROVIDERS)}, optionally with ':NAME'"
+        )
+    if script is not None and provider != "scripted":
+        raise click.UsageError(f"--script needs the scripted provider, not {provider!r}")
+    try:
+        return ModelChoice(provider=provider, name=name or None, script=script or [])
+    except ValidationError as e:
+        raise click.UsageError(f"invalid --model: {summarise_validation(e)}") from e
+
+
+# --- the command group -----------------------------------------------------------------------
+
+
+class _SpineGroup(click.Group):
+    """A click group whose every expected failure is one `spine: error:` line on stderr."""
+
+    def main(  # type: ignore[override]  # narrower than click's catch-all signature on purpose
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: object,
+    ) -> object:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        message: str | None = None
+        try:
+            rv = super().main(args, prog_name or "spine", complete_var, False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            code = e.exit_code
+        except click.UsageError as e:
+            message, code = e.format_message(), 2
+        except click.ClickException as e:
+            message, code = e.format_message(), e.exit_code
+        except SpineClientError as e:
+            message, code = str(e), 1
+        except (click.Abort, KeyboardInterrupt):
+            message, code = "interrupted", 130
+        # Exit only after the exception and its traceback are gone: a Temporal client still
+        # reachable from them at interpreter shutdown can crash the process (SIGSEGV/SIGABRT).
+        gc.collect()
+        if message is not None:
+            click.echo(f"spine: error: {message}", err=True)
+        sys.exit(code)
+
+
+@click.group(cls=_SpineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Spine: durable execution for AI agents on Temporal.
+
+    Connection settings come from Temporal's environment configuration (TEMPORAL_ADDRESS,
+    TEMPORAL_NAMESPACE, TEMPORAL_PROFILE, ...); the task queue from SPINE_TASK_QUEUE.
+    """
+
+
+@cli.command("worker")
+def worker_cmd() -> None:
+    """Run a Spine worker (the same as `python worker.py`)."""
+    try:
+        import worker  # lazily: it pulls in every activity and provider SDK
+    except ImportError as e:
+        raise SpineClientError(f"cannot load the worker (worker.py): {e}") from e
+    worker.main()
+
+
+@cli.command("run")
+@click.argument("agent")
+@click.argument("goal")
+@click.option("--user", required=True, help="Who the agent acts for.")
+@click.option("--role", required=True, help="The user's role; the policy decides what it may do.")
+@click.option("--account", required=True, help="The account the run is billed to.")
+@click.option(
+    "--model", "model_spec", metavar="PROVIDER[:NAME]", help="openai, anthropic or scripted."
+)
+@click.option(
+    "--script",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON file of scripted-model turns (implies --model scripted).",
+)
+@click.option("--max-steps", type=click.IntRange(min=1), help="Tighten the policy's step limit.")
+@click.option("--max-usd", type=click.FloatRange(min=0), help="Tighten the policy's cost limit.")
+@click.option("--id", "workflow_id", help="Workflow id (default AGENT-<random>).")
+@click.option("--wait", is_flag=True, help="Follow the run and print its result.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def run_cmd(
+    ctx: click.Context,
+    agent: str,
+    goal: str,
+    user: str,
+    role: str,
+    account: str,
+    model_spec: str | None,
+    script: Path | None,
+    max_steps: int | None,
+    max_usd: float | None,
+    workflow_id: str | None,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Start AGENT on GOAL; print the workflow id and its Web UI link."""
+    model = parse_model(model_spec, load_script(script) if script is not None else None)
+    limits = (
+        Limits(max_steps=max_steps, max_usd=max_usd)
+        if max_steps is not None or max_usd is not None
+        else None
+    )
+    try:
+        request = AgentRequest(
+            agent=agent,
+            goal=goal,
+            user=user,
+            role=role,
+            account=account,
+            model=model,
+            limits=limits,
+        )
+    except ValidationError as e:
+        raise click.UsageError(f"invalid run request: {summarise_validation(e)}") from e
+    ctx.exit(_run_async(_run(request, workflow_id, wait, as_json)))
+
+
+async def _run(request: AgentRequest, workflow_id: str | None, wait: bool, as_json: bool) -> int:
+    client = await connect()
+    handle = await start_run(client, request, workflow_id=workflow_id)
+    run_id = handle.result_run_id
+    url = web_ui_url(handle.id, run_id, client.namespace)
+    started = {"workflow_id": handle.id, "run_id": run_id, "web_ui_url": url}
+    if not as_json:
+        click.echo(f"started {handle.id}")
+        click.echo(f"Web UI  {url}")
+    if not wait:
+        if as_json:
+            _echo_json(started)
+        return 0
+    async for state in watch(handle):
+        if not as_json:
+            click.echo(state_line(state))
+    result = await wait_result(handle)
+    if as_json:
+        _echo_json({**started, "result": result.model_dump(mode="json")})
+    else:
+        for line in result_lines(result):
+            click.echo(line)
+    if result.status != "completed":
+        reason = f" ({result.reason})" if result.reason else ""
+        click.echo(f"spine: error: run {handle.id!r} ended {result.status}{reason}", err=True)
+        return 1
+    return 0
+
+
+@cli.command("status")
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status_cmd(run: str, as_json: bool) -> None:
+    """Show RUN's state (a workflow id); for a closed run, its result."""
+    _run_async(_status(run, as_json))
+
+
+async def _status(workflow_id: str, as_json: bool) -> None:
+    client = await connect()
+    handle = get_run(client, workflow_id)
+    desc = await describe(handle)
+    wf_status = desc.status.name if desc.status is not None else "UNKNOWN"
+    url = web_ui_url(desc.id, desc.run_id, client.namespace)
+    state: RunState | None = None
+    result: AgentResult | None = None
+    error: str | None = None
+    if desc.status == WorkflowExecutionStatus.RUNNING:
+        state = await get_state(handle)
+    else:
+        try:
+            result = await wait_result(handle)
+        except SpineClientError as e:
+            error = str(e)
+    if as_json:
+        _echo_json(
+            {
+                "workflow_id": desc.id,
+                "run_id": desc.run_id,
+                "workflow_status": wf_status,
+                "state": state.model_dump(mode="json") if state else None,
+                "result": result.model_dump(mode="json") if result else None,
+                "error": error,
+                "web_ui_url": url,
+            }
+        )
+        return
+    click.echo(f"run       {desc.id}  ({desc.workflow_type}, {wf_status.lower()})")
+    if state is not None:
+        click.echo(f"status    {state.status}")
+        click.echo(f"step      {state.step}")
+        click.echo(f"usage     {usage_text(state.usage)}")
+        if state.last_tool:
+            click.echo(f"last tool {state.last_tool}")
+        if state.reason:
+            click.echo(f"reason    {state.reason}")
+        for p in state.pending_approvals:
+            click.echo(f"approval  {p.approval_id}  {p.tool} {compact(p.args)}: {p.reason}")
+            click.echo(f"          spine approve {desc.id} {p.approval_id} --by NAME --role ROLE")
+    elif result is not None:
+        for line in result_lines(result):
+            click.echo(line)
+    else:
+        click.echo(f"error     {error}")
+    click.echo(f"Web UI    {url}")
+
+
+def _decision_command(decision: Literal["approve", "reject"]) -> click.Command:
+    past = "approved" if decision == "approve" else "rejected"
+
+    @click.argument("run")
+    @click.argument("approval")
+    @click.option("--by", "by", required=True, help="Who decides.")
+    @click.option("--role", required=True, help="Their role; the policy says who may approve.")
+    @click.option("--reason", default="", help="Why, for the audit log.")
+    @click.option(
+        "--signal",
+        "use_signal",
+        is_flag=True,
+        help="Send the `approval` signal instead of the `decide` update (no immediate refusal).",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def command(
+        run: str, approval: str, by: str, role: str, reason: str, use_signal: bool, as_json: bool
+    ) -> None:
+        payload = ApprovalDecision(
+            approval_id=approval, decision=decision, by=by, role=role, reason=reason
+        )
+        _run_async(_decide(run, payload, use_signal, as_json, past))
+
+    command.__doc__ = (
+        f"{decision.capitalize()} APPROVAL on RUN. By default through the `decide` update, so a "
+        "refusal (unknown approval, already decided, role not allowed) is reported at once."
+    )
+    return click.command(decision)(command)
+
+
+async def _decide(
+    workflow_id: str, payload: ApprovalDecision, use_signal: bool, as_json: bool, past: str
+) -> None:
+    client = await connect()
+    handle = get_run(client, workflow_id)
+    if use_signal:
+        await signal_approval(handle, payload)
+        if as_json:
+            _echo_json({"workflow_id": workflow_id, "signal": "approval", **payload.model_dump()})
+        else:
+            click.echo(
+                f"sent {payload.decision} of {payload.approval_id} to {workflow_id} as a signal; "
+                f"the run checks it itself (see `spine status {workflow_id}`)"
+            )
+        return
+    ack = await decide(handle, payload)
+    if as_json:
+        _echo_json(ack.model_dump(mode="json"))
+    else:
+        click.echo(f"{past} {ack.approval_id} on {workflow_id}; the run is now {ack.status}")
+
+
+cli.add_command(_decision_command("approve"))
+cli.add_command(_decision_command("reject"))
+
+
+@cli.command("demo")
+@click.pass_context
+def demo_cmd(ctx: click.Context) -> None:
+    """Run the refund demo end to end on the scripted model, with an in-process worker.
+
+    One refund needs approval; the demo approves it itself and says so.
+    """
+    from client.demo import run_demo  # lazily: it imports the worker
+
+    result = _run_async(run_demo(click.echo))
+    if result.status != "completed":
+        reason = f" ({result.reason})" if result.reason else ""
+        click.echo(f"spine: error: the demo run ended {result.status}{reason}", err=True)
+        ctx.exit(1)
+
+
+def main() -> None:
+    """Entry point of the `spine` console script."""
+    cli.main(prog_name="spine")

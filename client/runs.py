@@ -1,0 +1,357 @@
+"""Typed helpers to start, watch and steer Spine runs from outside the workflow.
+
+Everything here speaks the contract's names (workflow type `AgentWorkflow`, query `state`, update
+`decide`, signals `approval` and `operator`) and the pydantic models of `workflows.models`, and
+turns the failures a user can cause or fix into a one-line `SpineClientError`::
+
+    SpineClientError            a clear, one-line reason; the CLI prints it and exits 1
+     +-- TemporalUnreachable    no Temporal server answers at the configured address
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import urllib.parse
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from uuid import uuid4
+
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.envconfig import ClientConfig
+from temporalio.exceptions import ApplicationError, FailureError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from workflows.models import (
+    DEFAULT_TASK_QUEUE,
+    WORKFLOW_TYPE,
+    AgentRequest,
+    AgentResult,
+    ApprovalDecision,
+    DecisionAck,
+    OperatorCommand,
+    RunState,
+)
+
+DEFAULT_ADDRESS = "localhost:7233"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_UI_URL = "http://localhost:8233"
+
+SPINE_AGENT = SearchAttributeKey.for_keyword("SpineAgent")
+SPINE_ACCOUNT = SearchAttributeKey.for_keyword("SpineAccount")
+SPINE_STATUS = SearchAttributeKey.for_keyword("SpineStatus")
+
+# A running workflow answers a query only through a worker; without one the server would keep the
+# caller waiting, so the wait is bounded and turned into advice.
+QUERY_TIMEOUT = timedelta(seconds=10)
+
+RunHandle = WorkflowHandle[object, AgentResult]
+"""A handle on one Spine run; `result()` gives an `AgentResult`."""
+
+
+class SpineClientError(Exception):
+    """A failure the user can understand and usually fix, stated in one line."""
+
+
+class TemporalUnreachable(SpineClientError):
+    """No Temporal server answered at `address`."""
+
+    def __init__(self, address: str, cause: str) -> None:
+        super().__init__(
+            f"cannot reach Temporal at {address!r} ({cause}); "
+            "start it with temporal-dev/up or set TEMPORAL_ADDRESS"
+        )
+        self.address = address
+        self.cause = cause
+
+
+def task_queue() -> str:
+    """The task queue Spine's workers poll: `SPINE_TASK_QUEUE`, default `spine-agents`."""
+    return os.environ.get("SPINE_TASK_QUEUE") or DEFAULT_TASK_QUEUE
+
+
+_default_task_queue = task_queue  # `start_run` has a parameter of the same name
+
+
+async def connect(*, address: str | None = None, namespace: str | None = None) -> Client:
+    """Connect to Temporal with Spine's pydantic data converter.
+
+    Settings come from Temporal's env-config (`TEMPORAL_ADDRESS`, `TEMPORAL_NAMESPACE`,
+    `TEMPORAL_PROFILE`, the config file, TLS and API-key settings); `address` and `namespace`
+    override them. Defaults: `localhost:7233`, namespace `default`.
+
+    Raises:
+        SpineClientError: the configuration cannot be loaded.
+        TemporalUnreachable: nothing answers at the address.
+    """
+    try:
+        config = ClientConfig.load_client_connect_config(
+            profile=os.environ.get("TEMPORAL_PROFILE") or None
+        )
+    except Exception as e:  # the loader raises plain RuntimeError/ValueError for bad files
+        raise SpineClientError(f"cannot load Temporal client configuration: {e}") from e
+    target = address or config.get("target_host") or DEFAULT_ADDRESS
+    if "://" in target:
+        raise SpineClientError(
+            f"Temporal address {target!r} is a URL; set TEMPORAL_ADDRESS to host:port"
+        )
+    try:
+        return await Client.connect(
+            target,
+            namespace=namespace or config.get("namespace") or DEFAULT_NAMESPACE,
+            api_key=config.get("api_key"),
+            tls=config.get("tls"),
+            rpc_metadata=config.get("rpc_metadata", {}),
+            data_converter=pydantic_data_converter,
+        )
+    except ValueError as e:
+        raise SpineClientError(
+            f"invalid Temporal address {target!r} ({e}); set TEMPORAL_ADDRESS to host:port"
+        ) from e
+    except RuntimeError as e:
+        raise TemporalUnreachable(target, _connect_cause(str(e))) from e
+
+
+def _connect_cause(message: str) -> str:
+    """The readable core of the core SDK's connect error (e.g. 'Connection refused')."""
+    found = re.search(r'(?:message|error): "([^"]+)"', message)
+    if found:
+        return found.group(1)
+    return message.removeprefix("Failed client connect: ").splitlines()[0][:200]
+
+
+def run_id_for(request: AgentRequest) -> str:
+    """A fresh workflow id for `request`: `<agent>-<12 hex digits>`."""
+    return f"{request.agent}-{uuid4().hex[:12]}"
+
+
+async def start_run(
+    client: Client,
+    request: AgentRequest,
+    *,
+    workflow_id: str | None = None,
+    task_queue: str | None = None,
+) -> RunHandle:
+    """Start an `AgentWorkflow` run and return its handle.
+
+    Sets the search attributes `SpineAgent`, `SpineAccount` and `SpineStatus="running"` (unless
+    `SPINE_SEARCH_ATTRIBUTES=0`), and a static summary and details for the Web UI.
+
+    Raises:
+        SpineClientError: the id is taken, or the server refuses the start (for instance because
+            Spine's search attributes are not registered).
+    """
+    wid = workflow_id or run_id_for(request)
+    queue = task_queue or _default_task_queue()
+    details = "\n".join(
+        f"- **{k}**: {v}"
+        for k, v in (
+            ("agent", request.agent),
+            ("user", request.user),
+            ("role", request.role),
+            ("account", request.account),
+        )
+    )
+    try:
+        return await client.start_workflow(
+            WORKFLOW_TYPE,
+            request,
+            id=wid,
+            task_queue=queue,
+            result_type=AgentResult,
+            search_attributes=_search_attributes(request),
+            static_summary=f"{request.agent}: {request.goal[:80]}",
+            static_details=details,
+        )
+    except WorkflowAlreadyStartedError as e:
+        raise SpineClientError(
+            f"a run with id {wid!r} already exists in namespace {client.namespace!r}; "
+            "pick another --id"
+        ) from e
+    except RPCError as e:
+        if e.status == RPCStatusCode.INVALID_ARGUMENT and "search attribute" in e.message.lower():
+            raise SpineClientError(
+                f"cannot start run {wid!r}: {e.message}; Spine's search attributes are not "
+                f"registered in namespace {client.namespace!r} (temporal-dev/up registers them)"
+            ) from e
+        raise SpineClientError(f"cannot start run {wid!r}: {e.message}") from e
+
+
+def _search_attributes(request: AgentRequest) -> TypedSearchAttributes | None:
+    # Same switch as the worker's: a namespace without Spine's attributes can still run agents.
+    if os.environ.get("SPINE_SEARCH_ATTRIBUTES", "1").lower() in ("0", "false"):
+        return None
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(SPINE_AGENT, request.agent),
+            SearchAttributePair(SPINE_ACCOUNT, request.account),
+            SearchAttributePair(SPINE_STATUS, "running"),
+        ]
+    )
+
+
+def get_run(client: Client, workflow_id: str, *, run_id: str | None = None) -> RunHandle:
+    """A handle on an existing run (the latest run of `workflow_id` unless `run_id` is given)."""
+    return client.get_workflow_handle(workflow_id, run_id=run_id, result_type=AgentResult)
+
+
+def _namespace(handle: RunHandle) -> str:
+    # Handles do not expose their client publicly, but the namespace makes errors actionable.
+    client = getattr(handle, "_client", None)
+    return client.namespace if isinstance(client, Client) else DEFAULT_NAMESPACE
+
+
+@contextmanager
+def _rpc_errors(handle: RunHandle, action: str) -> Iterator[None]:
+    """Turn the server's refusals of `action` on `handle` into one-line errors."""
+    try:
+        yield
+    except RPCError as e:
+        wid = handle.id
+        msg = e.message
+        if e.status == RPCStatusCode.NOT_FOUND and "already completed" in msg.lower():
+            raise SpineClientError(
+                f"run {wid!r} has already finished; {action} is no longer possible"
+            ) from e
+        if e.status == RPCStatusCode.NOT_FOUND:
+            raise SpineClientError(f"no run {wid!r} in namespace {_namespace(handle)!r}") from e
+        if e.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED) or (
+            e.status == RPCStatusCode.FAILED_PRECONDITION and "poller" in msg.lower()
+        ):
+            raise SpineClientError(
+                f"run {wid!r} did not answer ({action}): no worker seems to be polling; "
+                f"start one with `spine worker` (task queue {task_queue()!r})"
+            ) from e
+        raise SpineClientError(f"{action} failed for run {wid!r}: {msg}") from e
+
+
+async def describe(handle: RunHandle) -> WorkflowExecutionDescription:
+    """Describe the run (status, times, search attributes) without needing a worker."""
+    with _rpc_errors(handle, "describe"):
+        return await handle.describe()
+
+
+async def get_state(handle: RunHandle) -> RunState:
+    """The run's current `state` query answer (needs a worker polling its task queue)."""
+    with _rpc_errors(handle, "state query"):
+        try:
+            return await handle.query("state", result_type=RunState, rpc_timeout=QUERY_TIMEOUT)
+        except (WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
+            raise SpineClientError(f"state query on run {handle.id!r} failed: {e}") from e
+
+
+async def decide(handle: RunHandle, decision: ApprovalDecision) -> DecisionAck:
+    """Approve or reject a pending approval through the `decide` update.
+
+    The workflow's validator refuses an unknown or already decided approval and a role that may
+    not approve it; the refusal is raised here and nothing is written to history.
+
+    Raises:
+        SpineClientError: the decision was refused, with the validator's reason.
+    """
+    with _rpc_errors(handle, f"{decision.decision} of {decision.approval_id!r}"):
+        try:
+            return await handle.execute_update("decide", decision, result_type=DecisionAck)
+        except WorkflowUpdateFailedError as e:
+            raise SpineClientError(
+                f"{decision.decision} of {decision.approval_id!r} on run {handle.id!r} "
+                f"refused: {_failure_message(e.cause)}"
+            ) from e
+
+
+async def signal_approval(handle: RunHandle, decision: ApprovalDecision) -> None:
+    """Send the decision as the `approval` signal.
+
+    Signals are accepted unchecked; the workflow checks the decision and records a refused one in
+    its audit log, so use `decide` when the caller should hear about a refusal.
+    """
+    with _rpc_errors(handle, f"{decision.decision} signal for {decision.approval_id!r}"):
+        await handle.signal("approval", decision)
+
+
+async def signal_operator(handle: RunHandle, cmd: OperatorCommand) -> None:
+    """Send an operator command (retry, skip, compensate, abort) to a parked run."""
+    with _rpc_errors(handle, f"operator {cmd.action!r} signal"):
+        await handle.signal("operator", cmd)
+
+
+async def wait_result(handle: RunHandle) -> AgentResult:
+    """Wait for the run to close and return its result (following continue-as-new).
+
+    Raises:
+        SpineClientError: the workflow failed, was terminated, cancelled or timed out instead of
+            returning a result.
+    """
+    with _rpc_errors(handle, "result"):
+        try:
+            return await handle.result()
+        except WorkflowFailureError as e:
+            raise SpineClientError(
+                f"run {handle.id!r} ended without a result: {_failure_message(e.cause)}"
+            ) from e
+
+
+async def watch(handle: RunHandle, *, interval: float = 0.5) -> AsyncIterator[RunState]:
+    """Poll the `state` query and yield each state whose status, step or approvals changed.
+
+    Stops once the workflow has closed; then call `wait_result` for the outcome.
+    """
+    done = asyncio.ensure_future(handle.result())
+    last: tuple[str, int, tuple[str, ...]] | None = None
+    try:
+        while not done.done():
+            try:
+                state = await get_state(handle)
+            except SpineClientError:
+                if done.done():
+                    break
+                raise
+            key = (
+                state.status,
+                state.step,
+                tuple(p.approval_id for p in state.pending_approvals),
+            )
+            if key != last:
+                last = key
+                yield state
+            await asyncio.wait([done], timeout=interval)
+    finally:
+        if not done.done():
+            done.cancel()
+        # Retrieve the outcome so a failed result is not reported as never retrieved.
+        await asyncio.gather(done, return_exceptions=True)
+
+
+def _failure_message(cause: BaseException) -> str:
+    """The innermost human message of a Temporal failure chain."""
+    while isinstance(cause, FailureError) and cause.__cause__ is not None:
+        if isinstance(cause, ApplicationError) and cause.message:
+            break
+        cause = cause.__cause__
+    if isinstance(cause, FailureError):
+        return cause.message or type(cause).__name__
+    return str(cause) or type(cause).__name__
+
+
+def web_ui_url(workflow_id: str, run_id: str | None = None, namespace: str = "default") -> str:
+    """The Temporal Web UI page of a run (`SPINE_UI_URL`, default `http://localhost:8233`)."""
+    ui = (os.environ.get("SPINE_UI_URL") or DEFAULT_UI_URL).rstrip("/")
+    url = (
+        f"{ui}/namespaces/{urllib.parse.quote(namespace, safe='')}"
+        f"/workflows/{urllib.parse.quote(workflow_id, safe='')}"
+    )
+    if run_id:
+        url += f"/{urllib.parse.quote(run_id, safe='')}/history"
+    return url
