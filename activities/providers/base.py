@@ -1,0 +1,74 @@
+"""The provider interface and the helpers both adapters share."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from activities.errors import AuthenticationFailed
+from activities.models import JsonObject, ProviderRequest, ProviderResponse
+
+# Phrases providers use when a prompt no longer fits: OpenAI ("maximum context length",
+# code "context_length_exceeded"), Anthropic ("prompt is too long", "exceed context limit"),
+# vLLM/Ollama ("too many tokens", "context window").
+_CONTEXT_OVERFLOW = re.compile(
+    r"context[ _-]?(length|window|limit|size)|maximum context|too many tokens"
+    r"|prompt is too long|input is too long",
+    re.IGNORECASE,
+)
+
+
+@runtime_checkable
+class ModelProvider(Protocol):
+    """One chat model API behind Spine's provider-neutral request and response.
+
+    Implementations raise `activities.errors.SpineError` subclasses, never SDK exceptions.
+    """
+
+    name: str
+
+    async def complete(self, request: ProviderRequest) -> ProviderResponse:
+        """Send `request` once (no retries: Temporal owns them) and return the reply."""
+        ...
+
+
+@dataclass
+class MissingCredentialsProvider:
+    """Stands in for a provider whose API key is not configured.
+
+    The worker still starts; every call fails with a non-retryable `AuthenticationFailed`
+    that names the environment variable to set.
+    """
+
+    name: str
+    env_var: str
+
+    async def complete(self, request: ProviderRequest) -> ProviderResponse:
+        """Always raise `AuthenticationFailed` naming the missing variable."""
+        raise AuthenticationFailed(
+            f"{self.name} provider has no API key: set {self.env_var!r} in the worker's "
+            f"environment (any non-empty value for keyless local servers such as Ollama) "
+            f"and restart the worker; model {request.model!r} was not called"
+        )
+
+
+def parse_tool_arguments(raw: str) -> JsonObject | None:
+    """The model's argument text as a JSON object, or None when it is not one.
+
+    Blank text counts as `{}`: several OpenAI-compatible servers send `""` for tools that
+    take no parameters.
+    """
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def mentions_context_overflow(*texts: str | None) -> bool:
+    """Whether a provider error message says the prompt is longer than the model accepts."""
+    return any(text and _CONTEXT_OVERFLOW.search(text) for text in texts)
