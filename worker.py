@@ -20,6 +20,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.breakers import Breakers
 from activities.llm import ModelActivities, ModelProvider
 from activities.tools import Registry, SecretResolver, ToolRunner, make_tool_activities
 from activities.transcript import TranscriptStore
@@ -112,13 +113,15 @@ def build_worker(
     policy = policy or load_policy(config.policy_path)
     registry = load_registry(config.agent_modules)
     http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
-    runner = ToolRunner(registry, config.secrets or NoSecrets(), http, config.settings)
+    breakers = Breakers(policy.runtime.breaker_threshold, policy.runtime.breaker_reset_s)
+    runner = ToolRunner(registry, config.secrets or NoSecrets(), http, config.settings, breakers)
     models = ModelActivities(
         registry,
         policy,
         TranscriptStore(config.state_dir / "transcripts.db"),
         config.providers if config.providers is not None else default_providers(config.settings),
         search_attributes=config.search_attributes,
+        breakers=breakers,
     )
     return Worker(
         client,

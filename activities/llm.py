@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Mapping
-from typing import Protocol
 
 from temporalio import activity
 
+from activities.breakers import Breakers
 from activities.errors import DependencyUnavailable, ModelRequestRejected, SpineError
 from activities.models import (
     AgentSpec,
@@ -21,24 +21,18 @@ from activities.models import (
     ModelCallInput,
     ModelCallResult,
     ProviderRequest,
-    ProviderResponse,
     ResolveAgentInput,
     ScriptTurn,
     TokenUsage,
     ToolCall,
 )
+from activities.providers.base import ModelProvider
 from activities.tools import Registry
 from activities.transcript import TranscriptStore
 from guardrails.policy import Policy
 
 
-class ModelProvider(Protocol):
-    name: str
-
-    async def complete(self, request: ProviderRequest) -> ProviderResponse: ...
-
-
-def scripted_response(turn: ScriptTurn, step: int) -> ModelCallResult:
+def scripted_response(turn: ScriptTurn, step: int, model: str = "scripted") -> ModelCallResult:
     """The scripted model's answer for one turn: what the script says, as a provider would."""
     calls = []
     for index, call in enumerate(turn.tool_calls):
@@ -56,11 +50,24 @@ def scripted_response(turn: ScriptTurn, step: int) -> ModelCallResult:
     return ModelCallResult(
         message=ChatMessage(role="assistant", content=turn.text, tool_calls=calls),
         usage=usage,
-        model="scripted",
+        model=model,
         provider="scripted",
         finish_reason="tool_calls" if calls else "stop",
         confidence=turn.confidence,
     )
+
+
+async def _scripted(call: ModelCallInput, turn: ScriptTurn) -> ModelCallResult:
+    """The scripted model, with its fault switches (randomness is fine in an activity)."""
+    scripted_error = turn.error if call.fallback_index == 0 else None
+    if scripted_error == "terminal":
+        raise ModelRequestRejected(f"scripted model: terminal error scripted at step {call.step}")
+    if scripted_error == "transient" or (call.fail_rate and random.random() < call.fail_rate):
+        raise DependencyUnavailable(
+            f"scripted model: injected transient failure at step {call.step} "
+            f"(fail_rate={call.fail_rate})"
+        )
+    return scripted_response(turn, call.step, call.model)
 
 
 class ModelActivities:
@@ -74,12 +81,14 @@ class ModelActivities:
         providers: Mapping[str, ModelProvider],
         *,
         search_attributes: bool = True,
+        breakers: Breakers | None = None,
     ) -> None:
         self.registry = registry
         self.policy = policy
         self.transcripts = transcripts
         self.providers = providers
         self.search_attributes = search_attributes
+        self.breakers = breakers or Breakers()
 
     @activity.defn(name="spine.resolve_agent")
     async def resolve_agent(self, request: ResolveAgentInput) -> AgentSpec:
@@ -110,6 +119,12 @@ class ModelActivities:
             max_invalid_tool_calls=policy.runtime.max_invalid_tool_calls,
             max_tokens=policy.runtime.max_tokens,
             continue_as_new_after_events=policy.runtime.continue_as_new_after_events,
+            operator_roles=list(policy.runtime.operator_roles),
+            parking_timeout_s=policy.runtime.parking_timeout_s,
+            max_retries_per_run=policy.runtime.max_retries_per_run,
+            model_max_attempts=policy.runtime.model_max_attempts,
+            model_initial_interval_s=policy.runtime.model_initial_interval_s,
+            model_max_interval_s=policy.runtime.model_max_interval_s,
             prices=policy.price_table(),
             policy_version=policy.full_version,
             search_attributes=self.search_attributes,
@@ -119,9 +134,11 @@ class ModelActivities:
     async def model_call(self, call: ModelCallInput) -> ModelCallResult:
         """One model turn."""
         try:
-            return await self._model_call(call)
+            result = await self._model_call(call)
         except SpineError as err:
             raise err.to_application_error() from err
+        result.attempt = activity.info().attempt
+        return result
 
     async def _model_call(self, call: ModelCallInput) -> ModelCallResult:
         messages = await self.transcripts.extend(
@@ -131,21 +148,20 @@ class ModelActivities:
             if call.script_turn is None:
                 raise ModelRequestRejected("scripted model: no script turn for this step")
             # Fault injection for demos and benchmarks; randomness is fine in an activity.
-            if call.fail_rate and random.random() < call.fail_rate:
-                raise DependencyUnavailable(
-                    f"scripted model: injected transient failure (fail_rate={call.fail_rate})"
-                )
-            return scripted_response(call.script_turn, call.step)
+            return await self.breakers.call(
+                "model:scripted", lambda: _scripted(call, call.script_turn)
+            )
         provider = self.providers.get(call.provider)
         if provider is None:
             raise ModelRequestRejected(
                 f"provider {call.provider!r} is not configured on this worker"
             )
         tools = [self.registry.get(r.name, r.version).schema_for_model() for r in call.tools]
-        response = await provider.complete(
-            ProviderRequest(
-                model=call.model, messages=messages, tools=tools, max_tokens=call.max_tokens
-            )
+        request = ProviderRequest(
+            model=call.model, messages=messages, tools=tools, max_tokens=call.max_tokens
+        )
+        response = await self.breakers.call(
+            f"model:{call.provider}", lambda: provider.complete(request)
         )
         return ModelCallResult(
             message=response.message,

@@ -91,6 +91,13 @@ class ScriptTurn(BaseModel):
     tool_calls: list[ScriptToolCall] = Field(default_factory=list)
     confidence: float | None = None
     usage: TokenUsage | None = None
+    error: Literal["transient", "terminal"] | None = Field(
+        default=None,
+        description=(
+            "Make the scripted model fail this turn on the run's own model: transient (every "
+            "attempt fails) or terminal. Fallback models answer the turn normally."
+        ),
+    )
 
 
 class ModelCallInput(BaseModel):
@@ -111,6 +118,9 @@ class ModelCallInput(BaseModel):
     max_tokens: int = 1024
     script_turn: ScriptTurn | None = None
     fail_rate: float = 0.0
+    fallback_index: int = Field(
+        default=0, description="0 for the run's model, n for its n-th fallback model."
+    )
 
 
 class ModelCallResult(BaseModel):
@@ -120,6 +130,7 @@ class ModelCallResult(BaseModel):
     provider: str
     finish_reason: str = "stop"
     confidence: float | None = None
+    attempt: int = 1
 
 
 class ToolCallInput(BaseModel):
@@ -138,6 +149,7 @@ class ToolCallInput(BaseModel):
 
 class ToolCallResult(BaseModel):
     output: JsonObject
+    attempt: int = 1
 
 
 class ToolDescriptor(BaseModel):
@@ -150,6 +162,7 @@ class ToolDescriptor(BaseModel):
     output_schema: JsonObject
     side_effects: bool
     compensation: str | None = None
+    fallback: str | None = None
     summary_arg: str | None = None
     start_to_close_s: float = 30.0
     max_attempts: int = 5
@@ -189,6 +202,12 @@ class AgentSpec(BaseModel):
     )
     policy_version: str = ""
     search_attributes: bool = True
+    operator_roles: list[str] = Field(default_factory=lambda: ["operator", "supervisor"])
+    parking_timeout_s: float = 7 * 24 * 3600
+    max_retries_per_run: int = 100
+    model_max_attempts: int = 8
+    model_initial_interval_s: float = 0.5
+    model_max_interval_s: float = 20.0
 
 
 class CompensationInput(BaseModel):

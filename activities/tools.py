@@ -20,6 +20,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
 
+from activities.breakers import Breakers
 from activities.errors import (
     SpineError,
     ToolFailed,
@@ -113,6 +114,9 @@ class ToolDefinition:
     max_attempts: int
     summary_arg: str | None
     compensates: str | None
+    fallback: str | None
+    dependency: str
+    idempotent_via: str | None
 
     def descriptor(self) -> ToolDescriptor:
         return ToolDescriptor(
@@ -123,6 +127,7 @@ class ToolDefinition:
             output_schema=self.output_model.model_json_schema(),
             side_effects=self.side_effects,
             compensation=self.compensation,
+            fallback=self.fallback,
             summary_arg=self.summary_arg,
             start_to_close_s=self.start_to_close_s,
             max_attempts=self.max_attempts,
@@ -143,9 +148,12 @@ def tool(
     side_effects: bool = False,
     compensation: str | None = None,
     compensates: str | None = None,
+    idempotent_via: str | None = None,
+    fallback: str | None = None,
+    dependency: str | None = None,
     secrets: Sequence[SecretRef] = (),
     timeout_s: float = 30.0,
-    max_attempts: int = 5,
+    max_attempts: int = 8,
     summary_arg: str | None = None,
 ) -> Callable[[ToolFn], ToolDefinition]:
     """Declare a tool.
@@ -155,9 +163,13 @@ def tool(
         version: Contract version; bump it on a breaking change of input or output.
         side_effects: True when the tool changes the outside world. Such a tool always receives
             an idempotency key (``ctx.idempotency_key``) and must pass it on.
+        idempotent_via: Required with side effects: how the key reaches the external system
+            (e.g. ``"Idempotency-Key header"``). A side-effecting tool without one is refused.
         compensation: Name of the tool that undoes this one (saga).
         compensates: Set on a compensation tool: the tool it undoes. Its input model must be
             :class:`CompensationInput`; it is never offered to the model.
+        fallback: A tool to try with the same arguments when this one keeps failing.
+        dependency: Circuit-breaker group (an external service); defaults to the tool name.
         secrets: Secrets resolved from Vault right before each call.
         timeout_s: Start-to-close timeout of one attempt.
         max_attempts: Attempts Temporal makes for transient failures.
@@ -186,6 +198,11 @@ def tool(
             raise ToolDefinitionError(
                 f"compensation tool {tool_name!r} must take CompensationInput as its input"
             )
+        if (side_effects or compensates) and not idempotent_via:
+            raise ToolDefinitionError(
+                f"tool {tool_name!r} has side effects but no idempotency key path: declare "
+                "idempotent_via='...' (how ctx.idempotency_key reaches the external system)"
+            )
         if summary_arg and summary_arg not in input_model.model_fields:  # type: ignore[union-attr]
             raise ToolDefinitionError(
                 f"tool {tool_name!r}: summary_arg {summary_arg!r} is not an input field"
@@ -204,6 +221,9 @@ def tool(
             max_attempts=max_attempts,
             summary_arg=summary_arg,
             compensates=compensates,
+            fallback=fallback,
+            dependency=dependency or tool_name,
+            idempotent_via=idempotent_via,
         )
 
     return wrap
@@ -246,6 +266,14 @@ class Registry:
                 raise ToolDefinitionError(
                     f"tool {t.name!r} names compensation {t.compensation!r}, which is not "
                     "registered"
+                )
+            if t.fallback and t.fallback not in names:
+                raise ToolDefinitionError(
+                    f"tool {t.name!r} names fallback {t.fallback!r}, which is not registered"
+                )
+            if t.fallback and self.latest(t.fallback).side_effects != t.side_effects:
+                raise ToolDefinitionError(
+                    f"tool {t.name!r} and its fallback {t.fallback!r} differ in side effects"
                 )
         for agent in self._agents.values():
             for tool_name in agent.tools:
@@ -321,25 +349,19 @@ class ToolRunner:
         secrets: SecretResolver,
         http: httpx.AsyncClient,
         settings: Mapping[str, str],
+        breakers: Breakers | None = None,
     ) -> None:
         self.registry = registry
         self.secrets = secrets
         self.http = http
         self.settings = settings
+        self.breakers = breakers or Breakers()
 
     async def run(self, call: ToolCallInput, attempt: int = 1) -> ToolCallResult:
         try:
             return await self._run(call, attempt)
         except SpineError as err:
             raise err.to_application_error() from err
-        except httpx.TimeoutException as err:
-            raise classify_http(
-                408, f"{call.tool}: timed out: {err}"
-            ).to_application_error() from err
-        except httpx.TransportError as err:
-            raise classify_http(
-                503, f"{call.tool}: connection failed: {type(err).__name__}: {err}"
-            ).to_application_error() from err
 
     async def _run(self, call: ToolCallInput, attempt: int) -> ToolCallResult:
         definition = self.registry.get(call.tool, call.version)
@@ -366,7 +388,9 @@ class ToolRunner:
             settings=self.settings,
             _secrets=values,
         )
-        result = await definition.fn(args, ctx)
+        result = await self.breakers.call(
+            definition.dependency, lambda: _call_tool(definition, args, ctx)
+        )
         try:
             output = definition.output_model.model_validate(result, from_attributes=True)
         except ValidationError as err:
@@ -378,7 +402,19 @@ class ToolRunner:
                 f"{call.tool}: output is {size} bytes, above the {MAX_OUTPUT_BYTES}-byte limit; "
                 "store large results and return a reference"
             )
-        return ToolCallResult(output=dumped)  # type: ignore[arg-type]  # _scrub keeps the shape
+        return ToolCallResult(output=dumped, attempt=attempt)  # type: ignore[arg-type]  # _scrub keeps the shape
+
+
+async def _call_tool(definition: ToolDefinition, args: BaseModel, ctx: ToolContext) -> BaseModel:
+    """Call the tool; transport failures of its dependency become transient Spine errors."""
+    try:
+        return await definition.fn(args, ctx)
+    except httpx.TimeoutException as err:
+        raise classify_http(408, f"{definition.name}: timed out: {err!r}") from err
+    except httpx.TransportError as err:
+        raise classify_http(
+            503, f"{definition.name}: connection failed: {type(err).__name__}: {err}"
+        ) from err
 
 
 def _one_line(err: ValidationError) -> str:

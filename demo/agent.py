@@ -45,7 +45,7 @@ class Order(BaseModel):
     customer_email: str | None = None
 
 
-@tool(secrets=[API_KEY], summary_arg="order_id", timeout_s=15)
+@tool(secrets=[API_KEY], dependency="demo-service", summary_arg="order_id", timeout_s=15)
 async def lookup_order(args: OrderQuery, ctx: ToolContext) -> Order:
     """Look up an order: its total, what was refunded already and what can still be refunded."""
     response = await ctx.http.get(f"{_base(ctx)}/v1/orders/{args.order_id}", headers=_headers(ctx))
@@ -67,8 +67,10 @@ class Refund(BaseModel):
 
 @tool(
     side_effects=True,
+    idempotent_via="Idempotency-Key header",
     compensation="reverse_refund",
     secrets=[API_KEY],
+    dependency="demo-service",
     summary_arg="order_id",
     timeout_s=15,
 )
@@ -86,7 +88,13 @@ class Reversal(BaseModel):
     reversed: bool
 
 
-@tool(compensates="issue_refund", secrets=[API_KEY], timeout_s=15)
+@tool(
+    compensates="issue_refund",
+    idempotent_via="Idempotency-Key header",
+    secrets=[API_KEY],
+    dependency="demo-service",
+    timeout_s=15,
+)
 async def reverse_refund(args: CompensationInput, ctx: ToolContext) -> Reversal:
     """Reverse a refund issued earlier in the run (saga compensation)."""
     refund_id = str(args.output["refund_id"])
@@ -126,8 +134,10 @@ async def _send_email(ctx: ToolContext, order_id: str, subject: str, body: str) 
 
 @tool(
     side_effects=True,
+    idempotent_via="Idempotency-Key header",
     compensation="send_correction_email",
     secrets=[API_KEY],
+    dependency="demo-service",
     summary_arg="order_id",
     timeout_s=15,
 )
@@ -136,7 +146,13 @@ async def send_email(args: EmailRequest, ctx: ToolContext) -> EmailSent:
     return await _send_email(ctx, args.order_id, args.subject, args.body)
 
 
-@tool(compensates="send_email", secrets=[API_KEY], timeout_s=15)
+@tool(
+    compensates="send_email",
+    idempotent_via="Idempotency-Key header",
+    secrets=[API_KEY],
+    dependency="demo-service",
+    timeout_s=15,
+)
 async def send_correction_email(args: CompensationInput, ctx: ToolContext) -> EmailSent:
     """Tell the customer that an earlier email no longer holds (saga compensation)."""
     order_id = str(args.args["order_id"])
@@ -156,7 +172,14 @@ class Ticket(BaseModel):
     status: str
 
 
-@tool(side_effects=True, secrets=[API_KEY], summary_arg="order_id", timeout_s=15)
+@tool(
+    side_effects=True,
+    idempotent_via="Idempotency-Key header",
+    secrets=[API_KEY],
+    dependency="demo-service",
+    summary_arg="order_id",
+    timeout_s=15,
+)
 async def update_ticket(args: TicketUpdate, ctx: ToolContext) -> Ticket:
     """Update the support ticket of an order."""
     response = await ctx.http.post(

@@ -29,6 +29,14 @@ class Runtime(_Strict):
     continue_as_new_after_events: int = Field(default=10_000, ge=100)
     max_invalid_tool_calls: int = Field(default=3, ge=0)
     max_tokens: int = Field(default=1024, ge=1)
+    max_retries_per_run: int = Field(default=100, ge=0)
+    model_max_attempts: int = Field(default=8, ge=1)
+    model_initial_interval_s: float = Field(default=0.5, gt=0)
+    model_max_interval_s: float = Field(default=20.0, gt=0)
+    parking_timeout_s: float = Field(default=7 * 24 * 3600, gt=0)
+    operator_roles: list[str] = Field(default_factory=lambda: ["operator", "supervisor"])
+    breaker_threshold: int = Field(default=10, ge=1)
+    breaker_reset_s: float = Field(default=30.0, gt=0)
 
 
 class Price(_Strict):

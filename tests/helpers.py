@@ -68,3 +68,21 @@ async def wait_for_status(handle: RunHandle, status: str, timeout: float = 60.0)
 
     await eventually(check, timeout=timeout, what=f"status {status!r}")
     return seen[-1]
+
+
+def policy_file(
+    tmp_path, *, runtime: dict | None = None, agent: dict | None = None, name: str = "policy.toml"
+):
+    """A copy of the default policy with `runtime` and refund-agent settings overridden."""
+    import tomllib
+
+    import tomli_w
+
+    from guardrails.policy import DEFAULT_POLICY_PATH
+
+    data = tomllib.loads(DEFAULT_POLICY_PATH.read_text())
+    data["runtime"].update(runtime or {})
+    data["agents"]["refund-agent"].update(agent or {})
+    path = tmp_path / name
+    path.write_text(tomli_w.dumps(data))
+    return path

@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from client.runs import start_run, wait_result
-from guardrails.policy import DEFAULT_POLICY_PATH
-from tests.helpers import call, scripted_request, turn
+from tests.helpers import call, policy_file, scripted_request, turn
 
 STEPS = 200
-
-
-def _policy(tmp_path: Path, *, max_steps: int, can_events: int) -> Path:
-    text = DEFAULT_POLICY_PATH.read_text()
-    text = text.replace(
-        "continue_as_new_after_events = 10000", f"continue_as_new_after_events = {can_events}"
-    )
-    text = text.replace(
-        "[agents.refund-agent]\nmax_steps = 20\nmax_usd = 0.50",
-        f"[agents.refund-agent]\nmax_steps = {max_steps}",
-    )
-    path = tmp_path / "policy.toml"
-    path.write_text(text)
-    return path
 
 
 async def history_bytes_per_step(client, workflow_id: str) -> tuple[dict[int, int], int]:
@@ -47,7 +30,11 @@ async def test_history_bytes_per_step_do_not_grow(client, make_worker, task_queu
         for i in range(STEPS - 1)
     ]
     script.append(turn(text="Looked at every order."))
-    policy = _policy(tmp_path, max_steps=STEPS + 5, can_events=1500)
+    policy = policy_file(
+        tmp_path,
+        runtime={"continue_as_new_after_events": 1500},
+        agent={"max_steps": STEPS + 5, "max_usd": 100.0},
+    )
     async with make_worker(policy_path=policy):
         handle = await start_run(client, scripted_request(script), task_queue=task_queue)
         result = await wait_result(handle)

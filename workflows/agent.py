@@ -4,21 +4,38 @@ model turn -> validated tool calls (each its own activity) -> results back to th
 final answer, the step limit, or a terminal error. Only new messages travel through history; the
 transcript lives in the transcript store (see `activities/transcript.py`), and the run continues
 as new when its history gets long, so per-step history bytes stay flat.
+
+Recovery is structured: Temporal retries transient failures (bounded per call and per run); a
+call that keeps failing tries its alternate path (fallback model or tool); if that fails too the
+run parks and waits for an operator (`retry`, `skip`, `compensate`, `abort`); terminal failures,
+rejections, aborts and cancellation undo completed side effects in reverse order (saga).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 
 with workflow.unsafe.imports_passed_through():
     import jsonschema
 
-    from activities.errors import NON_RETRYABLE_TYPES, TranscriptUnavailable
+    from activities.errors import (
+        NON_RETRYABLE_TYPES,
+        ContentRefused,
+        ContextOverflow,
+        ModelRequestRejected,
+        PolicyDenied,
+        ToolFailed,
+        ToolInputInvalid,
+        ToolOutputInvalid,
+        TranscriptUnavailable,
+        UnknownTool,
+    )
     from activities.models import (
         EMPTY_DIGEST,
         AgentSpec,
@@ -42,6 +59,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalDecision,
         Carry,
         DecisionAck,
+        OperatorCommand,
         PendingApproval,
         RunState,
         RunStatus,
@@ -55,34 +73,65 @@ SA_STATUS = SearchAttributeKey.for_keyword("SpineStatus")
 SA_COST = SearchAttributeKey.for_float("SpineCostUSD")
 SA_STEPS = SearchAttributeKey.for_int("SpineSteps")
 
-MODEL_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=0.5),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=20),
-    maximum_attempts=8,
-    non_retryable_error_types=NON_RETRYABLE_TYPES,
-)
 MODEL_TIMEOUT = timedelta(seconds=120)
+
+#: The model made a mistake it can correct: it is told, the run goes on.
+MODEL_CORRECTABLE = {ToolInputInvalid.__name__, ToolFailed.__name__}
+#: Retrying or waiting will not help: the run ends (and compensates).
+TERMINAL = {
+    cls.__name__
+    for cls in (
+        ModelRequestRejected,
+        ContextOverflow,
+        ContentRefused,
+        ToolOutputInvalid,
+        UnknownTool,
+        TranscriptUnavailable,
+        PolicyDenied,
+    )
+}
+# Everything else that is left after retries and alternate paths (a dependency that stays down,
+# a secret that is missing, an unexpected exception) parks the run for an operator.
 
 
 class _Stop(Exception):
     """Unwinds the loop to finish the run with a status and a reason."""
 
-    def __init__(self, status: RunStatus, reason: str, output: str | None = None) -> None:
+    def __init__(
+        self,
+        status: RunStatus,
+        reason: str,
+        output: str | None = None,
+        *,
+        keep_status: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.status: RunStatus = status
         self.reason = reason
         self.output = output
+        self.keep_status = keep_status
+
+
+class _Skipped(Exception):
+    """An operator skipped a parked tool call."""
+
+    def __init__(self, command: OperatorCommand) -> None:
+        super().__init__(command.reason)
+        self.command = command
 
 
 def _error_text(err: BaseException) -> tuple[str, str]:
-    """(type, message) of the innermost application failure behind an activity error."""
+    """(type, message) of the innermost failure behind an activity error."""
     cause: BaseException | None = err
     while isinstance(cause, ActivityError) and cause.cause is not None:
         cause = cause.cause
     if isinstance(cause, ApplicationError):
         return cause.type or "ApplicationError", cause.message
     return type(cause).__name__, str(cause)
+
+
+def _attempts_used(err: ActivityError, limit: int) -> int:
+    return limit if err.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED else 1
 
 
 @workflow.defn(name=WORKFLOW_TYPE)
@@ -93,7 +142,6 @@ class AgentWorkflow:
         self._request = request
         self._status: RunStatus = "running"
         self._reason: str | None = None
-        self._output: str | None = None
         self._spec: AgentSpec | None = carry.spec if carry else None
         self._step = carry.step if carry else 0
         self._usage = carry.usage.model_copy() if carry else Usage()
@@ -103,13 +151,18 @@ class AgentWorkflow:
         self._pending: list[ChatMessage] = list(carry.pending_messages) if carry else []
         self._invalid = carry.invalid_calls if carry else 0
         self._script_pos = carry.script_pos if carry else 0
+        self._retries = carry.retries if carry else 0
+        self._path: list[str] = list(carry.path) if carry else []
         # Everything stored since this run segment began, to resend if the store lost it.
         self._segment_base = (self._len, self._digest)
         self._segment: list[ChatMessage] = []
         self._approvals: dict[str, PendingApproval] = {}
         self._approver_roles: dict[str, list[str]] = {}
         self._decisions: dict[str, ApprovalDecision] = {}
-        self._refused_decisions: list[tuple[ApprovalDecision, str]] = []
+        self._refused: list[str] = []
+        self._operator: OperatorCommand | None = None
+        self._park_skippable = False
+        self._late_result: ToolCallResult | None = None
         self._last_tool: str | None = None
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
 
@@ -125,6 +178,8 @@ class AgentWorkflow:
             reason=self._reason,
             agent=self._request.agent,
             last_tool=self._last_tool,
+            retries=self._retries,
+            path=self._path,
         )
 
     def _decision_problem(self, decision: ApprovalDecision) -> str | None:
@@ -146,15 +201,23 @@ class AgentWorkflow:
         problem = self._decision_problem(decision)
         if problem:
             workflow.logger.warning("refused approval signal from %s: %s", decision.by, problem)
-            self._refused_decisions.append((decision, problem))
+            self._refused.append(f"approval by {decision.by} ({decision.role}): {problem}")
             return
         self._decisions[decision.approval_id] = decision
 
     @workflow.update(name="decide")
     def decide(self, decision: ApprovalDecision) -> DecisionAck:
         self._decisions[decision.approval_id] = decision
+        still_pending = any(k not in self._decisions for k in self._approvals)
+        status: RunStatus = (
+            "rejected"
+            if decision.decision == "reject"
+            else "awaiting_approval"
+            if still_pending
+            else "running"
+        )
         return DecisionAck(
-            approval_id=decision.approval_id, decision=decision.decision, status=self._status
+            approval_id=decision.approval_id, decision=decision.decision, status=status
         )
 
     @decide.validator
@@ -162,6 +225,29 @@ class AgentWorkflow:
         problem = self._decision_problem(decision)
         if problem:
             raise ValueError(problem)
+
+    def _operator_problem(self, command: OperatorCommand) -> str | None:
+        roles = self._spec.operator_roles if self._spec else []
+        if command.role not in roles:
+            return f"role {command.role!r} may not operate runs; allowed: {', '.join(roles)}"
+        if self._status != "parked":
+            return f"the run is {self._status}, not parked"
+        if self._operator is not None:
+            return "an operator command for this parking is already being handled"
+        if command.action == "skip" and not self._park_skippable:
+            return "a model turn cannot be skipped; use retry, compensate or abort"
+        return None
+
+    @workflow.signal(name="operator")
+    def operator_signal(self, command: OperatorCommand) -> None:
+        problem = self._operator_problem(command)
+        if problem:
+            workflow.logger.warning(
+                "refused operator %s from %s: %s", command.action, command.by, problem
+            )
+            self._refused.append(f"operator {command.action} by {command.by}: {problem}")
+            return
+        self._operator = command
 
     # ---------------------------------------------------------------------------------- run
 
@@ -174,6 +260,11 @@ class AgentWorkflow:
             result = await self._loop(self._spec)
         except _Stop as stop:
             result = await self._finish(stop)
+        except asyncio.CancelledError:
+            # Cancelled from the Temporal CLI/UI: undo what was done, then report it.
+            result = await self._finish(
+                _Stop("failed", "cancelled: a cancel request was received for this run")
+            )
         await workflow.wait_condition(workflow.all_handlers_finished)
         return result
 
@@ -194,7 +285,8 @@ class AgentWorkflow:
             kind, message = _error_text(err)
             raise _Stop("failed", f"cannot start agent {req.agent!r}: {kind}: {message}") from err
 
-    def _model_choice(self, spec: AgentSpec) -> tuple[str, str]:
+    def _model_path(self, spec: AgentSpec) -> list[tuple[str, str]]:
+        """(provider, model) for the run's model, then each fallback that has a price."""
         choice = self._request.model
         provider = choice.provider if choice else spec.default_provider
         name = choice.name if choice and choice.name else None
@@ -206,13 +298,18 @@ class AgentWorkflow:
             )
         if not name:
             raise _Stop("failed", f"no model name given and no default for provider {provider!r}")
-        if name not in spec.prices:
-            raise _Stop(
-                "failed",
-                f"model {name!r} has no price in the policy's price table "
-                f"({spec.policy_version}); a model with no price is refused",
-            )
-        return provider, name
+        path = [(provider, name)]
+        for entry in choice.fallback if choice else []:
+            fb_provider, _, fb_name = entry.rpartition(":")
+            path.append((fb_provider or provider, fb_name))
+        for _, model in path:
+            if model not in spec.prices:
+                raise _Stop(
+                    "failed",
+                    f"model {model!r} has no price in the policy's price table "
+                    f"({spec.policy_version}); a model with no price is refused",
+                )
+        return path
 
     def _limits(self, spec: AgentSpec) -> tuple[int, float | None]:
         limits = self._request.limits
@@ -225,7 +322,7 @@ class AgentWorkflow:
         return max_steps, max_usd
 
     async def _loop(self, spec: AgentSpec) -> AgentResult:
-        provider, model = self._model_choice(spec)
+        models = self._model_path(spec)
         max_steps, max_usd = self._limits(spec)
         if self._len == 0 and not self._pending:
             self._pending = [
@@ -246,7 +343,7 @@ class AgentWorkflow:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._carry_input(spec))
             self._step += 1
-            result = await self._model_turn(provider, model, offered, spec)
+            result = await self._model_turn(models, offered, spec)
             self._charge(result, spec, max_usd)
             message = result.message
             if not message.tool_calls:
@@ -277,18 +374,77 @@ class AgentWorkflow:
             pending_messages=self._pending,
             invalid_calls=self._invalid,
             script_pos=0,
+            retries=self._retries,
+            path=self._path,
             spec=spec,
         )
         return request
 
+    # ------------------------------------------------------------------- retries and parking
+
+    def _retry_policy(self, spec: AgentSpec, tool: ToolDescriptor | None) -> RetryPolicy:
+        """The call's own attempts, capped by what is left of the run's retry budget."""
+        left = max(spec.max_retries_per_run - self._retries, 0)
+        if tool is None:
+            attempts, first, longest = (
+                spec.model_max_attempts,
+                spec.model_initial_interval_s,
+                spec.model_max_interval_s,
+            )
+        else:
+            attempts, first, longest = (
+                tool.max_attempts,
+                tool.initial_interval_s,
+                tool.max_interval_s,
+            )
+        return RetryPolicy(
+            initial_interval=timedelta(seconds=first),
+            backoff_coefficient=2.0,
+            maximum_interval=timedelta(seconds=longest),
+            maximum_attempts=max(1, min(attempts, left + 1)),
+            non_retryable_error_types=NON_RETRYABLE_TYPES,
+        )
+
+    async def _park(self, spec: AgentSpec, why: str, *, skippable: bool) -> OperatorCommand:
+        """Wait for an operator; `retry` and `skip` return, the others end the run."""
+        workflow.logger.warning("run parked: %s", why)
+        self._reason = why
+        self._park_skippable = skippable
+        self._operator = None
+        self._set_status("parked")
+        try:
+            await workflow.wait_condition(
+                lambda: self._operator is not None,
+                timeout=timedelta(seconds=spec.parking_timeout_s),
+            )
+        except TimeoutError:
+            raise _Stop(
+                "failed",
+                f"parked longer than {spec.parking_timeout_s:.0f}s without an operator; {why}",
+            ) from None
+        command = self._operator
+        assert command is not None
+        self._operator = None
+        self._path.append(
+            f"step {self._step}: operator {command.by} ({command.role}) chose {command.action}"
+            + (f": {command.reason}" if command.reason else "")
+        )
+        if command.action == "compensate":
+            raise _Stop("failed", f"operator {command.by} asked to compensate; {why}")
+        if command.action == "abort":
+            raise _Stop("failed", f"aborted by operator {command.by}; {why}", keep_status=True)
+        self._reason = None
+        self._set_status("running")
+        return command
+
     # ------------------------------------------------------------------------------ model
 
     async def _model_turn(
-        self, provider: str, model: str, tools: list[ToolRef], spec: AgentSpec
+        self, models: list[tuple[str, str]], tools: list[ToolRef], spec: AgentSpec
     ) -> ModelCallResult:
         choice = self._request.model
         script_turn = None
-        if provider == "scripted":
+        if models[0][0] == "scripted":
             script = choice.script if choice else []
             if self._script_pos >= len(script):
                 raise _Stop(
@@ -298,58 +454,75 @@ class AgentWorkflow:
                 )
             script_turn = script[self._script_pos]
             self._script_pos += 1
-        call = ModelCallInput(
-            transcript_id=workflow.info().workflow_id,
-            base_len=self._len,
-            base_digest=self._digest,
-            new_messages=self._pending,
-            provider=provider,  # type: ignore[arg-type]  # validated in the request model
-            model=model,
-            tools=tools,
-            step=self._step,
-            max_tokens=spec.max_tokens,
-            script_turn=script_turn,
-            fail_rate=choice.fail_rate if choice else 0.0,
-        )
+        while True:
+            failures: list[tuple[str, str]] = []
+            for index, (provider, model) in enumerate(models):
+                call = ModelCallInput(
+                    transcript_id=workflow.info().workflow_id,
+                    base_len=self._len,
+                    base_digest=self._digest,
+                    new_messages=self._pending,
+                    provider=provider,  # type: ignore[arg-type]  # validated in the request
+                    model=model,
+                    tools=tools,
+                    step=self._step,
+                    max_tokens=spec.max_tokens,
+                    script_turn=script_turn,
+                    fail_rate=choice.fail_rate if choice else 0.0,
+                    fallback_index=index,
+                )
+                try:
+                    result = await self._execute_model(call, spec)
+                except ActivityError as err:
+                    kind, message = _error_text(err)
+                    self._retries += _attempts_used(err, spec.model_max_attempts) - 1
+                    failures.append((kind, f"{model}: {kind}: {message}"))
+                    continue
+                self._retries += result.attempt - 1
+                if index:
+                    self._path.append(
+                        f"step {self._step}: model {models[0][1]} failed, used fallback {model}"
+                    )
+                self._advance_transcript(result)
+                return result
+            why = f"model call at step {self._step} failed: " + "; ".join(f for _, f in failures)
+            if all(kind in TERMINAL for kind, _ in failures):
+                raise _Stop("failed", why)
+            await self._park(spec, why, skippable=False)
+
+    async def _execute_model(self, call: ModelCallInput, spec: AgentSpec) -> ModelCallResult:
+        async def attempt(c: ModelCallInput) -> ModelCallResult:
+            return await workflow.execute_activity(
+                "spine.model_call",
+                c,
+                result_type=ModelCallResult,
+                start_to_close_timeout=MODEL_TIMEOUT,
+                retry_policy=self._retry_policy(spec, None),
+                summary=f"llm: {c.model} step {c.step}",
+            )
+
         try:
-            result = await self._execute_model(call, model)
+            return await attempt(call)
         except ActivityError as err:
-            kind, message = _error_text(err)
-            base_len, base_digest = self._segment_base
-            if kind != TranscriptUnavailable.__name__ or base_len != 0:
-                raise _Stop(
-                    "failed", f"model call at step {self._step}: {kind}: {message}"
-                ) from err
-            # The store lost the transcript: resend everything this run has said.
-            workflow.logger.warning("transcript store lost the transcript; resending it")
-            call.base_len, call.base_digest = base_len, base_digest
-            call.new_messages = self._segment + self._pending
-            try:
-                result = await self._execute_model(call, model)
-            except ActivityError as err2:
-                kind, message = _error_text(err2)
-                raise _Stop(
-                    "failed", f"model call at step {self._step}: {kind}: {message}"
-                ) from err2
+            kind, _ = _error_text(err)
+            if kind != TranscriptUnavailable.__name__ or self._segment_base[0] != 0:
+                raise
+        # The store lost the transcript: resend everything this run has said.
+        workflow.logger.warning("transcript store lost the transcript; resending it")
+        healed = call.model_copy()
+        healed.base_len, healed.base_digest = self._segment_base
+        healed.new_messages = self._segment + self._pending
+        return await attempt(healed)
+
+    def _advance_transcript(self, result: ModelCallResult) -> None:
         for message in self._pending:
             self._digest = chain_digest(self._digest, message)
         self._len += len(self._pending)
         self._segment.extend(self._pending)
         self._pending = [result.message]
-        return result
-
-    async def _execute_model(self, call: ModelCallInput, model: str) -> ModelCallResult:
-        return await workflow.execute_activity(
-            "spine.model_call",
-            call,
-            result_type=ModelCallResult,
-            start_to_close_timeout=MODEL_TIMEOUT,
-            retry_policy=MODEL_RETRY,
-            summary=f"llm: {model} step {call.step}",
-        )
 
     def _charge(self, result: ModelCallResult, spec: AgentSpec, max_usd: float | None) -> None:
-        price_in, price_out = spec.prices.get(result.model, spec.prices.get("scripted", (0, 0)))
+        price_in, price_out = spec.prices[result.model] if result.model in spec.prices else (0, 0)
         usd = (
             result.usage.input_tokens * price_in + result.usage.output_tokens * price_out
         ) / 1_000_000
@@ -386,29 +559,22 @@ class AgentWorkflow:
             self._validators[key] = jsonschema.Draft202012Validator(tool.input_schema)
         return self._validators[key]
 
-    async def _tool_call(
-        self, spec: AgentSpec, call: ToolCall, index: int, confidence: float | None
-    ) -> ChatMessage:
+    def _check_call(self, spec: AgentSpec, call: ToolCall) -> tuple[ToolDescriptor | None, str]:
+        """The tool to run, or None and the error text for the model."""
         offered = {t.name: t for t in spec.tools if t.name in spec.allowed_tools}
-        tool = next((t for t in spec.tools if t.name == call.name), None)
-        if tool is None or tool.name not in offered:
-            if tool is None:
-                known = ", ".join(sorted(offered)) or "none"
-                return self._refuse(
-                    spec, call, f"error: unknown tool {call.name!r}; available tools: {known}"
+        tool = offered.get(call.name)
+        if tool is None:
+            if any(t.name == call.name for t in spec.tools):
+                return None, (
+                    f"refused: tool {call.name!r} is not allowed for role "
+                    f"{self._request.role!r} in agent {spec.name!r}"
                 )
-            return self._refuse(
-                spec,
-                call,
-                f"refused: tool {call.name!r} is not allowed for role {self._request.role!r} "
-                f"in agent {spec.name!r}",
-            )
+            known = ", ".join(sorted(offered)) or "none"
+            return None, f"error: unknown tool {call.name!r}; available tools: {known}"
         if call.args is None:
-            return self._refuse(
-                spec,
-                call,
+            return None, (
                 f"error: arguments for {call.name!r} are not a JSON object: "
-                f"{(call.raw_args or '')[:200]!r}",
+                f"{(call.raw_args or '')[:200]!r}"
             )
         errors = sorted(self._validator(tool).iter_errors(call.args), key=lambda e: list(e.path))
         if errors:
@@ -416,36 +582,37 @@ class AgentWorkflow:
                 f"{'.'.join(str(p) for p in e.path) or '(arguments)'}: {e.message}"
                 for e in errors[:5]
             )
-            return self._refuse(spec, call, f"error: invalid arguments for {call.name!r}: {detail}")
+            return None, f"error: invalid arguments for {call.name!r}: {detail}"
+        return tool, ""
 
-        needs = approval_reason(tool.name, call.args, confidence, spec.approval_rules)
+    async def _tool_call(
+        self, spec: AgentSpec, call: ToolCall, index: int, confidence: float | None
+    ) -> ChatMessage:
+        tool, problem = self._check_call(spec, call)
+        if tool is None:
+            return self._refuse(spec, call, problem)
+        args = call.args or {}
+        needs = approval_reason(tool.name, args, confidence, spec.approval_rules)
         if needs is not None:
             await self._await_approval(tool, call, *needs)
 
         key = f"{workflow.info().workflow_id}/{self._step}/{index}"
         self._last_tool = tool.name
         try:
-            result = await self._execute_tool(tool, call.args, call.id, key)
-        except ActivityError as err:
-            kind, message = _error_text(err)
-            if kind in ("ToolInputInvalid", "ToolFailed"):
-                # The business system said no: the model is told and may correct itself.
-                return self._refuse(spec, call, f"error: {kind}: {message}")
-            raise _Stop(
-                "failed", f"tool {tool.name} at step {self._step} failed: {kind}: {message}"
-            ) from err
-        if tool.side_effects:
-            self._side_effects.append(
-                SideEffect(
-                    step=self._step,
-                    call_id=call.id,
-                    tool=tool.name,
-                    args=call.args,
-                    output=result.output,
-                    idempotency_key=key,
-                    compensation=tool.compensation,
-                )
+            result, used, used_key = await self._run_tool(spec, tool, args, call.id, key)
+        except _Skipped as skipped:
+            return ChatMessage(
+                role="tool",
+                tool_call_id=call.id,
+                name=tool.name,
+                content=f"error: skipped by operator {skipped.command.by}: "
+                f"{skipped.command.reason or 'no reason given'}",
+                is_error=True,
             )
+        except ApplicationError as err:
+            return self._refuse(spec, call, f"error: {err.type}: {err.message}")
+        if used.side_effects:
+            self._record_side_effect(call, used, args, result, used_key)
         return ChatMessage(
             role="tool",
             tool_call_id=call.id,
@@ -453,11 +620,96 @@ class AgentWorkflow:
             content=json.dumps(result.output, sort_keys=True),
         )
 
+    def _record_side_effect(
+        self,
+        call: ToolCall,
+        tool: ToolDescriptor,
+        args: dict[str, object],
+        result: ToolCallResult,
+        key: str,
+    ) -> None:
+        self._side_effects.append(
+            SideEffect(
+                step=self._step,
+                call_id=call.id,
+                tool=tool.name,
+                args=args,
+                output=result.output,
+                idempotency_key=key,
+                compensation=tool.compensation,
+            )
+        )
+
+    async def _run_tool(
+        self,
+        spec: AgentSpec,
+        tool: ToolDescriptor,
+        args: dict[str, object],
+        call_id: str,
+        key: str,
+    ) -> tuple[ToolCallResult, ToolDescriptor, str]:
+        """Run a tool, then its fallback; park when both keep failing.
+
+        Raises ApplicationError for failures the model should hear about, _Skipped when an
+        operator skips the call, _Stop when the run must end.
+        """
+        by_name = {t.name: t for t in spec.tools}
+        candidates = [tool] + ([by_name[tool.fallback]] if tool.fallback in by_name else [])
+        while True:
+            failures = []
+            for candidate in candidates:
+                candidate_key = key if candidate is tool else f"{key}/{candidate.name}"
+                try:
+                    result = await self._execute_tool(spec, candidate, args, call_id, candidate_key)
+                except ActivityError as err:
+                    kind, message = _error_text(err)
+                    self._retries += _attempts_used(err, candidate.max_attempts) - 1
+                    if kind in MODEL_CORRECTABLE:
+                        raise ApplicationError(message, type=kind) from err
+                    if kind in TERMINAL:
+                        raise _Stop(
+                            "failed",
+                            f"tool {candidate.name} at step {self._step} failed: {kind}: {message}",
+                        ) from err
+                    failures.append(f"{candidate.name}: {kind}: {message}")
+                    continue
+                except asyncio.CancelledError:
+                    if self._late_result is not None and candidate.side_effects:
+                        # The side effect finished while the run was being cancelled.
+                        self._record_side_effect(
+                            ToolCall(id=call_id, name=candidate.name, args=args),
+                            candidate,
+                            args,
+                            self._late_result,
+                            candidate_key,
+                        )
+                    raise
+                self._retries += result.attempt - 1
+                if candidate is not tool:
+                    self._path.append(
+                        f"step {self._step}: tool {tool.name} failed, used fallback "
+                        f"{candidate.name}"
+                    )
+                return result, candidate, candidate_key
+            command = await self._park(
+                spec,
+                f"tool {tool.name} at step {self._step} exhausted its retries: "
+                + "; ".join(failures),
+                skippable=True,
+            )
+            if command.action == "skip":
+                raise _Skipped(command)
+
     async def _execute_tool(
-        self, tool: ToolDescriptor, args: dict[str, object], call_id: str, key: str | None
+        self,
+        spec: AgentSpec,
+        tool: ToolDescriptor,
+        args: dict[str, object],
+        call_id: str,
+        key: str | None,
     ) -> ToolCallResult:
         shown = args.get(tool.summary_arg) if tool.summary_arg else None
-        return await workflow.execute_activity(
+        handle = workflow.start_activity(
             f"tool.{tool.name}",
             ToolCallInput(
                 run_id=workflow.info().workflow_id,
@@ -472,15 +724,21 @@ class AgentWorkflow:
             ),
             result_type=ToolCallResult,
             start_to_close_timeout=timedelta(seconds=tool.start_to_close_s),
-            retry_policy=RetryPolicy(
-                initial_interval=timedelta(seconds=tool.initial_interval_s),
-                backoff_coefficient=2.0,
-                maximum_interval=timedelta(seconds=tool.max_interval_s),
-                maximum_attempts=tool.max_attempts,
-                non_retryable_error_types=NON_RETRYABLE_TYPES,
-            ),
+            retry_policy=self._retry_policy(spec, tool),
             summary=f"{tool.name}({shown})" if shown is not None else tool.name,
         )
+        if not tool.side_effects:
+            return await handle
+        self._late_result = None
+        try:
+            # A side effect in flight is not abandoned on cancellation: compensation must know.
+            return await asyncio.shield(handle)
+        except asyncio.CancelledError:
+            try:
+                self._late_result = await handle
+            except ActivityError:
+                self._late_result = None
+            raise
 
     async def _await_approval(
         self, tool: ToolDescriptor, call: ToolCall, reason: str, roles: list[str]
@@ -506,16 +764,15 @@ class AgentWorkflow:
     async def _finish(self, stop: _Stop) -> AgentResult:
         status = stop.status
         reason = stop.reason
-        if status in ("failed", "rejected") and any(not s.compensated for s in self._side_effects):
+        if status != "completed" and any(not s.compensated for s in self._side_effects):
             leftovers = await self._compensate()
             if leftovers:
                 reason += f"; could not undo: {', '.join(leftovers)}"
                 status = "failed"
-            elif status == "failed":
+            elif status == "failed" and not stop.keep_status:
                 status = "compensated"
         self._status = status
-        self._reason = reason
-        self._output = stop.output
+        self._reason = None if status == "completed" else reason
         self._upsert_search_attributes()
         return AgentResult(
             status=status,
@@ -523,13 +780,17 @@ class AgentWorkflow:
             steps=self._step,
             usage=self._usage,
             side_effects=self._side_effects,
-            reason=None if status == "completed" else reason,
+            reason=self._reason,
+            retries=self._retries,
+            path=self._path,
         )
 
     async def _compensate(self) -> list[str]:
         """Undo completed side effects in reverse order; returns what could not be undone."""
-        assert self._spec is not None
-        by_name = {t.name: t for t in self._spec.tools}
+        if self._spec is None:
+            return []
+        spec = self._spec
+        by_name = {t.name: t for t in spec.tools}
         leftovers = []
         for effect in reversed(self._side_effects):
             if effect.compensated:
@@ -540,6 +801,7 @@ class AgentWorkflow:
                 continue
             try:
                 await self._execute_tool(
+                    spec,
                     undo,
                     CompensationInput(
                         tool=effect.tool, args=effect.args, output=effect.output
@@ -552,6 +814,7 @@ class AgentWorkflow:
                 leftovers.append(f"{effect.tool}@step{effect.step} ({kind}: {message})")
                 continue
             effect.compensated = True
+            self._path.append(f"compensated {effect.tool}@step{effect.step} with {undo.name}")
         return leftovers
 
     # ------------------------------------------------------------------------- visibility

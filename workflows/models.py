@@ -90,6 +90,8 @@ class RunState(BaseModel):
     reason: str | None = None
     agent: str = ""
     last_tool: str | None = None
+    retries: int = 0
+    path: list[str] = Field(default_factory=list)
 
 
 class ApprovalDecision(BaseModel):
@@ -128,6 +130,8 @@ class AgentResult(BaseModel):
     usage: Usage
     side_effects: list[SideEffect]
     reason: str | None = None
+    retries: int = 0
+    path: list[str] = Field(default_factory=list)
 
 
 class Carry(BaseModel):
@@ -142,6 +146,8 @@ class Carry(BaseModel):
     pending_messages: list[ChatMessage]
     invalid_calls: int = 0
     script_pos: int = 0
+    retries: int = 0
+    path: list[str] = Field(default_factory=list)
     spec: AgentSpec
 
 
