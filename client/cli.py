@@ -27,6 +27,7 @@ from client.runs import (
     get_run,
     get_state,
     signal_approval,
+    signal_operator,
     start_run,
     wait_result,
     watch,
@@ -38,6 +39,7 @@ from workflows.models import (
     ApprovalDecision,
     Limits,
     ModelChoice,
+    OperatorCommand,
     Provider,
     RunState,
     Usage,
@@ -424,6 +426,37 @@ async def _decide(
 
 cli.add_command(_decision_command("approve"))
 cli.add_command(_decision_command("reject"))
+
+
+@cli.command("operator")
+@click.argument("run")
+@click.argument("action", type=click.Choice(["retry", "skip", "compensate", "abort"]))
+@click.option("--by", "by", required=True, help="Who acts.")
+@click.option("--role", required=True, help="Their role; the policy's operator_roles may act.")
+@click.option("--reason", default="", help="Why, for the record.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def operator_cmd(run: str, action: str, by: str, role: str, reason: str, as_json: bool) -> None:
+    """Tell a parked RUN what to do: retry the step, skip it, compensate, or abort.
+
+    Parked runs (the dead-letter queue) are `temporal workflow list --query
+    'SpineStatus="parked"'`. The run checks the role itself; a refused command is recorded.
+    """
+    # click.Choice has checked `action` against the Literal's values.
+    command = OperatorCommand(action=action, by=by, role=role, reason=reason)  # type: ignore[arg-type]
+    _run_async(_operate(run, command, as_json))
+
+
+async def _operate(workflow_id: str, command: OperatorCommand, as_json: bool) -> None:
+    client = await connect()
+    handle = get_run(client, workflow_id)
+    state = await get_state(handle)
+    if state.status != "parked":
+        raise SpineClientError(f"run {workflow_id!r} is {state.status}, not parked")
+    await signal_operator(handle, command)
+    if as_json:
+        _echo_json({"workflow_id": workflow_id, "signal": "operator", **command.model_dump()})
+    else:
+        click.echo(f"sent {command.action} to {workflow_id} (parked: {state.reason})")
 
 
 @cli.command("demo")
