@@ -65,7 +65,8 @@ class VaultSecrets:
 
     def _login(self) -> hvac.Client:
         client = hvac.Client(url=self.url, timeout=self._timeout)
-        if self._role_id and self._secret_id and not self._token:
+        # AppRole is the worker's own, narrowly scoped identity: prefer it over a token.
+        if self._role_id and self._secret_id:
             client.auth.approle.login(role_id=self._role_id, secret_id=self._secret_id)
         else:
             client.token = self._token
