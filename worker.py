@@ -11,7 +11,7 @@ import importlib
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from activities.breakers import Breakers
 from activities.llm import ModelActivities, ModelProvider
 from activities.tools import Registry, SecretResolver, ToolRunner, make_tool_activities
 from activities.transcript import TranscriptStore
+from guardrails.interceptor import PolicyInterceptor
 from guardrails.policy import Policy, load_policy
 from guardrails.secrets import NoSecrets, VaultSecrets
 from workflows.agent import AgentWorkflow
@@ -42,6 +43,7 @@ PASSTHROUGH_MODULES = (
     "activities.errors",  # stdlib + temporalio only
     "workflows.models",  # stdlib + pydantic only
     "guardrails.approvals",  # pure functions over the models
+    "guardrails.interceptor",  # temporalio only; the policy backstop on activity starts
 )
 
 
@@ -103,6 +105,7 @@ def build_worker(
     task_queue: str | None = None,
     config: WorkerConfig | None = None,
     policy: Policy | None = None,
+    extra_workflows: Sequence[type] = (),
 ) -> Worker:
     """A worker serving `AgentWorkflow` and every registered tool on `task_queue`.
 
@@ -126,13 +129,12 @@ def build_worker(
     return Worker(
         client,
         task_queue=task_queue or config.task_queue,
-        workflows=[AgentWorkflow],
+        workflows=[AgentWorkflow, *extra_workflows],
         activities=[models.resolve_agent, models.model_call, *make_tool_activities(runner)],
         workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(
-                *PASSTHROUGH_MODULES
-            )
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
         ),
+        interceptors=[PolicyInterceptor()],
         max_concurrent_activities=config.max_concurrent_activities,
     )
 

@@ -130,6 +130,11 @@ def _error_text(err: BaseException) -> tuple[str, str]:
     return type(cause).__name__, str(cause)
 
 
+def _granted(spec: AgentSpec, tool: ToolDescriptor) -> bool:
+    """The policy grants `tool` by name (any version) or as ``name@version``."""
+    return tool.name in spec.allowed_tools or f"{tool.name}@{tool.version}" in spec.allowed_tools
+
+
 def _attempts_used(err: ActivityError, limit: int) -> int:
     return limit if err.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED else 1
 
@@ -249,6 +254,20 @@ class AgentWorkflow:
             return
         self._operator = command
 
+    def tool_denial(self, tool: str) -> str | None:
+        """The policy interceptor's question: may this run start `tool` at all?
+
+        Granted tools may run, and so may the compensations and fallbacks of granted tools
+        (the saga and the alternate paths run them on the tool's behalf).
+        """
+        spec = self._spec
+        if spec is None:
+            return "the run's policy is not resolved yet"
+        granted = [t for t in spec.tools if _granted(spec, t)]
+        if any(tool in (t.name, t.compensation, t.fallback) for t in granted):
+            return None
+        return f"tool {tool!r} is not granted to role {self._request.role!r} in agent {spec.name!r}"
+
     # ---------------------------------------------------------------------------------- run
 
     @workflow.run
@@ -329,11 +348,7 @@ class AgentWorkflow:
                 ChatMessage(role="system", content=spec.instructions),
                 ChatMessage(role="user", content=self._request.goal),
             ]
-        offered = [
-            ToolRef(name=t.name, version=t.version)
-            for t in spec.tools
-            if t.name in spec.allowed_tools
-        ]
+        offered = [ToolRef(name=t.name, version=t.version) for t in spec.tools if _granted(spec, t)]
         while True:
             if self._step >= max_steps:
                 raise _Stop(
@@ -561,7 +576,7 @@ class AgentWorkflow:
 
     def _check_call(self, spec: AgentSpec, call: ToolCall) -> tuple[ToolDescriptor | None, str]:
         """The tool to run, or None and the error text for the model."""
-        offered = {t.name: t for t in spec.tools if t.name in spec.allowed_tools}
+        offered = {t.name: t for t in spec.tools if _granted(spec, t)}
         tool = offered.get(call.name)
         if tool is None:
             if any(t.name == call.name for t in spec.tools):

@@ -1,0 +1,34 @@
+"""The policy interceptor refuses tool activities even when workflow code skips its checks."""
+
+from __future__ import annotations
+
+from client.testing import DemoService
+from tests.helpers import call, scripted_request, turn
+from tests.rogue_workflow import RogueAgentWorkflow
+from worker import build_worker
+from workflows.models import AgentResult
+
+
+async def test_interceptor_refuses_what_the_loop_let_through(
+    client, worker_config, task_queue, service: DemoService
+):
+    """A viewer's refund, unchecked by the workflow, is still never scheduled."""
+    script = [turn(call("issue_refund", order_id="o-1050", amount=10.0)), turn(text="done")]
+    request = scripted_request(script, role="viewer")
+    async with build_worker(client, config=worker_config, extra_workflows=[RogueAgentWorkflow]):
+        handle = await client.start_workflow(
+            "RogueAgentWorkflow",
+            request,
+            id=f"rogue-{task_queue}",
+            task_queue=task_queue,
+            result_type=AgentResult,
+        )
+        result = await handle.result()
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            async for e in handle.fetch_history_events()
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+    assert result.status == "completed"
+    assert "tool.issue_refund" not in scheduled
+    assert service.get("/v1/refunds?order_id=o-1050") == []
