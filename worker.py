@@ -21,6 +21,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.breakers import Breakers
+from activities.budget import BudgetActivities
 from activities.llm import ModelActivities, ModelProvider
 from activities.tools import Registry, SecretResolver, ToolRunner, make_tool_activities
 from activities.transcript import TranscriptStore
@@ -28,7 +29,8 @@ from guardrails.interceptor import PolicyInterceptor
 from guardrails.policy import Policy, load_policy
 from guardrails.secrets import NoSecrets, VaultSecrets
 from workflows.agent import AgentWorkflow
-from workflows.models import DEFAULT_TASK_QUEUE
+from workflows.ledger import BudgetLedger
+from workflows.models import DEFAULT_LEDGER_TASK_QUEUE, DEFAULT_TASK_QUEUE
 
 log = logging.getLogger("spine.worker")
 
@@ -60,6 +62,8 @@ class WorkerConfig:
     providers: Mapping[str, ModelProvider] | None = None
     search_attributes: bool = True
     max_concurrent_activities: int = 200
+    ledger: bool = True
+    ledger_task_queue: str = DEFAULT_LEDGER_TASK_QUEUE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -73,6 +77,8 @@ class WorkerConfig:
             settings=env,
             secrets=VaultSecrets.from_env(env),
             search_attributes=env.get("SPINE_SEARCH_ATTRIBUTES", "1") not in ("0", "false"),
+            ledger=env.get("SPINE_LEDGER_WORKER", "1") not in ("0", "false"),
+            ledger_task_queue=env.get("SPINE_LEDGER_TASK_QUEUE", DEFAULT_LEDGER_TASK_QUEUE),
         )
 
 
@@ -99,6 +105,53 @@ def default_providers(settings: Mapping[str, str]) -> dict[str, ModelProvider]:
     }
 
 
+class SpineWorker:
+    """The agent worker and, unless disabled, the budget-ledger worker, run together.
+
+    Use it like a Temporal `Worker`: ``async with build_worker(...)`` or ``await w.run()``.
+    """
+
+    def __init__(self, workers: Sequence[Worker], http: httpx.AsyncClient) -> None:
+        self.workers = list(workers)
+        self._http = http
+
+    @property
+    def task_queue(self) -> str:
+        return self.workers[0].task_queue
+
+    async def __aenter__(self) -> SpineWorker:
+        for worker in self.workers:
+            await worker.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for worker in reversed(self.workers):
+            await worker.__aexit__(None, None, None)
+        await self._http.aclose()
+
+    async def run(self) -> None:
+        try:
+            await asyncio.gather(*(w.run() for w in self.workers))
+        finally:
+            await self._http.aclose()
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(w.shutdown() for w in self.workers))
+
+
+def _sandbox() -> SandboxedWorkflowRunner:
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
+    )
+
+
+def build_ledger_worker(client: Client, task_queue: str = DEFAULT_LEDGER_TASK_QUEUE) -> Worker:
+    """A worker serving only the per-account budget ledgers (`SpineBudgetLedger`)."""
+    return Worker(
+        client, task_queue=task_queue, workflows=[BudgetLedger], workflow_runner=_sandbox()
+    )
+
+
 def build_worker(
     client: Client,
     *,
@@ -106,8 +159,9 @@ def build_worker(
     config: WorkerConfig | None = None,
     policy: Policy | None = None,
     extra_workflows: Sequence[type] = (),
-) -> Worker:
-    """A worker serving `AgentWorkflow` and every registered tool on `task_queue`.
+) -> SpineWorker:
+    """A worker serving `AgentWorkflow` and every registered tool on `task_queue`, plus the
+    budget ledgers on `config.ledger_task_queue` (unless `config.ledger` is False).
 
     Raises :class:`guardrails.policy.PolicyError` or :class:`activities.tools.ToolDefinitionError`
     with a clear message when the policy or a tool definition is wrong.
@@ -126,17 +180,25 @@ def build_worker(
         search_attributes=config.search_attributes,
         breakers=breakers,
     )
-    return Worker(
+    budget = BudgetActivities(client, config.ledger_task_queue)
+    agents = Worker(
         client,
         task_queue=task_queue or config.task_queue,
         workflows=[AgentWorkflow, *extra_workflows],
-        activities=[models.resolve_agent, models.model_call, *make_tool_activities(runner)],
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
-        ),
+        activities=[
+            models.resolve_agent,
+            models.model_call,
+            budget.apply,
+            *make_tool_activities(runner),
+        ],
+        workflow_runner=_sandbox(),
         interceptors=[PolicyInterceptor()],
         max_concurrent_activities=config.max_concurrent_activities,
     )
+    workers = [agents]
+    if config.ledger:
+        workers.append(build_ledger_worker(client, config.ledger_task_queue))
+    return SpineWorker(workers, http)
 
 
 async def run_worker(config: WorkerConfig | None = None) -> None:

@@ -125,6 +125,7 @@ class ModelActivities:
             model_max_attempts=policy.runtime.model_max_attempts,
             model_initial_interval_s=policy.runtime.model_initial_interval_s,
             model_max_interval_s=policy.runtime.model_max_interval_s,
+            budget=policy.budget_rules(request.account),
             prices=policy.price_table(),
             policy_version=policy.full_version,
             search_attributes=self.search_attributes,

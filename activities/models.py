@@ -168,6 +168,13 @@ class ToolDescriptor(BaseModel):
     max_attempts: int = 5
     initial_interval_s: float = 1.0
     max_interval_s: float = 30.0
+    risk: Literal["low", "medium", "high"] = "low"
+    rate_limit_group: str | None = Field(
+        default=None, description="Tools sharing one rate limit (e.g. an API quota)."
+    )
+    local: bool = Field(
+        default=False, description="Run as a local activity: a fast read-only tool."
+    )
 
 
 class ApprovalRule(BaseModel):
@@ -208,6 +215,7 @@ class AgentSpec(BaseModel):
     model_max_attempts: int = 8
     model_initial_interval_s: float = 0.5
     model_max_interval_s: float = 20.0
+    budget: BudgetRules = Field(default_factory=lambda: BudgetRules())
 
 
 class CompensationInput(BaseModel):
@@ -221,6 +229,7 @@ class CompensationInput(BaseModel):
 class ResolveAgentInput(BaseModel):
     agent: str
     role: str
+    account: str = ""
 
 
 def chain_digest(previous: str, message: ChatMessage) -> str:
@@ -230,3 +239,63 @@ def chain_digest(previous: str, message: ChatMessage) -> str:
 
 
 EMPTY_DIGEST = hashlib.sha256(b"spine-transcript").hexdigest()
+
+
+AuditKind = Literal[
+    "run_started",
+    "model_turn",
+    "tool_call",
+    "policy_decision",
+    "budget",
+    "approval",
+    "operator",
+    "compensation",
+    "run_outcome",
+    "alert",
+]
+
+
+class AuditEntry(BaseModel):
+    """One audit record, built deterministically in the workflow.
+
+    `seq` numbers a run's entries from 0 without gaps (the chain is per workflow id, across
+    continue-as-new); the store computes each entry's hash over a canonical encoding that
+    includes the previous entry's hash. `data` never holds secret values; arguments and content
+    appear as digests unless the policy asks for content.
+    """
+
+    seq: int
+    kind: AuditKind
+    step: int
+    actor: str
+    at: str = Field(description="ISO 8601 UTC timestamp from workflow.now()")
+    data: JsonObject = Field(default_factory=dict)
+    policy_version: str = ""
+
+
+class AuditBatch(BaseModel):
+    """Input of the `spine.audit_append` activity: entries in `seq` order."""
+
+    run_id: str
+    workflow_run_id: str
+    agent: str
+    account: str
+    entries: list[AuditEntry]
+
+
+def digest(value: object) -> str:
+    """sha256 of a canonical JSON encoding, for audit records of arguments and content."""
+    body = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+class BudgetRules(BaseModel):
+    """How a run degrades as it nears a budget (policy `[budgets]`)."""
+
+    soft_fraction: float = 0.8
+    approval_fraction: float = 0.9
+    approver_roles: list[str] = Field(default_factory=lambda: ["supervisor"])
+    compensate_on_exhausted: bool = False
+    cheaper_models: dict[str, str] = Field(default_factory=dict)
+    daily_usd: float | None = None
+    monthly_usd: float | None = None

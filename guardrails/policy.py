@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from activities.models import ApprovalRule
+from activities.models import ApprovalRule, BudgetRules
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("policy.toml")
 
@@ -74,6 +74,14 @@ class AccountPolicy(_Strict):
     monthly_usd: float | None = Field(default=None, ge=0)
 
 
+class Budgets(_Strict):
+    soft_fraction: float = Field(default=0.8, gt=0, le=1)
+    approval_fraction: float = Field(default=0.9, gt=0, le=1)
+    approver_roles: list[str] = Field(default_factory=lambda: ["supervisor"], min_length=1)
+    compensate_on_exhausted: bool = False
+    cheaper_models: dict[str, str] = Field(default_factory=dict)
+
+
 class Policy(_Strict):
     version: str
     runtime: Runtime = Field(default_factory=Runtime)
@@ -81,6 +89,7 @@ class Policy(_Strict):
     prices: Prices
     agents: dict[str, AgentPolicy] = Field(default_factory=dict)
     accounts: dict[str, AccountPolicy] = Field(default_factory=dict)
+    budgets: Budgets = Field(default_factory=Budgets)
     digest: str = ""
 
     def allowed_tools(self, agent: str, role: str) -> list[str]:
@@ -93,6 +102,14 @@ class Policy(_Strict):
         if policy is None:
             return []
         return [ApprovalRule.model_validate(r.model_dump()) for r in policy.approvals]
+
+    def budget_rules(self, account: str) -> BudgetRules:
+        limits = self.accounts.get(account, AccountPolicy())
+        return BudgetRules(
+            **self.budgets.model_dump(),
+            daily_usd=limits.daily_usd,
+            monthly_usd=limits.monthly_usd,
+        )
 
     def price_table(self) -> dict[str, tuple[float, float]]:
         return {name: (p.input, p.output) for name, p in self.prices.models.items()}

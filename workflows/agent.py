@@ -57,8 +57,12 @@ with workflow.unsafe.imports_passed_through():
         AgentResult,
         AgentWorkflowInput,
         ApprovalDecision,
+        BudgetCall,
+        BudgetCarry,
         Carry,
         DecisionAck,
+        LedgerAnswer,
+        LedgerOp,
         OperatorCommand,
         PendingApproval,
         RunState,
@@ -104,12 +108,14 @@ class _Stop(Exception):
         output: str | None = None,
         *,
         keep_status: bool = False,
+        compensate: bool = True,
     ) -> None:
         super().__init__(reason)
         self.status: RunStatus = status
         self.reason = reason
         self.output = output
         self.keep_status = keep_status
+        self.compensate = compensate
 
 
 class _Skipped(Exception):
@@ -158,6 +164,7 @@ class AgentWorkflow:
         self._script_pos = carry.script_pos if carry else 0
         self._retries = carry.retries if carry else 0
         self._path: list[str] = list(carry.path) if carry else []
+        self._budget = carry.budget.model_copy(deep=True) if carry else BudgetCarry()
         # Everything stored since this run segment began, to resend if the store lost it.
         self._segment_base = (self._len, self._digest)
         self._segment: list[ChatMessage] = []
@@ -292,7 +299,7 @@ class AgentWorkflow:
         try:
             return await workflow.execute_activity(
                 "spine.resolve_agent",
-                ResolveAgentInput(agent=req.agent, role=req.role),
+                ResolveAgentInput(agent=req.agent, role=req.role, account=req.account),
                 result_type=AgentSpec,
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(
@@ -358,6 +365,7 @@ class AgentWorkflow:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._carry_input(spec))
             self._step += 1
+            models = await self._budget_gate(spec, models, max_usd)
             result = await self._model_turn(models, offered, spec)
             self._charge(result, spec, max_usd)
             message = result.message
@@ -391,6 +399,7 @@ class AgentWorkflow:
             script_pos=0,
             retries=self._retries,
             path=self._path,
+            budget=self._budget,
             spec=spec,
         )
         return request
@@ -541,6 +550,11 @@ class AgentWorkflow:
         usd = (
             result.usage.input_tokens * price_in + result.usage.output_tokens * price_out
         ) / 1_000_000
+        reservation = self._reservation_id()
+        if reservation in self._budget.to_release:
+            self._budget.to_release.remove(reservation)
+            self._budget.to_commit[reservation] = usd
+        self._budget.last_input_tokens = result.usage.input_tokens
         self._usage = Usage(
             input_tokens=self._usage.input_tokens + result.usage.input_tokens,
             output_tokens=self._usage.output_tokens + result.usage.output_tokens,
@@ -550,7 +564,121 @@ class AgentWorkflow:
             raise _Stop(
                 "failed",
                 f"budget_exhausted: run spent {self._usage.usd:.4f} USD, limit {max_usd:.4f}",
+                keep_status=True,
+                compensate=spec.budget.compensate_on_exhausted,
             )
+
+    # ------------------------------------------------------------------------------ budget
+
+    def _reservation_id(self) -> str:
+        return f"{workflow.info().workflow_id}/{self._step}"
+
+    async def _budget_gate(
+        self, spec: AgentSpec, models: list[tuple[str, str]], max_usd: float | None
+    ) -> list[tuple[str, str]]:
+        """Before a model call: degrade, ask to go on, or stop; reserve on the account ledger.
+
+        Returns the models to try for this turn (the cheaper one once past the soft threshold).
+        """
+        rules = spec.budget
+        fraction = max(self._usage.usd / max_usd if max_usd else 0.0, self._budget.ledger_fraction)
+        if fraction >= rules.soft_fraction and self._budget.degraded_to is None:
+            cheaper = rules.cheaper_models.get(models[0][1])
+            if cheaper and cheaper in spec.prices:
+                self._budget.degraded_to = cheaper
+                self._path.append(
+                    f"step {self._step}: {fraction:.0%} of budget used, switched "
+                    f"{models[0][1]} -> {cheaper}"
+                )
+        if self._budget.degraded_to is not None:
+            models = [(models[0][0], self._budget.degraded_to), *models[1:]]
+        if fraction >= rules.approval_fraction and not self._budget.approved_to_continue:
+            await self._await_approval(
+                "budget",
+                {"used_fraction": round(fraction, 4), "run_usd": self._usage.usd},
+                f"{fraction:.0%} of the budget is used; approve to continue",
+                rules.approver_roles,
+            )
+            self._budget.approved_to_continue = True
+        estimate = max(
+            (
+                max(self._budget.last_input_tokens * 1.5, 1000) * spec.prices[m][0]
+                + spec.max_tokens * spec.prices[m][1]
+            )
+            / 1_000_000
+            for _, m in models
+        )
+        if max_usd is not None and self._usage.usd + estimate > max_usd:
+            raise _Stop(
+                "failed",
+                f"budget_exhausted: the run has spent {self._usage.usd:.4f} USD of its "
+                f"{max_usd:.4f} limit and the next call may cost up to {estimate:.4f}",
+                keep_status=True,
+                compensate=rules.compensate_on_exhausted,
+            )
+        if rules.daily_usd is None and rules.monthly_usd is None:
+            return models
+        reservation = self._reservation_id()
+        answer = await self._ledger(spec, reservation, estimate)
+        assert answer is not None  # parking, not None, is how _ledger fails here
+        if not answer.granted:
+            raise _Stop(
+                "failed",
+                f"budget_exhausted: {answer.reason}",
+                keep_status=True,
+                compensate=rules.compensate_on_exhausted,
+            )
+        self._budget.ledger_fraction = answer.used_fraction
+        # Released unless the call succeeds (then _charge turns it into a commit).
+        self._budget.to_release.append(reservation)
+        return models
+
+    async def _ledger(
+        self, spec: AgentSpec, reserve_id: str | None, amount: float, *, park: bool = True
+    ) -> LedgerAnswer | None:
+        """One settle-and-reserve on the account's ledger; fails closed (parks) if it is gone.
+
+        With `park=False` (settling at the end of a run) a ledger that does not answer is
+        logged and left: unsettled reservations stop holding budget after the ledger's TTL.
+        """
+        op = LedgerOp(
+            run_id=workflow.info().workflow_id,
+            commit=dict(self._budget.to_commit),
+            release=list(self._budget.to_release),
+            reserve_id=reserve_id,
+            reserve_usd=round(amount, 8),
+            daily_limit_usd=spec.budget.daily_usd,
+            monthly_limit_usd=spec.budget.monthly_usd,
+        )
+        while True:
+            try:
+                answer = await workflow.execute_local_activity(
+                    "spine.budget_apply",
+                    BudgetCall(account=self._request.account, op=op),
+                    result_type=LedgerAnswer,
+                    start_to_close_timeout=timedelta(seconds=15),
+                    retry_policy=RetryPolicy(
+                        initial_interval=timedelta(seconds=1),
+                        maximum_interval=timedelta(seconds=10),
+                        maximum_attempts=12,
+                    ),
+                    summary=f"budget {self._request.account}",
+                )
+            except ActivityError as err:
+                kind, message = _error_text(err)
+                if not park:
+                    workflow.logger.warning("could not settle budget: %s: %s", kind, message)
+                    return None
+                await self._park(
+                    spec,
+                    f"budget ledger unavailable at step {self._step} (no model call without a "
+                    f"reservation): {kind}: {message}",
+                    skippable=False,
+                )
+                continue
+            self._budget.to_commit.clear()
+            self._budget.to_release.clear()
+            return answer
 
     # ------------------------------------------------------------------------------- tools
 
@@ -609,7 +737,7 @@ class AgentWorkflow:
         args = call.args or {}
         needs = approval_reason(tool.name, args, confidence, spec.approval_rules)
         if needs is not None:
-            await self._await_approval(tool, call, *needs)
+            await self._await_approval(tool.name, args, *needs)
 
         key = f"{workflow.info().workflow_id}/{self._step}/{index}"
         self._last_tool = tool.name
@@ -756,11 +884,11 @@ class AgentWorkflow:
             raise
 
     async def _await_approval(
-        self, tool: ToolDescriptor, call: ToolCall, reason: str, roles: list[str]
+        self, tool: str, args: dict[str, object], reason: str, roles: list[str]
     ) -> None:
         approval_id = f"ap-{self._step}-{workflow.uuid4().hex[:8]}"
         self._approvals[approval_id] = PendingApproval(
-            approval_id=approval_id, tool=tool.name, args=call.args or {}, reason=reason
+            approval_id=approval_id, tool=tool, args=args, reason=reason
         )
         self._approver_roles[approval_id] = roles
         self._set_status("awaiting_approval")
@@ -770,7 +898,7 @@ class AgentWorkflow:
         if decision.decision == "reject":
             raise _Stop(
                 "rejected",
-                f"approval {approval_id} for {tool.name} rejected by {decision.by} "
+                f"approval {approval_id} for {tool} rejected by {decision.by} "
                 f"({decision.role}): {decision.reason or 'no reason given'}",
             )
 
@@ -779,7 +907,13 @@ class AgentWorkflow:
     async def _finish(self, stop: _Stop) -> AgentResult:
         status = stop.status
         reason = stop.reason
-        if status != "completed" and any(not s.compensated for s in self._side_effects):
+        if self._spec is not None and (self._budget.to_commit or self._budget.to_release):
+            await self._ledger(self._spec, None, 0.0, park=False)
+        if (
+            status != "completed"
+            and stop.compensate
+            and any(not s.compensated for s in self._side_effects)
+        ):
             leftovers = await self._compensate()
             if leftovers:
                 reason += f"; could not undo: {', '.join(leftovers)}"

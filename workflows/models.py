@@ -148,10 +148,105 @@ class Carry(BaseModel):
     script_pos: int = 0
     retries: int = 0
     path: list[str] = Field(default_factory=list)
+    budget: BudgetCarry = Field(default_factory=lambda: BudgetCarry())
     spec: AgentSpec
+
+
+class BudgetCarry(BaseModel):
+    """The run's side of the account ledger: what to settle next and how far it has degraded."""
+
+    to_commit: dict[str, float] = Field(default_factory=dict)
+    to_release: list[str] = Field(default_factory=list)
+    ledger_fraction: float = 0.0
+    last_input_tokens: int = 0
+    degraded_to: str | None = None
+    approved_to_continue: bool = False
 
 
 class AgentWorkflowInput(AgentRequest):
     """What the workflow actually receives: the request plus, after continue-as-new, `carry`."""
 
     carry: Carry | None = None
+
+
+# ----------------------------------------------------------------------------- budget ledger
+
+LEDGER_WORKFLOW_TYPE = "SpineBudgetLedger"
+DEFAULT_LEDGER_TASK_QUEUE = "spine-ledger"
+
+
+def ledger_workflow_id(account: str) -> str:
+    return f"spine-budget-{account}"
+
+
+class Reservation(BaseModel):
+    reservation_id: str
+    run_id: str
+    amount_usd: float
+    day: str
+    month: str
+    state: Literal["reserved", "committed", "released"] = "reserved"
+    actual_usd: float = 0.0
+    reserved_at: str = ""
+
+
+class WindowTotals(BaseModel):
+    committed_usd: float = 0.0
+    reserved_usd: float = 0.0
+
+
+class LedgerState(BaseModel):
+    """The ledger's whole state; carried across continue-as-new."""
+
+    account: str
+    reservations: dict[str, Reservation] = Field(default_factory=dict)
+    windows: dict[str, WindowTotals] = Field(default_factory=dict)
+    overspend_usd: float = 0.0
+
+
+class LedgerOp(BaseModel):
+    """One atomic ledger operation: settle earlier reservations, then maybe reserve anew.
+
+    Settling and reserving in one update keeps a run to one ledger call per model turn.
+    """
+
+    run_id: str
+    commit: dict[str, float] = Field(default_factory=dict, description="reservation -> actual")
+    release: list[str] = Field(default_factory=list)
+    reserve_id: str | None = None
+    reserve_usd: float = 0.0
+    daily_limit_usd: float | None = None
+    monthly_limit_usd: float | None = None
+
+
+class BudgetCall(BaseModel):
+    """Input of the `spine.budget_apply` activity."""
+
+    account: str
+    op: LedgerOp
+
+
+class LedgerAnswer(BaseModel):
+    granted: bool
+    reason: str = ""
+    day: str
+    month: str
+    day_committed_usd: float
+    day_reserved_usd: float
+    month_committed_usd: float
+    used_fraction: float = Field(
+        description="Largest share of a limit that is committed or reserved, this call included."
+    )
+
+
+class BudgetWindowView(BaseModel):
+    window: str
+    committed_usd: float
+    reserved_usd: float
+
+
+class BudgetView(BaseModel):
+    account: str
+    windows: list[BudgetWindowView]
+    open_reservations: int
+    overspend_usd: float

@@ -1,0 +1,172 @@
+"""`SpineBudgetLedger`: one entity workflow per account, the budget that cannot be raced.
+
+Every run on an account reserves before a model call and settles after it through an update on
+this workflow. Update handlers are synchronous, so Temporal applies them one at a time: two runs
+can never both take the last dollar. Windows (UTC day, UTC month) reset by key. The ledger is
+durable like any workflow and continues as new to keep its history short.
+
+Why a workflow and not a database: the fleet already shares Temporal, so there is nothing else to
+run; every reservation is visible in the ledger's history in the Web UI; and a ledger that cannot
+answer (no ledger worker, server down) fails closed because the run does not call the model
+without a granted reservation.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from workflows.models import (
+        LEDGER_WORKFLOW_TYPE,
+        BudgetView,
+        BudgetWindowView,
+        LedgerAnswer,
+        LedgerOp,
+        LedgerState,
+        Reservation,
+        WindowTotals,
+    )
+
+MAX_UPDATES_PER_RUN = 1000
+KEEP_WINDOWS = timedelta(days=62)
+#: A reservation never settled (its run vanished) stops holding budget after this long.
+RESERVATION_TTL = timedelta(hours=1)
+
+
+@workflow.defn(name=LEDGER_WORKFLOW_TYPE)
+class BudgetLedger:
+    @workflow.init
+    def __init__(self, state: LedgerState) -> None:
+        self._state = state
+        self._updates = 0
+
+    @workflow.run
+    async def run(self, state: LedgerState) -> None:
+        await workflow.wait_condition(
+            lambda: (
+                self._updates >= MAX_UPDATES_PER_RUN
+                or workflow.info().is_continue_as_new_suggested()
+            )
+        )
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        self._prune()
+        workflow.continue_as_new(self._state)
+
+    def _window(self, key: str) -> WindowTotals:
+        return self._state.windows.setdefault(key, WindowTotals())
+
+    def _prune(self) -> None:
+        """Forget settled reservations and windows older than two months."""
+        oldest = (workflow.now() - KEEP_WINDOWS).strftime("%Y-%m-%d")
+        self._state.reservations = {
+            k: r
+            for k, r in self._state.reservations.items()
+            if r.state == "reserved" or r.day >= oldest
+        }
+        self._state.windows = {
+            k: w for k, w in self._state.windows.items() if k[4:] >= oldest[: len(k) - 4]
+        }
+
+    @workflow.update(name="apply")
+    def apply(self, op: LedgerOp) -> LedgerAnswer:
+        self._updates += 1
+        for reservation_id, actual in op.commit.items():
+            self._settle(reservation_id, actual)
+        for reservation_id in op.release:
+            self._settle(reservation_id, None)
+        now = workflow.now()
+        self._expire(now)
+        day, month = f"day:{now:%Y-%m-%d}", f"mon:{now:%Y-%m}"
+        if op.reserve_id is None:
+            return self._answer(True, "", day, month, 0.0, op)
+        existing = self._state.reservations.get(op.reserve_id)
+        if existing is not None:
+            # A retried activity asks again: same reservation, same answer.
+            return self._answer(True, "already reserved", existing.day, existing.month, 0.0, op)
+        amount = op.reserve_usd
+        for key, limit in ((day, op.daily_limit_usd), (month, op.monthly_limit_usd)):
+            window = self._window(key)
+            if limit is not None and window.committed_usd + window.reserved_usd + amount > limit:
+                return self._answer(
+                    False,
+                    f"{key[:3]}ly budget of {limit:.4f} USD for account {self._state.account!r}: "
+                    f"committed {window.committed_usd:.4f}, reserved {window.reserved_usd:.4f}, "
+                    f"this call needs {amount:.4f}",
+                    day,
+                    month,
+                    amount,
+                    op,
+                )
+        self._state.reservations[op.reserve_id] = Reservation(
+            reservation_id=op.reserve_id,
+            run_id=op.run_id,
+            amount_usd=amount,
+            day=day,
+            month=month,
+            reserved_at=now.isoformat(),
+        )
+        self._window(day).reserved_usd += amount
+        self._window(month).reserved_usd += amount
+        return self._answer(True, "", day, month, 0.0, op)
+
+    def _expire(self, now: datetime) -> None:
+        cutoff = (now - RESERVATION_TTL).isoformat()
+        for reservation in list(self._state.reservations.values()):
+            if reservation.state == "reserved" and reservation.reserved_at < cutoff:
+                self._settle(reservation.reservation_id, None)
+
+    def _settle(self, reservation_id: str, actual: float | None) -> None:
+        reservation = self._state.reservations.get(reservation_id)
+        if reservation is None or reservation.state != "reserved":
+            return  # unknown or already settled: settling is idempotent
+        for key in (reservation.day, reservation.month):
+            window = self._window(key)
+            window.reserved_usd = max(window.reserved_usd - reservation.amount_usd, 0.0)
+            if actual is not None:
+                window.committed_usd += actual
+        if actual is None:
+            reservation.state = "released"
+        else:
+            reservation.state = "committed"
+            reservation.actual_usd = actual
+            self._state.overspend_usd += max(actual - reservation.amount_usd, 0.0)
+
+    def _answer(
+        self, granted: bool, reason: str, day: str, month: str, extra: float, op: LedgerOp
+    ) -> LedgerAnswer:
+        d, m = self._window(day), self._window(month)
+        fractions = [
+            (w.committed_usd + w.reserved_usd + extra) / limit
+            for w, limit in ((d, op.daily_limit_usd), (m, op.monthly_limit_usd))
+            if limit
+        ]
+        return LedgerAnswer(
+            granted=granted,
+            reason=reason,
+            day=day,
+            month=month,
+            day_committed_usd=round(d.committed_usd, 8),
+            day_reserved_usd=round(d.reserved_usd, 8),
+            month_committed_usd=round(m.committed_usd, 8),
+            used_fraction=max(fractions, default=0.0),
+        )
+
+    @workflow.query(name="show")
+    def show(self) -> BudgetView:
+        return BudgetView(
+            account=self._state.account,
+            windows=[
+                BudgetWindowView(
+                    window=k,
+                    committed_usd=round(w.committed_usd, 8),
+                    reserved_usd=round(w.reserved_usd, 8),
+                )
+                for k, w in sorted(self._state.windows.items())
+            ],
+            open_reservations=sum(
+                1 for r in self._state.reservations.values() if r.state == "reserved"
+            ),
+            overspend_usd=round(self._state.overspend_usd, 8),
+        )
