@@ -459,6 +459,15 @@ async def _operate(workflow_id: str, command: OperatorCommand, as_json: bool) ->
         click.echo(f"sent {command.action} to {workflow_id} (parked: {state.reason})")
 
 
+def _register_subcommands() -> None:
+    from client.budget_cli import budget
+
+    cli.add_command(budget)
+
+
+_register_subcommands()
+
+
 @cli.command("demo")
 @click.pass_context
 def demo_cmd(ctx: click.Context) -> None:

@@ -12,7 +12,13 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from client.testing import DemoService, VaultDev, demo_stack, temporal_dev_server
+from client.testing import (
+    DemoService,
+    VaultDev,
+    demo_stack,
+    temporal_dev_server,
+    temporal_time_skipping,
+)
 from guardrails.secrets import VaultSecrets
 from worker import WorkerConfig, build_worker
 
@@ -22,6 +28,12 @@ async def temporal_env(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[WorkflowEnvironment]:
     async with temporal_dev_server() as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    async with temporal_time_skipping() as env:
         yield env
 
 
@@ -72,5 +84,17 @@ def make_worker(client: Client, worker_config: WorkerConfig):
         config = WorkerConfig(**{**worker_config.__dict__, **overrides})
         async with build_worker(client, config=config) as w:
             yield w
+
+    return make
+
+
+@pytest.fixture
+def new_account(vault: VaultDev, service: DemoService):
+    """Make a fresh account whose demo API key is in Vault at secret/spine/<account>."""
+
+    def make(prefix: str = "acct") -> str:
+        account = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        vault.put_secret(f"spine/{account}", {"api_key": service.api_key})
+        return account
 
     return make

@@ -664,7 +664,8 @@ class AgentWorkflow:
                     ),
                     summary=f"budget {self._request.account}",
                 )
-            except ActivityError as err:
+            # A local activity that gives up surfaces as its ApplicationError itself.
+            except (ActivityError, ApplicationError) as err:
                 kind, message = _error_text(err)
                 if not park:
                     workflow.logger.warning("could not settle budget: %s: %s", kind, message)

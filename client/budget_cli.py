@@ -1,0 +1,46 @@
+"""`spine budget show ACCOUNT`: what the account's ledger holds."""
+
+from __future__ import annotations
+
+import click
+from temporalio.service import RPCError
+
+from client.runs import SpineClientError, connect
+from workflows.models import BudgetView, ledger_workflow_id
+
+
+@click.group("budget")
+def budget() -> None:
+    """Per-account budgets (the account's ledger workflow)."""
+
+
+@budget.command("show")
+@click.argument("account")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(account: str, as_json: bool) -> None:
+    """Show ACCOUNT's committed and reserved spend per day and month."""
+    from client.cli import _echo_json, _run_async
+
+    view = _run_async(_show(account))
+    if as_json:
+        _echo_json(view.model_dump(mode="json"))
+        return
+    click.echo(f"account {view.account}  (ledger {ledger_workflow_id(account)})")
+    for w in view.windows:
+        committed, reserved = w.committed_usd, w.reserved_usd
+        click.echo(f"  {w.window:<16} committed {committed:>10.4f} USD  reserved {reserved:.4f}")
+    click.echo(
+        f"  open reservations {view.open_reservations}, overspend {view.overspend_usd:.4f} USD"
+    )
+
+
+async def _show(account: str) -> BudgetView:
+    client = await connect()
+    handle = client.get_workflow_handle(ledger_workflow_id(account))
+    try:
+        return await handle.query("show", result_type=BudgetView)
+    except RPCError as err:
+        raise SpineClientError(
+            f"no budget ledger for account {account!r} (it starts with the account's first "
+            f"model call): {err.message}"
+        ) from err

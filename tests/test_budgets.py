@@ -1,0 +1,161 @@
+"""Budgets: a shared ledger nobody can race past, graceful degradation, fail closed."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+from temporalio.client import WorkflowHandle
+
+from client.runs import decide, get_state, start_run, wait_result
+from tests.helpers import call, eventually, policy_file, scripted_request, turn
+from worker import build_ledger_worker
+from workflows.models import ApprovalDecision, BudgetView, Limits, ledger_workflow_id
+
+TURN_USD = (1000 * 1.00 + 100 * 4.00) / 1_000_000  # scripted price: 1.00 in / 4.00 out per 1M
+
+
+def _budget_policy(tmp_path, account: str, daily_usd: float, **budgets):
+    import tomllib
+
+    import tomli_w
+
+    path = policy_file(tmp_path, runtime={"max_tokens": 200})
+    data = tomllib.loads(path.read_text())
+    data["accounts"][account] = {"daily_usd": daily_usd}
+    data["budgets"].update({"soft_fraction": 1.0, "approval_fraction": 1.0, **budgets})
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def _three_turns(order: str):
+    return [
+        turn(call("lookup_order", order_id=order), tokens=(1000, 100)),
+        turn(call("lookup_order", order_id=order), tokens=(1000, 100)),
+        turn(text="done", tokens=(1000, 100)),
+    ]
+
+
+async def test_concurrent_runs_never_exceed_the_daily_budget(
+    client, make_worker, task_queue, tmp_path, new_account
+):
+    """50 runs race for a budget worth ~10: committed spend stays within it, the rest stop."""
+    account = new_account("race")
+    daily = round(10 * 3 * TURN_USD, 6)
+    policy = _budget_policy(tmp_path, account, daily)
+    async with make_worker(policy_path=policy):
+        handles = []
+        for i in range(50):
+            request = scripted_request(_three_turns(f"o-{1100 + i}"))
+            request.account = account
+            handles.append(await start_run(client, request, task_queue=task_queue))
+        results = await asyncio.gather(*(wait_result(h) for h in handles))
+        ledger: WorkflowHandle = client.get_workflow_handle(ledger_workflow_id(account))
+        view = await ledger.query("show", result_type=BudgetView)
+    statuses = [r.status for r in results]
+    exhausted = [r for r in results if r.status == "failed"]
+    assert set(statuses) <= {"completed", "failed"}
+    assert all((r.reason or "").startswith("budget_exhausted") for r in exhausted)
+    assert statuses.count("completed") >= 1 and exhausted
+    [day] = [w for w in view.windows if w.window.startswith("day:")]
+    spent = sum(r.usage.usd for r in results)
+    print(
+        f"budget {daily:.4f}: committed {day.committed_usd:.4f}, runs spent {spent:.4f}, "
+        f"completed {statuses.count('completed')}, exhausted {len(exhausted)}"
+    )
+    assert day.committed_usd <= daily + 1e-9
+    assert abs(day.committed_usd - spent) < 1e-6
+    assert day.reserved_usd == 0 and view.open_reservations == 0
+
+
+async def test_ledger_unavailable_fails_closed(
+    client, make_worker, task_queue, tmp_path, new_account
+):
+    """With no ledger answering, no model call is made; once it is back the run finishes."""
+    account = new_account("closed")
+    ledger_queue = f"{task_queue}-ledger"
+    policy = _budget_policy(tmp_path, account, 1.0)
+    async with make_worker(policy_path=policy, ledger=False, ledger_task_queue=ledger_queue):
+        request = scripted_request(_three_turns("o-1160"))
+        request.account = account
+        handle = await start_run(client, request, task_queue=task_queue)
+        await asyncio.sleep(4)  # a window in which nothing may happen (negative check)
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            async for e in handle.fetch_history_events()
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+        assert "spine.model_call" not in scheduled
+        assert (await get_state(handle)).usage.usd == 0
+        async with build_ledger_worker(client, ledger_queue):
+            result = await wait_result(handle)
+    assert result.status == "completed", result.reason
+
+
+async def test_run_degrades_then_asks_then_stops(
+    client, make_worker, task_queue, tmp_path, new_account
+):
+    """Past 80% a run switches to the cheaper model, past 90% it asks, at 100% it stops."""
+    policy = policy_file(
+        tmp_path, runtime={"max_tokens": 200}, agent={"max_usd": 1.0, "max_steps": 30}
+    )
+    script = [
+        turn(call("lookup_order", order_id="o-1161"), tokens=(10_000, 1_000)) for _ in range(20)
+    ]
+    request = scripted_request(script)
+    request.account = new_account("solo")
+    request.limits = Limits(max_usd=0.05)
+    async with make_worker(policy_path=policy):
+        handle = await start_run(client, request, task_queue=task_queue)
+
+        async def asks() -> bool:
+            state = await get_state(handle)
+            return bool(state.pending_approvals)
+
+        await eventually(asks, what="a budget approval")
+        state = await get_state(handle)
+        [pending] = state.pending_approvals
+        assert pending.tool == "budget" and "of the budget is used" in pending.reason
+        await decide(
+            handle,
+            ApprovalDecision(
+                approval_id=pending.approval_id, decision="approve", by="bob", role="supervisor"
+            ),
+        )
+        result = await wait_result(handle)
+    assert result.status == "failed"
+    assert (result.reason or "").startswith("budget_exhausted")
+    assert result.usage.usd <= 0.05
+    assert any("switched scripted -> scripted-cheap" in p for p in result.path)
+
+
+async def test_ledger_window_resets_next_day(time_skipping_env):
+    """A day's exhausted budget is available again the next (skipped-to) day."""
+    from temporalio.worker import Worker
+
+    from activities.budget import BudgetActivities
+    from workflows.models import BudgetCall, LedgerOp
+
+    env = time_skipping_env
+    queue = f"ledger-{uuid.uuid4()}"
+    activities = BudgetActivities(env.client, queue)
+
+    def op(rid):
+        return BudgetCall(
+            account="tz",
+            op=LedgerOp(  # noqa: E731
+                run_id="r", reserve_id=rid, reserve_usd=0.6, daily_limit_usd=1.0
+            ),
+        )
+
+    async with (
+        build_ledger_worker(env.client, queue),
+        Worker(env.client, task_queue=f"{queue}-x", activities=[activities.apply]),
+    ):
+        first = await activities.apply(op("a"))
+        second = await activities.apply(op("b"))
+        await env.sleep(timedelta(days=1, hours=1))
+        third = await activities.apply(op("c"))
+    assert first.granted and not second.granted and third.granted
+    assert first.day != third.day
