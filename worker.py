@@ -25,6 +25,7 @@ from activities.budget import BudgetActivities
 from activities.llm import ModelActivities, ModelProvider
 from activities.tools import Registry, SecretResolver, ToolRunner, make_tool_activities
 from activities.transcript import TranscriptStore
+from guardrails.audit import AuditActivities, store_from_env
 from guardrails.interceptor import PolicyInterceptor
 from guardrails.policy import Policy, load_policy
 from guardrails.secrets import NoSecrets, VaultSecrets
@@ -181,6 +182,7 @@ def build_worker(
         breakers=breakers,
     )
     budget = BudgetActivities(client, config.ledger_task_queue)
+    audit = AuditActivities(store_from_env(config.settings, config.state_dir))
     agents = Worker(
         client,
         task_queue=task_queue or config.task_queue,
@@ -189,6 +191,7 @@ def build_worker(
             models.resolve_agent,
             models.model_call,
             budget.apply,
+            audit.append,
             *make_tool_activities(runner),
         ],
         workflow_runner=_sandbox(),

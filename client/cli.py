@@ -460,8 +460,10 @@ async def _operate(workflow_id: str, command: OperatorCommand, as_json: bool) ->
 
 
 def _register_subcommands() -> None:
+    from client.audit_cli import audit
     from client.budget_cli import budget
 
+    cli.add_command(audit)
     cli.add_command(budget)
 
 

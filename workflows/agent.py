@@ -39,6 +39,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.models import (
         EMPTY_DIGEST,
         AgentSpec,
+        AuditBatch,
+        AuditEntry,
+        AuditKind,
         ChatMessage,
         CompensationInput,
         ModelCallInput,
@@ -50,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
         ToolDescriptor,
         ToolRef,
         chain_digest,
+        digest,
     )
     from guardrails.approvals import approval_reason
     from workflows.models import (
@@ -165,6 +169,8 @@ class AgentWorkflow:
         self._retries = carry.retries if carry else 0
         self._path: list[str] = list(carry.path) if carry else []
         self._budget = carry.budget.model_copy(deep=True) if carry else BudgetCarry()
+        self._audit_seq = carry.audit_seq if carry else 0
+        self._audit_buffer: list[AuditEntry] = []
         # Everything stored since this run segment began, to resend if the store lost it.
         self._segment_base = (self._len, self._digest)
         self._segment: list[ChatMessage] = []
@@ -214,12 +220,15 @@ class AgentWorkflow:
         if problem:
             workflow.logger.warning("refused approval signal from %s: %s", decision.by, problem)
             self._refused.append(f"approval by {decision.by} ({decision.role}): {problem}")
+            self._audit_decision(decision, accepted=False, problem=problem)
             return
         self._decisions[decision.approval_id] = decision
+        self._audit_decision(decision, accepted=True)
 
     @workflow.update(name="decide")
     def decide(self, decision: ApprovalDecision) -> DecisionAck:
         self._decisions[decision.approval_id] = decision
+        self._audit_decision(decision, accepted=True)
         still_pending = any(k not in self._decisions for k in self._approvals)
         status: RunStatus = (
             "rejected"
@@ -258,8 +267,10 @@ class AgentWorkflow:
                 "refused operator %s from %s: %s", command.action, command.by, problem
             )
             self._refused.append(f"operator {command.action} by {command.by}: {problem}")
+            self._audit_operator(command, accepted=False, problem=problem)
             return
         self._operator = command
+        self._audit_operator(command, accepted=True)
 
     def tool_denial(self, tool: str) -> str | None:
         """The policy interceptor's question: may this run start `tool` at all?
@@ -282,6 +293,18 @@ class AgentWorkflow:
         try:
             if self._spec is None:
                 self._spec = await self._resolve_agent()
+                choice = request.model
+                self._audit(
+                    "run_started",
+                    request.user,
+                    agent=request.agent,
+                    user=request.user,
+                    role=request.role,
+                    account=request.account,
+                    provider=choice.provider if choice else self._spec.default_provider,
+                    model=(choice.name if choice else None) or self._spec.default_model,
+                    goal_digest=digest(request.goal),
+                )
             self._upsert_search_attributes()
             result = await self._loop(self._spec)
         except _Stop as stop:
@@ -363,6 +386,7 @@ class AgentWorkflow:
                 )
             if self._should_continue_as_new(spec):
                 await workflow.wait_condition(workflow.all_handlers_finished)
+                await self._flush_audit()
                 workflow.continue_as_new(self._carry_input(spec))
             self._step += 1
             models = await self._budget_gate(spec, models, max_usd)
@@ -375,6 +399,7 @@ class AgentWorkflow:
             for index, call in enumerate(message.tool_calls):
                 self._pending.append(await self._tool_call(spec, call, index, result.confidence))
             self._upsert_search_attributes()
+            await self._flush_audit()
 
     def _should_continue_as_new(self, spec: AgentSpec) -> bool:
         info = workflow.info()
@@ -400,6 +425,7 @@ class AgentWorkflow:
             retries=self._retries,
             path=self._path,
             budget=self._budget,
+            audit_seq=self._audit_seq,
             spec=spec,
         )
         return request
@@ -436,6 +462,9 @@ class AgentWorkflow:
         self._park_skippable = skippable
         self._operator = None
         self._set_status("parked")
+        self._audit("policy_decision", "spine", decision="parked", reason=why)
+        # Best effort here: parking on an audit failure would recurse; entries stay queued.
+        await self._flush_audit(park=False)
         try:
             await workflow.wait_condition(
                 lambda: self._operator is not None,
@@ -555,6 +584,20 @@ class AgentWorkflow:
             self._budget.to_release.remove(reservation)
             self._budget.to_commit[reservation] = usd
         self._budget.last_input_tokens = result.usage.input_tokens
+        self._audit(
+            "model_turn",
+            result.model,
+            model=result.model,
+            provider=result.provider,
+            input_tokens=result.usage.input_tokens,
+            output_tokens=result.usage.output_tokens,
+            usd=round(usd, 8),
+            finish_reason=result.finish_reason,
+            attempt=result.attempt,
+            tool_calls=[{"name": c.name} for c in result.message.tool_calls],
+            content_digest=digest(result.message.content or ""),
+            price_table=spec.policy_version,
+        )
         self._usage = Usage(
             input_tokens=self._usage.input_tokens + result.usage.input_tokens,
             output_tokens=self._usage.output_tokens + result.usage.output_tokens,
@@ -590,6 +633,13 @@ class AgentWorkflow:
                     f"step {self._step}: {fraction:.0%} of budget used, switched "
                     f"{models[0][1]} -> {cheaper}"
                 )
+                self._audit(
+                    "budget",
+                    "spine",
+                    decision="degraded",
+                    reason=self._path[-1],
+                    used_fraction=round(fraction, 4),
+                )
         if self._budget.degraded_to is not None:
             models = [(models[0][0], self._budget.degraded_to), *models[1:]]
         if fraction >= rules.approval_fraction and not self._budget.approved_to_continue:
@@ -621,6 +671,15 @@ class AgentWorkflow:
         reservation = self._reservation_id()
         answer = await self._ledger(spec, reservation, estimate)
         assert answer is not None  # parking, not None, is how _ledger fails here
+        self._audit(
+            "budget",
+            "spine",
+            decision="reserved" if answer.granted else "denied",
+            reservation_id=reservation,
+            amount_usd=round(estimate, 8),
+            used_fraction=round(answer.used_fraction, 4),
+            reason=answer.reason,
+        )
         if not answer.granted:
             raise _Stop(
                 "failed",
@@ -687,6 +746,7 @@ class AgentWorkflow:
         """Tell the model its call was refused; too many refusals end the run."""
         self._invalid += 1
         workflow.logger.info("refused tool call %s at step %d: %s", call.name, self._step, text)
+        self._audit("policy_decision", "spine", decision="refused", tool=call.name, reason=text)
         if self._invalid > spec.max_invalid_tool_calls:
             raise _Stop(
                 "failed",
@@ -745,6 +805,7 @@ class AgentWorkflow:
         try:
             result, used, used_key = await self._run_tool(spec, tool, args, call.id, key)
         except _Skipped as skipped:
+            self._audit_tool(tool, args, key, "skipped", f"skipped by {skipped.command.by}")
             return ChatMessage(
                 role="tool",
                 tool_call_id=call.id,
@@ -754,7 +815,9 @@ class AgentWorkflow:
                 is_error=True,
             )
         except ApplicationError as err:
+            self._audit_tool(tool, args, key, "error", f"{err.type}: {err.message}")
             return self._refuse(spec, call, f"error: {err.type}: {err.message}")
+        self._audit_tool(used, args, used_key, "ok", None, attempt=result.attempt)
         if used.side_effects:
             self._record_side_effect(call, used, args, result, used_key)
         return ChatMessage(
@@ -893,6 +956,16 @@ class AgentWorkflow:
         )
         self._approver_roles[approval_id] = roles
         self._set_status("awaiting_approval")
+        self._audit(
+            "policy_decision",
+            "spine",
+            decision="needs_approval",
+            tool=tool,
+            approval_id=approval_id,
+            reason=reason,
+            approver_roles=roles,
+        )
+        await self._flush_audit()
         await workflow.wait_condition(lambda: approval_id in self._decisions)
         decision = self._decisions[approval_id]
         self._set_status("running")
@@ -924,6 +997,16 @@ class AgentWorkflow:
         self._status = status
         self._reason = None if status == "completed" else reason
         self._upsert_search_attributes()
+        self._audit(
+            "run_outcome",
+            "spine",
+            status=status,
+            reason=self._reason,
+            steps=self._step,
+            usd=self._usage.usd,
+            output_digest=digest(stop.output or ""),
+        )
+        await self._flush_audit(park=False)
         return AgentResult(
             status=status,
             output=stop.output,
@@ -962,10 +1045,134 @@ class AgentWorkflow:
             except ActivityError as err:
                 kind, message = _error_text(err)
                 leftovers.append(f"{effect.tool}@step{effect.step} ({kind}: {message})")
+                self._audit(
+                    "compensation",
+                    "spine",
+                    tool=undo.name,
+                    compensates=effect.tool,
+                    outcome="error",
+                    error=f"{kind}: {message}",
+                    idempotency_key=f"{effect.idempotency_key}/undo",
+                )
                 continue
             effect.compensated = True
+            self._audit(
+                "compensation",
+                "spine",
+                tool=undo.name,
+                compensates=effect.tool,
+                outcome="ok",
+                idempotency_key=f"{effect.idempotency_key}/undo",
+            )
             self._path.append(f"compensated {effect.tool}@step{effect.step} with {undo.name}")
         return leftovers
+
+    # ------------------------------------------------------------------------------ audit
+
+    def _audit(self, kind: AuditKind, actor: str, **data: object) -> None:
+        """Queue an audit entry; `_flush_audit` writes the queue (one local activity)."""
+        self._audit_buffer.append(
+            AuditEntry(
+                seq=self._audit_seq,
+                kind=kind,
+                step=self._step,
+                actor=actor,
+                at=workflow.now().isoformat(),
+                data=data,
+                policy_version=self._spec.policy_version if self._spec else "",
+            )
+        )
+        self._audit_seq += 1
+
+    def _audit_tool(
+        self,
+        tool: ToolDescriptor,
+        args: dict[str, object],
+        key: str,
+        outcome: str,
+        error: str | None,
+        *,
+        attempt: int | None = None,
+    ) -> None:
+        self._audit(
+            "tool_call",
+            self._request.user,
+            tool=tool.name,
+            version=tool.version,
+            args_digest=digest(args),
+            outcome=outcome,
+            error=error,
+            idempotency_key=key if tool.side_effects else None,
+            attempt=attempt,
+        )
+
+    def _audit_decision(
+        self, decision: ApprovalDecision, *, accepted: bool, problem: str | None = None
+    ) -> None:
+        self._audit(
+            "approval",
+            decision.by,
+            approval_id=decision.approval_id,
+            decision=decision.decision,
+            by=decision.by,
+            role=decision.role,
+            reason=problem or decision.reason,
+            accepted=accepted,
+        )
+
+    def _audit_operator(
+        self, command: OperatorCommand, *, accepted: bool, problem: str | None = None
+    ) -> None:
+        self._audit(
+            "operator",
+            command.by,
+            action=command.action,
+            by=command.by,
+            role=command.role,
+            reason=problem or command.reason,
+            accepted=accepted,
+        )
+
+    async def _flush_audit(self, *, park: bool = True) -> None:
+        """Write queued entries, in order, through the `spine.audit_append` local activity.
+
+        The chain is keyed by workflow id and first run id, so it spans continue-as-new and a
+        reused workflow id starts a fresh chain. A store that keeps failing parks the run: no
+        decision goes unrecorded (at the very end it is logged instead).
+        """
+        while self._audit_buffer:
+            entries = list(self._audit_buffer)
+            info = workflow.info()
+            batch = AuditBatch(
+                run_id=f"{info.workflow_id}:{info.first_execution_run_id}",
+                workflow_run_id=info.run_id,
+                agent=self._request.agent,
+                account=self._request.account,
+                entries=entries,
+            )
+            try:
+                await workflow.execute_local_activity(
+                    "spine.audit_append",
+                    batch,
+                    result_type=int,
+                    start_to_close_timeout=timedelta(seconds=10),
+                    retry_policy=RetryPolicy(
+                        initial_interval=timedelta(seconds=0.5),
+                        maximum_interval=timedelta(seconds=5),
+                        maximum_attempts=10,
+                    ),
+                    summary=f"audit {len(entries)} entries",
+                )
+            except (ActivityError, ApplicationError) as err:
+                kind, message = _error_text(err)
+                if not park or self._spec is None:
+                    workflow.logger.error("audit write failed (kept queued): %s: %s", kind, message)
+                    return
+                await self._park(
+                    self._spec, f"audit log unavailable: {kind}: {message}", skippable=False
+                )
+                continue
+            del self._audit_buffer[: len(entries)]
 
     # ------------------------------------------------------------------------- visibility
 

@@ -149,6 +149,7 @@ class Carry(BaseModel):
     retries: int = 0
     path: list[str] = Field(default_factory=list)
     budget: BudgetCarry = Field(default_factory=lambda: BudgetCarry())
+    audit_seq: int = 0
     spec: AgentSpec
 
 
