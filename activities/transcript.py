@@ -12,7 +12,10 @@ resends them in full if the store lost them (:class:`TranscriptUnavailable`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from activities.errors import TranscriptUnavailable
@@ -33,12 +36,19 @@ class TranscriptStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection for the worker's life: closing the last connection to a WAL database
+        # checkpoints it, which would cost milliseconds on every model call.
+        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        self._lock = threading.Lock()
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """The shared connection, one thread at a time, inside a transaction."""
+        with self._lock, self._db:
+            yield self._db
 
     async def extend(
         self,
