@@ -163,6 +163,10 @@ class ToolDescriptor(BaseModel):
     side_effects: bool
     compensation: str | None = None
     fallback: str | None = None
+    untrusted_output: bool = Field(
+        default=False,
+        description="Output carries outside content (documents, mail): copying it is suspect.",
+    )
     summary_arg: str | None = None
     start_to_close_s: float = 30.0
     max_attempts: int = 5
@@ -185,7 +189,11 @@ class ApprovalRule(BaseModel):
     arg: str | None = None
     above: float | None = None
     below_confidence: float | None = None
+    untrusted_args: bool = False
     approver_roles: list[str] = Field(default_factory=lambda: ["supervisor"])
+    timeout_s: float | None = None
+    on_timeout: Literal["reject", "escalate"] = "reject"
+    escalate_to: list[str] = Field(default_factory=list)
 
 
 class AgentSpec(BaseModel):

@@ -97,6 +97,12 @@ CREATE TABLE IF NOT EXISTS tickets (
     idempotency_key TEXT NOT NULL UNIQUE,
     created_at      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS documents (
+    document_id     TEXT PRIMARY KEY,
+    order_id        TEXT NOT NULL REFERENCES orders (order_id),
+    text            TEXT NOT NULL,
+    created_at      TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency (
     endpoint        TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
@@ -139,6 +145,13 @@ class EmailIn(BaseModel):
     to: str = Field(pattern=r"^[^@\s]+@[^@\s]+$", max_length=320)
     subject: str = Field(min_length=1, max_length=500)
     body: str = Field(max_length=20_000)
+
+
+class DocumentIn(BaseModel):
+    """A customer document (message, attachment text): content the agent must not trust."""
+
+    order_id: str
+    text: str = Field(min_length=1, max_length=20_000)
 
 
 class TicketIn(BaseModel):
@@ -429,6 +442,28 @@ class Store:
         row = conn.execute("SELECT * FROM tickets WHERE update_id = ?", (update_id,)).fetchone()
         return 201, self._ticket_json(row)
 
+    def add_document(self, body: DocumentIn) -> Json:
+        document_id = _new_id("doc")
+        with self.transaction() as conn:
+            self._order_row(conn, body.order_id)
+            conn.execute(
+                "INSERT INTO documents VALUES (?, ?, ?, ?)",
+                (document_id, body.order_id, body.text, _now()),
+            )
+        return {"document_id": document_id, "order_id": body.order_id, "text": body.text}
+
+    def document(self, document_id: str) -> Json:
+        conn = self._connect()
+        try:
+            row = conn.execute(
+                "SELECT * FROM documents WHERE document_id = ?", (document_id,)
+            ).fetchone()
+        finally:
+            conn.close()
+        if row is None:
+            raise ApiError(404, f"unknown document {document_id!r}")
+        return {"document_id": row["document_id"], "order_id": row["order_id"], "text": row["text"]}
+
     # -- listings ------------------------------------------------------------------------
 
     def listing(self, table: str, order_id: str | None) -> list[Json]:
@@ -628,6 +663,14 @@ def create_app(db_path: str | Path | None = None, api_key: str | None = None) ->
         return store.idempotent(
             "ticket", key, body.model_dump(), lambda conn: store.update_ticket(conn, body, key)
         ).response()
+
+    @app.post("/v1/documents", status_code=201)
+    def add_document(body: DocumentIn) -> Json:
+        return store.add_document(body)
+
+    @app.get("/v1/documents/{document_id}")
+    def get_document(document_id: str) -> Json:
+        return store.document(document_id)
 
     @app.get("/v1/refunds")
     def list_refunds(order_id: str | None = None) -> list[Json]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from activities.models import ApprovalRule, BudgetRules
 
@@ -59,7 +60,17 @@ class Rule(_Strict):
     arg: str | None = None
     above: float | None = None
     below_confidence: float | None = Field(default=None, ge=0, le=1)
+    untrusted_args: bool = False
     approver_roles: list[str] = Field(default_factory=lambda: ["supervisor"], min_length=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+    on_timeout: Literal["reject", "escalate"] = "reject"
+    escalate_to: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _escalation_has_roles(self) -> Rule:
+        if self.on_timeout == "escalate" and not self.escalate_to:
+            raise ValueError("on_timeout = 'escalate' needs escalate_to = [roles]")
+        return self
 
 
 class AgentPolicy(_Strict):

@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.models import (
         EMPTY_DIGEST,
         AgentSpec,
+        ApprovalRule,
         AuditBatch,
         AuditEntry,
         AuditKind,
@@ -55,7 +56,7 @@ with workflow.unsafe.imports_passed_through():
         chain_digest,
         digest,
     )
-    from guardrails.approvals import approval_reason
+    from guardrails.approvals import approval_rule, tainted_args
     from workflows.models import (
         WORKFLOW_TYPE,
         AgentResult,
@@ -82,6 +83,8 @@ SA_COST = SearchAttributeKey.for_float("SpineCostUSD")
 SA_STEPS = SearchAttributeKey.for_int("SpineSteps")
 
 MODEL_TIMEOUT = timedelta(seconds=120)
+#: How much untrusted tool output (characters) a run remembers for taint checks.
+UNTRUSTED_KEEP = 16_000
 
 #: The model made a mistake it can correct: it is told, the run goes on.
 MODEL_CORRECTABLE = {ToolInputInvalid.__name__, ToolFailed.__name__}
@@ -170,6 +173,7 @@ class AgentWorkflow:
         self._path: list[str] = list(carry.path) if carry else []
         self._budget = carry.budget.model_copy(deep=True) if carry else BudgetCarry()
         self._audit_seq = carry.audit_seq if carry else 0
+        self._untrusted_text = carry.untrusted_text if carry else ""
         self._audit_buffer: list[AuditEntry] = []
         # Everything stored since this run segment began, to resend if the store lost it.
         self._segment_base = (self._len, self._digest)
@@ -426,6 +430,7 @@ class AgentWorkflow:
             path=self._path,
             budget=self._budget,
             audit_seq=self._audit_seq,
+            untrusted_text=self._untrusted_text,
             spec=spec,
         )
         return request
@@ -796,9 +801,12 @@ class AgentWorkflow:
         if tool is None:
             return self._refuse(spec, call, problem)
         args = call.args or {}
-        needs = approval_reason(tool.name, args, confidence, spec.approval_rules)
-        if needs is not None:
-            await self._await_approval(tool.name, args, *needs)
+        watch_taint = any(r.tool == tool.name and r.untrusted_args for r in spec.approval_rules)
+        tainted = tainted_args(args, self._untrusted_text) if watch_taint else []
+        found = approval_rule(tool.name, args, confidence, spec.approval_rules, tainted=tainted)
+        if found is not None:
+            reason, rule = found
+            await self._await_approval(tool.name, args, reason, rule.approver_roles, rule)
 
         key = f"{workflow.info().workflow_id}/{self._step}/{index}"
         self._last_tool = tool.name
@@ -818,6 +826,10 @@ class AgentWorkflow:
             self._audit_tool(tool, args, key, "error", f"{err.type}: {err.message}")
             return self._refuse(spec, call, f"error: {err.type}: {err.message}")
         self._audit_tool(used, args, used_key, "ok", None, attempt=result.attempt)
+        if used.untrusted_output:
+            # Remember outside content, so a risky call that copies from it is caught.
+            text = json.dumps(result.output, sort_keys=True)
+            self._untrusted_text = (self._untrusted_text + "\n" + text)[-UNTRUSTED_KEEP:]
         if used.side_effects:
             self._record_side_effect(call, used, args, result, used_key)
         return ChatMessage(
@@ -948,8 +960,14 @@ class AgentWorkflow:
             raise
 
     async def _await_approval(
-        self, tool: str, args: dict[str, object], reason: str, roles: list[str]
+        self,
+        tool: str,
+        args: dict[str, object],
+        reason: str,
+        roles: list[str],
+        rule: ApprovalRule | None = None,
     ) -> None:
+        """Wait for a decision; per the rule, a timeout escalates (once) or rejects."""
         approval_id = f"ap-{self._step}-{workflow.uuid4().hex[:8]}"
         self._approvals[approval_id] = PendingApproval(
             approval_id=approval_id, tool=tool, args=args, reason=reason
@@ -966,7 +984,43 @@ class AgentWorkflow:
             approver_roles=roles,
         )
         await self._flush_audit()
-        await workflow.wait_condition(lambda: approval_id in self._decisions)
+        timeout = rule.timeout_s if rule else None
+        escalate = rule is not None and rule.on_timeout == "escalate"
+        while True:
+            try:
+                await workflow.wait_condition(
+                    lambda: approval_id in self._decisions,
+                    timeout=timedelta(seconds=timeout) if timeout else None,
+                )
+                break
+            except TimeoutError:
+                assert rule is not None
+                if escalate:
+                    escalate = False
+                    self._approver_roles[approval_id] = list(rule.escalate_to)
+                    self._approvals[
+                        approval_id
+                    ].reason += f"; escalated to {', '.join(rule.escalate_to)} after {timeout:.0f}s"
+                    self._audit(
+                        "policy_decision",
+                        "spine",
+                        decision="escalated",
+                        tool=tool,
+                        approval_id=approval_id,
+                        reason=self._approvals[approval_id].reason,
+                        approver_roles=rule.escalate_to,
+                    )
+                    await self._flush_audit()
+                    continue
+                self._decisions[approval_id] = ApprovalDecision(
+                    approval_id=approval_id,
+                    decision="reject",
+                    by="spine",
+                    role="policy",
+                    reason=f"no decision within {timeout:.0f}s",
+                )
+                self._audit_decision(self._decisions[approval_id], accepted=True)
+                break
         decision = self._decisions[approval_id]
         self._set_status("running")
         if decision.decision == "reject":

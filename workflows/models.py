@@ -150,6 +150,7 @@ class Carry(BaseModel):
     path: list[str] = Field(default_factory=list)
     budget: BudgetCarry = Field(default_factory=lambda: BudgetCarry())
     audit_seq: int = 0
+    untrusted_text: str = ""
     spec: AgentSpec
 
 
