@@ -5,19 +5,30 @@ A tool is declared with :func:`tool` over ``async def f(args: In, ctx: ToolConte
 model's arguments are validated against it in the workflow (before anything is scheduled) and
 again in the activity (defence in depth). Outputs are validated, size-limited and scrubbed of any
 secret value resolved for the call.
+
+A tool whose input is given by a JSON Schema rather than fields (an MCP server's tool, say) takes
+a :func:`json_schema_model` as its input model: the schema is what the model sees and what
+arguments are validated against, in the workflow and here.
+
+Declaration mistakes raise :class:`ToolDefinitionError` naming the tool: at decoration for what
+one definition shows, and in :meth:`Registry.check` at worker start for every definition (also
+ones built without :func:`tool`) and every cross-reference.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
+import re
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Literal, Protocol, TypeVar, get_args
 
 import httpx
-from pydantic import BaseModel, ValidationError
+import jsonschema
+from pydantic import BaseModel, RootModel, ValidationError, model_validator
 from temporalio import activity
 
 from activities.breakers import Breakers
@@ -31,6 +42,7 @@ from activities.errors import (
 )
 from activities.models import (
     CompensationInput,
+    JsonObject,
     ToolCallInput,
     ToolCallResult,
     ToolDescriptor,
@@ -39,6 +51,14 @@ from activities.models import (
 
 MAX_OUTPUT_BYTES = 64 * 1024
 REDACTED = "[redacted]"
+
+Risk = Literal["low", "medium", "high"]
+"""How much harm a wrong call can do; recorded in the lock file, shown to reviewers."""
+
+#: A local activity runs inside the workflow task, so a local tool must be quick.
+MAX_LOCAL_TIMEOUT_S = 10.0
+#: Tool names the providers accept (OpenAI and Anthropic share this rule).
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class ToolDefinitionError(ValueError):
@@ -95,6 +115,57 @@ class ToolContext:
 
 
 ToolFn = Callable[[BaseModel, ToolContext], Awaitable[BaseModel]]
+InputT = TypeVar("InputT", bound=BaseModel)
+OutputT = TypeVar("OutputT", bound=BaseModel)
+
+
+class JsonArguments(RootModel[dict[str, object]]):
+    """Tool input given by an explicit JSON Schema instead of pydantic fields.
+
+    Build subclasses with :func:`json_schema_model`; the tool reads its arguments from ``.root``.
+    """
+
+    json_schema: ClassVar[JsonObject] = {"type": "object"}
+
+    @classmethod
+    def model_json_schema(cls, *args: object, **kwargs: object) -> dict[str, object]:  # type: ignore[override]  # the pinned schema, whatever the options
+        return copy.deepcopy(cls.json_schema)
+
+    @model_validator(mode="after")
+    def _matches_schema(self) -> JsonArguments:
+        validator = jsonschema.Draft202012Validator(type(self).json_schema)
+        errors = sorted(validator.iter_errors(self.root), key=lambda e: list(e.path))
+        if errors:
+            raise ValueError(
+                "; ".join(
+                    f"{'.'.join(str(p) for p in e.path) or '(arguments)'}: {e.message}"
+                    for e in errors[:5]
+                )
+            )
+        return self
+
+
+def json_schema_model(name: str, schema: Mapping[str, object]) -> type[JsonArguments]:
+    """An input model for a tool whose arguments are described by a JSON Schema object.
+
+    Raises:
+        ToolDefinitionError: the schema is not a valid JSON Schema for an object.
+    """
+    pinned = copy.deepcopy(dict(schema))
+    pinned.setdefault("type", "object")
+    if pinned["type"] != "object":
+        raise ToolDefinitionError(
+            f"tool {name!r}: input schema must describe an object, not {pinned['type']!r}"
+        )
+    try:
+        jsonschema.Draft202012Validator.check_schema(pinned)
+    except jsonschema.SchemaError as err:
+        raise ToolDefinitionError(f"tool {name!r}: invalid input schema: {err.message}") from err
+    return type(f"{name}_arguments", (JsonArguments,), {"json_schema": pinned})
+
+
+def _is_model(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseModel)
 
 
 @dataclass(frozen=True)
@@ -117,27 +188,87 @@ class ToolDefinition:
     fallback: str | None
     dependency: str
     idempotent_via: str | None
+    risk: Risk = "low"
+    rate_limit_group: str | None = None
+    local: bool = False
+    untrusted_output: bool = False
+
+    def problems(self) -> list[str]:
+        """What is wrong with this definition on its own, each naming the tool; empty if fine."""
+        name = self.name
+        found = []
+        if not TOOL_NAME.match(name):
+            found.append(f"tool {name!r}: name must match {TOOL_NAME.pattern} (provider rule)")
+        if self.version < 1:
+            found.append(f"tool {name!r}: version must be 1 or more, got {self.version}")
+        for label, model in (("input", self.input_model), ("output", self.output_model)):
+            if not _is_model(model):
+                found.append(
+                    f"tool {name!r} needs a pydantic {label} model type annotation, got {model!r}"
+                )
+        if self.compensates and self.input_model is not CompensationInput:
+            found.append(f"compensation tool {name!r} must take CompensationInput as its input")
+        if self.side_effects and not self.idempotent_via:
+            found.append(
+                f"tool {name!r} has side effects but no idempotency key path: declare "
+                "idempotent_via='...' (how ctx.idempotency_key reaches the external system)"
+            )
+        if self.risk not in get_args(Risk):
+            found.append(
+                f"tool {name!r}: risk must be one of {', '.join(get_args(Risk))}, got {self.risk!r}"
+            )
+        if self.rate_limit_group is not None and not self.rate_limit_group.strip():
+            found.append(f"tool {name!r}: rate_limit_group must be a non-empty name or None")
+        if self.local and self.side_effects:
+            found.append(
+                f"tool {name!r} is local=True but has side effects: local activities are for "
+                "fast read-only tools; drop local=True"
+            )
+        if self.local and self.start_to_close_s > MAX_LOCAL_TIMEOUT_S:
+            found.append(
+                f"tool {name!r} is local=True with timeout_s={self.start_to_close_s:g}; a local "
+                f"tool must finish within {MAX_LOCAL_TIMEOUT_S:g}s, or drop local=True"
+            )
+        if self.summary_arg and _is_model(self.input_model):
+            fields = self.input_model.model_fields
+            props = self.input_schema().get("properties") if not fields else fields
+            if not (isinstance(props, Mapping) and self.summary_arg in props):
+                found.append(
+                    f"tool {name!r}: summary_arg {self.summary_arg!r} is not an input field"
+                )
+        return found
+
+    def input_schema(self) -> JsonObject:
+        """The JSON Schema the model sees and arguments are validated against."""
+        return self.input_model.model_json_schema()
+
+    def output_schema(self) -> JsonObject:
+        return self.output_model.model_json_schema()
 
     def descriptor(self) -> ToolDescriptor:
         return ToolDescriptor(
             name=self.name,
             version=self.version,
             description=self.description,
-            input_schema=self.input_model.model_json_schema(),
-            output_schema=self.output_model.model_json_schema(),
+            input_schema=self.input_schema(),
+            output_schema=self.output_schema(),
             side_effects=self.side_effects,
             compensation=self.compensation,
             fallback=self.fallback,
             summary_arg=self.summary_arg,
             start_to_close_s=self.start_to_close_s,
             max_attempts=self.max_attempts,
+            risk=self.risk,
+            rate_limit_group=self.rate_limit_group,
+            local=self.local,
+            untrusted_output=self.untrusted_output,
         )
 
     def schema_for_model(self) -> ToolSchema:
         return ToolSchema(
             name=self.name,
             description=self.description,
-            parameters=self.input_model.model_json_schema(),
+            parameters=self.input_schema(),
         )
 
 
@@ -155,7 +286,11 @@ def tool(
     timeout_s: float = 30.0,
     max_attempts: int = 8,
     summary_arg: str | None = None,
-) -> Callable[[ToolFn], ToolDefinition]:
+    risk: Risk | None = None,
+    rate_limit_group: str | None = None,
+    local: bool = False,
+    untrusted_output: bool = False,
+) -> Callable[[Callable[[InputT, ToolContext], Awaitable[OutputT]]], ToolDefinition]:
     """Declare a tool.
 
     Args:
@@ -171,12 +306,24 @@ def tool(
         fallback: A tool to try with the same arguments when this one keeps failing.
         dependency: Circuit-breaker group (an external service); defaults to the tool name.
         secrets: Secrets resolved from Vault right before each call.
+        untrusted_output: The output carries outside content (documents, mail, web pages). The
+            workflow remembers it, and approval rules with ``untrusted_args`` catch risky calls
+            whose arguments copy from it (prompt injection cannot by itself trigger them).
         timeout_s: Start-to-close timeout of one attempt.
         max_attempts: Attempts Temporal makes for transient failures.
         summary_arg: Argument shown in the Web UI summary, e.g. ``issue_refund(o-1001)``.
+        risk: ``"low"``, ``"medium"`` or ``"high"``: how much harm a wrong call can do. Defaults
+            to ``"medium"`` with side effects, else ``"low"``. Recorded in ``tools.lock.json``.
+        rate_limit_group: Tools sharing a rate limit (e.g. one API quota) name the same group.
+        local: Run as a local activity (inside the workflow task: less history, lower latency).
+            Only for fast read-only tools: refused with side effects or ``timeout_s`` above
+            ``MAX_LOCAL_TIMEOUT_S``.
+
+    The description the model sees is the function's docstring; argument descriptions come from
+    the input model's ``Field(description=...)``.
     """
 
-    def wrap(fn: ToolFn) -> ToolDefinition:
+    def wrap(fn: Callable[[InputT, ToolContext], Awaitable[OutputT]]) -> ToolDefinition:
         tool_name = name or fn.__name__
         if not inspect.iscoroutinefunction(fn):
             raise ToolDefinitionError(f"tool {tool_name!r} must be an async function")
@@ -188,33 +335,15 @@ def tool(
             )
         input_model = hints.get(params[0])
         output_model = hints.get("return")
-        for label, model in (("input", input_model), ("output", output_model)):
-            if not (isinstance(model, type) and issubclass(model, BaseModel)):
-                raise ToolDefinitionError(
-                    f"tool {tool_name!r} needs a pydantic {label} model type annotation, "
-                    f"got {model!r}"
-                )
-        if compensates and input_model is not CompensationInput:
-            raise ToolDefinitionError(
-                f"compensation tool {tool_name!r} must take CompensationInput as its input"
-            )
-        if (side_effects or compensates) and not idempotent_via:
-            raise ToolDefinitionError(
-                f"tool {tool_name!r} has side effects but no idempotency key path: declare "
-                "idempotent_via='...' (how ctx.idempotency_key reaches the external system)"
-            )
-        if summary_arg and summary_arg not in input_model.model_fields:  # type: ignore[union-attr]
-            raise ToolDefinitionError(
-                f"tool {tool_name!r}: summary_arg {summary_arg!r} is not an input field"
-            )
-        return ToolDefinition(
+        effects = side_effects or bool(compensates)
+        definition = ToolDefinition(
             name=tool_name,
             version=version,
-            fn=fn,
-            input_model=input_model,  # type: ignore[arg-type]  # checked above
-            output_model=output_model,  # type: ignore[arg-type]  # checked above
+            fn=fn,  # type: ignore[arg-type]  # only ever called with its own input model
+            input_model=input_model,  # type: ignore[arg-type]  # checked by problems() below
+            output_model=output_model,  # type: ignore[arg-type]  # checked by problems() below
             description=inspect.cleandoc(fn.__doc__ or tool_name),
-            side_effects=side_effects or bool(compensates),
+            side_effects=effects,
             compensation=compensation,
             secrets=tuple(secrets),
             start_to_close_s=timeout_s,
@@ -224,7 +353,15 @@ def tool(
             fallback=fallback,
             dependency=dependency or tool_name,
             idempotent_via=idempotent_via,
+            risk=risk or ("medium" if effects else "low"),
+            rate_limit_group=rate_limit_group,
+            local=local,
+            untrusted_output=untrusted_output,
         )
+        problems = definition.problems()
+        if problems:
+            raise ToolDefinitionError("; ".join(problems))
+        return definition
 
     return wrap
 
@@ -259,28 +396,56 @@ class Registry:
         self._agents[agent.name] = agent
 
     def check(self) -> None:
-        """Fail with a clear message on dangling references."""
+        """Fail at worker start, naming each tool, on any definition or reference problem.
+
+        Raises:
+            ToolDefinitionError: every problem found, separated by ``"; "``.
+        """
+        found = self.problems()
+        if found:
+            raise ToolDefinitionError("; ".join(found))
+
+    def problems(self) -> list[str]:
+        """Every definition problem (see :meth:`ToolDefinition.problems`) and dangling reference."""
         names = {name for name, _ in self._tools}
-        for t in self._tools.values():
+        found: list[str] = []
+        for t in sorted(self._tools.values(), key=lambda d: (d.name, d.version)):
+            found.extend(t.problems())
             if t.compensation and t.compensation not in names:
-                raise ToolDefinitionError(
+                found.append(
                     f"tool {t.name!r} names compensation {t.compensation!r}, which is not "
                     "registered"
                 )
+            elif t.compensation and self.latest(t.compensation).compensates != t.name:
+                found.append(
+                    f"tool {t.name!r} names compensation {t.compensation!r}, which does not "
+                    f"declare compensates={t.name!r}"
+                )
+            if t.compensates and t.compensates not in names:
+                found.append(
+                    f"compensation tool {t.name!r} compensates {t.compensates!r}, which is not "
+                    "registered"
+                )
             if t.fallback and t.fallback not in names:
-                raise ToolDefinitionError(
+                found.append(
                     f"tool {t.name!r} names fallback {t.fallback!r}, which is not registered"
                 )
-            if t.fallback and self.latest(t.fallback).side_effects != t.side_effects:
-                raise ToolDefinitionError(
+            elif t.fallback and self.latest(t.fallback).side_effects != t.side_effects:
+                found.append(
                     f"tool {t.name!r} and its fallback {t.fallback!r} differ in side effects"
                 )
         for agent in self._agents.values():
             for tool_name in agent.tools:
                 if tool_name not in names:
-                    raise ToolDefinitionError(
+                    found.append(
                         f"agent {agent.name!r} lists tool {tool_name!r}, which is not registered"
                     )
+                elif self.latest(tool_name).compensates:
+                    found.append(
+                        f"agent {agent.name!r} lists compensation tool {tool_name!r}; "
+                        "compensation tools are never offered to the model"
+                    )
+        return found
 
     def latest(self, name: str) -> ToolDefinition:
         versions = [d for (n, _), d in self._tools.items() if n == name]
@@ -306,6 +471,11 @@ class Registry:
     @property
     def tool_names(self) -> list[str]:
         return sorted({name for name, _ in self._tools})
+
+    @property
+    def tools(self) -> list[ToolDefinition]:
+        """Every served tool version, sorted by name and version."""
+        return [self._tools[key] for key in sorted(self._tools)]
 
     @property
     def agents(self) -> list[AgentDefinition]:
