@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
+import time
 from datetime import timedelta
 
 from temporalio import activity
-from temporalio.client import Client, WithStartWorkflowOperation, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.errors import DependencyUnavailable, SpineError
 from workflows.ledger import BudgetLedger
 from workflows.models import BudgetCall, LedgerAnswer, LedgerState, ledger_workflow_id
 
 LEDGER_RPC_TIMEOUT = timedelta(seconds=5)
+#: How long to keep knocking when the ledger has too many updates in flight (it allows ten).
+BUSY_PATIENCE_S = 10.0
 
 
 class BudgetActivities:
@@ -30,6 +41,34 @@ class BudgetActivities:
             raise err.to_application_error() from err
 
     async def _apply(self, call: BudgetCall) -> LedgerAnswer:
+        deadline = time.monotonic() + BUSY_PATIENCE_S
+        delay = 0.05
+        while True:
+            try:
+                return await self._update(call)
+            except RPCError as err:
+                busy = err.status == RPCStatusCode.RESOURCE_EXHAUSTED
+                if not busy or time.monotonic() > deadline:
+                    raise self._unavailable(call, err) from err
+            except (WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError) as err:
+                # Fail closed: no answer means no reservation; Temporal retries the activity.
+                raise self._unavailable(call, err) from err
+            # Busy: back off with jitter so fifty runs do not knock in step.
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 1.0)
+
+    async def _update(self, call: BudgetCall) -> LedgerAnswer:
+        handle = self.client.get_workflow_handle_for(
+            BudgetLedger.run, ledger_workflow_id(call.account)
+        )
+        try:
+            return await handle.execute_update(
+                BudgetLedger.apply, call.op, rpc_timeout=LEDGER_RPC_TIMEOUT
+            )
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+        # The account's first call (or its ledger was closed): start it and update in one go.
         start = WithStartWorkflowOperation(
             BudgetLedger.run,
             LedgerState(account=call.account),
@@ -44,8 +83,13 @@ class BudgetActivities:
                 start_workflow_operation=start,
                 rpc_timeout=LEDGER_RPC_TIMEOUT,
             )
-        except (RPCError, WorkflowUpdateFailedError) as err:
-            # Fail closed: no answer means no reservation; Temporal retries the activity.
-            raise DependencyUnavailable(
-                f"budget ledger for account {call.account!r} did not answer: {err}"
-            ) from err
+        finally:
+            # Retrieve the start's outcome so a failed start is not logged as never retrieved.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(start.workflow_handle(), timeout=0.1)
+
+    @staticmethod
+    def _unavailable(call: BudgetCall, err: BaseException) -> DependencyUnavailable:
+        return DependencyUnavailable(
+            f"budget ledger for account {call.account!r} did not answer: {err}"
+        )

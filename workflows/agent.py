@@ -185,6 +185,7 @@ class AgentWorkflow:
         self._operator: OperatorCommand | None = None
         self._park_skippable = False
         self._late_result: ToolCallResult | None = None
+        self._attempt_cap = 1
         self._last_tool: str | None = None
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
 
@@ -456,9 +457,14 @@ class AgentWorkflow:
             initial_interval=timedelta(seconds=first),
             backoff_coefficient=2.0,
             maximum_interval=timedelta(seconds=longest),
-            maximum_attempts=max(1, min(attempts, left + 1)),
+            maximum_attempts=self._cap_attempts(min(attempts, left + 1)),
             non_retryable_error_types=NON_RETRYABLE_TYPES,
         )
+
+    def _cap_attempts(self, attempts: int) -> int:
+        """Remember the cap of the call being scheduled, to count its retries if it fails."""
+        self._attempt_cap = max(1, attempts)
+        return self._attempt_cap
 
     async def _park(self, spec: AgentSpec, why: str, *, skippable: bool) -> OperatorCommand:
         """Wait for an operator; `retry` and `skip` return, the others end the run."""
@@ -533,7 +539,7 @@ class AgentWorkflow:
                     result = await self._execute_model(call, spec)
                 except ActivityError as err:
                     kind, message = _error_text(err)
-                    self._retries += _attempts_used(err, spec.model_max_attempts) - 1
+                    self._retries += _attempts_used(err, self._attempt_cap) - 1
                     failures.append((kind, f"{model}: {kind}: {message}"))
                     continue
                 self._retries += result.attempt - 1
@@ -882,7 +888,7 @@ class AgentWorkflow:
                     result = await self._execute_tool(spec, candidate, args, call_id, candidate_key)
                 except ActivityError as err:
                     kind, message = _error_text(err)
-                    self._retries += _attempts_used(err, candidate.max_attempts) - 1
+                    self._retries += _attempts_used(err, self._attempt_cap) - 1
                     if kind in MODEL_CORRECTABLE:
                         raise ApplicationError(message, type=kind) from err
                     if kind in TERMINAL:
