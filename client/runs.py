@@ -29,11 +29,12 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import ApplicationError, FailureError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from guardrails.codec import CodecConfigError, data_converter_from_env
 from workflows.models import (
     DEFAULT_TASK_QUEUE,
     WORKFLOW_TYPE,
@@ -85,17 +86,31 @@ def task_queue() -> str:
 _default_task_queue = task_queue  # `start_run` has a parameter of the same name
 
 
-async def connect(*, address: str | None = None, namespace: str | None = None) -> Client:
-    """Connect to Temporal with Spine's pydantic data converter.
+async def connect(
+    *,
+    address: str | None = None,
+    namespace: str | None = None,
+    data_converter: DataConverter | None = None,
+) -> Client:
+    """Connect to Temporal with Spine's pydantic data converter, encrypting when configured.
 
     Settings come from Temporal's env-config (`TEMPORAL_ADDRESS`, `TEMPORAL_NAMESPACE`,
     `TEMPORAL_PROFILE`, the config file, TLS and API-key settings); `address` and `namespace`
-    override them. Defaults: `localhost:7233`, namespace `default`.
+    override them. Defaults: `localhost:7233`, namespace `default`. Payloads are encrypted when
+    `SPINE_CODEC_KEYS`, `SPINE_CODEC_KEY` or `SPINE_CODEC_VAULT_PATH` is set (see
+    `guardrails.codec`); `data_converter` overrides that choice. Workers built on this client
+    use its converter.
 
     Raises:
-        SpineClientError: the configuration cannot be loaded.
+        SpineClientError: the configuration or the payload keys cannot be loaded.
         TemporalUnreachable: nothing answers at the address.
     """
+    if data_converter is None:
+        try:
+            # May read the keyring from Vault, which blocks.
+            data_converter = await asyncio.to_thread(data_converter_from_env, os.environ)
+        except CodecConfigError as e:
+            raise SpineClientError(f"cannot load payload encryption keys: {e}") from e
     try:
         config = ClientConfig.load_client_connect_config(
             profile=os.environ.get("TEMPORAL_PROFILE") or None
@@ -114,7 +129,7 @@ async def connect(*, address: str | None = None, namespace: str | None = None) -
             api_key=config.get("api_key"),
             tls=config.get("tls"),
             rpc_metadata=config.get("rpc_metadata", {}),
-            data_converter=pydantic_data_converter,
+            data_converter=data_converter,
         )
     except ValueError as e:
         raise SpineClientError(
