@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 from temporalio.client import Client
+from temporalio.runtime import Runtime
+from temporalio.worker import Plugin as WorkerPlugin
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -29,6 +31,7 @@ from guardrails.audit import AuditActivities, store_from_env
 from guardrails.interceptor import PolicyInterceptor
 from guardrails.policy import Policy, load_policy
 from guardrails.secrets import NoSecrets, VaultSecrets
+from guardrails.telemetry import telemetry_from_env
 from workflows.agent import AgentWorkflow
 from workflows.ledger import BudgetLedger
 from workflows.models import DEFAULT_LEDGER_TASK_QUEUE, DEFAULT_TASK_QUEUE
@@ -47,6 +50,7 @@ PASSTHROUGH_MODULES = (
     "workflows.models",  # stdlib + pydantic only
     "guardrails.approvals",  # pure functions over the models
     "guardrails.interceptor",  # temporalio only; the policy backstop on activity starts
+    "guardrails.metrics",  # stdlib + temporalio only: replay-aware metric helpers
 )
 
 
@@ -160,6 +164,7 @@ def build_worker(
     config: WorkerConfig | None = None,
     policy: Policy | None = None,
     extra_workflows: Sequence[type] = (),
+    plugins: Sequence[WorkerPlugin] = (),
 ) -> SpineWorker:
     """A worker serving `AgentWorkflow` and every registered tool on `task_queue`, plus the
     budget ledgers on `config.ledger_task_queue` (unless `config.ledger` is False).
@@ -196,6 +201,7 @@ def build_worker(
         ],
         workflow_runner=_sandbox(),
         interceptors=[PolicyInterceptor()],
+        plugins=list(plugins),
         max_concurrent_activities=config.max_concurrent_activities,
     )
     workers = [agents]
@@ -209,16 +215,29 @@ async def run_worker(config: WorkerConfig | None = None) -> None:
     from client.runs import connect
 
     config = config or WorkerConfig.from_env()
+    telemetry = telemetry_from_env(config.settings)
+    if telemetry.runtime is not None:
+        Runtime.set_default(telemetry.runtime)
     client = await connect()
-    worker = build_worker(client, config=config)
+    policy = load_policy(config.policy_path)
+    worker = build_worker(
+        client,
+        config=config,
+        policy=policy,
+        plugins=telemetry.worker_plugins(policy.price_table()),
+    )
+    log.info("telemetry: %s", telemetry.summary)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with worker:
-        log.info("spine worker serving task queue %r", config.task_queue)
-        await stop.wait()
-        log.info("shutting down: finishing in-flight tasks")
+    try:
+        async with worker:
+            log.info("spine worker serving task queue %r", config.task_queue)
+            await stop.wait()
+            log.info("shutting down: finishing in-flight tasks")
+    finally:
+        telemetry.shutdown()
     log.info("worker stopped")
 
 

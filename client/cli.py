@@ -462,9 +462,12 @@ async def _operate(workflow_id: str, command: OperatorCommand, as_json: bool) ->
 def _register_subcommands() -> None:
     from client.audit_cli import audit
     from client.budget_cli import budget
+    from client.codec_cli import codec_server
+    from client.slo_cli import slo
+    from client.trace_cli import trace
 
-    cli.add_command(audit)
-    cli.add_command(budget)
+    for command in (audit, budget, codec_server, slo, trace):
+        cli.add_command(command)
 
 
 _register_subcommands()

@@ -141,9 +141,18 @@ async def run_demo(
     queue = task_queue()
     try:
         import worker  # lazily: it pulls in every activity and provider SDK
+        from guardrails.policy import load_policy
+        from guardrails.telemetry import telemetry_from_env
 
+        config = worker.WorkerConfig.from_env()
+        policy = load_policy(config.policy_path)
+        telemetry = telemetry_from_env(config.settings)
         demo_worker = worker.build_worker(
-            client, task_queue=queue, config=worker.WorkerConfig.from_env()
+            client,
+            task_queue=queue,
+            config=config,
+            policy=policy,
+            plugins=telemetry.worker_plugins(policy.price_table()),
         )
     # Vault settings, the policy file and tool definitions report problems as ValueError
     # (PolicyError, ToolDefinitionError); a missing dependency as ImportError.
@@ -185,6 +194,7 @@ async def run_demo(
                 )
                 echo(f"  {ack.approval_id}: the run accepted the decision ({ack.decision})")
         result = await wait_result(handle)
+    telemetry.shutdown()  # flush the run's spans, so `spine trace` sees them at once
     echo("")
     for line in result_lines(result):
         echo(line)

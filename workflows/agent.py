@@ -57,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         digest,
     )
     from guardrails.approvals import approval_rule, tainted_args
+    from guardrails.metrics import record_approval_requested, record_policy_refusal
     from workflows.models import (
         WORKFLOW_TYPE,
         AgentResult,
@@ -186,6 +187,7 @@ class AgentWorkflow:
         self._park_skippable = False
         self._late_result: ToolCallResult | None = None
         self._attempt_cap = 1
+        self._requested_model = ""
         self._last_tool: str | None = None
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
 
@@ -543,6 +545,7 @@ class AgentWorkflow:
                     failures.append((kind, f"{model}: {kind}: {message}"))
                     continue
                 self._retries += result.attempt - 1
+                self._requested_model = model
                 if index:
                     self._path.append(
                         f"step {self._step}: model {models[0][1]} failed, used fallback {model}"
@@ -586,7 +589,9 @@ class AgentWorkflow:
         self._pending = [result.message]
 
     def _charge(self, result: ModelCallResult, spec: AgentSpec, max_usd: float | None) -> None:
-        price_in, price_out = spec.prices[result.model] if result.model in spec.prices else (0, 0)
+        # Providers answer with dated names (gpt-4.1-2025-04-14): price as the model asked for.
+        priced = result.model if result.model in spec.prices else self._requested_model
+        price_in, price_out = spec.prices[priced]
         usd = (
             result.usage.input_tokens * price_in + result.usage.output_tokens * price_out
         ) / 1_000_000
@@ -686,6 +691,8 @@ class AgentWorkflow:
             "budget",
             "spine",
             decision="reserved" if answer.granted else "denied",
+            spent_usd=round(answer.day_committed_usd, 8),
+            limit_usd=rules.daily_usd if rules.daily_usd is not None else rules.monthly_usd,
             reservation_id=reservation,
             amount_usd=round(estimate, 8),
             used_fraction=round(answer.used_fraction, 4),
@@ -758,6 +765,7 @@ class AgentWorkflow:
         self._invalid += 1
         workflow.logger.info("refused tool call %s at step %d: %s", call.name, self._step, text)
         self._audit("policy_decision", "spine", decision="refused", tool=call.name, reason=text)
+        record_policy_refusal(self._request.agent, call.name, text.split(":", 1)[0])
         if self._invalid > spec.max_invalid_tool_calls:
             raise _Stop(
                 "failed",
@@ -980,6 +988,7 @@ class AgentWorkflow:
         )
         self._approver_roles[approval_id] = roles
         self._set_status("awaiting_approval")
+        record_approval_requested(self._request.agent, tool)
         self._audit(
             "policy_decision",
             "spine",
