@@ -7,6 +7,7 @@ on free loopback ports; nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import httpx
 import hvac
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 
 SEARCH_ATTRIBUTES = (
@@ -65,12 +67,24 @@ def wait_until(check: object, *, timeout: float = 60.0, what: str = "condition")
 
 
 @contextlib.asynccontextmanager
-async def temporal_dev_server(*, db_file: Path | None = None) -> AsyncIterator[WorkflowEnvironment]:
-    """The real Temporal dev server with Spine's search attributes registered."""
+async def temporal_dev_server(
+    *,
+    db_file: Path | None = None,
+    port: int | None = None,
+    data_converter: DataConverter = pydantic_data_converter,
+) -> AsyncIterator[WorkflowEnvironment]:
+    """The real Temporal dev server with Spine's search attributes registered.
+
+    `db_file` persists its state in SQLite; with the same `db_file` and `port`, a second server
+    takes over where a stopped one left off (a free port is picked when `port` is None).
+    `data_converter` is the one of the environment's client, e.g.
+    `guardrails.codec.encrypted_data_converter(...)` for encrypted payloads.
+    """
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=binary("temporal"),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter,
         search_attributes=SEARCH_ATTRIBUTES,
+        port=port,
         dev_server_database_filename=str(db_file) if db_file else None,
         dev_server_extra_args=[
             "--dynamic-config-value",
@@ -235,3 +249,447 @@ def demo_stack(tmp: Path) -> Iterator[tuple[VaultDev, DemoService]]:
         service.stop()
         if vault:
             vault.stop()
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The checkout this test kit lives in; `start_worker_process` runs ``worker.py`` from here."""
+
+
+def _worker_polls(process: subprocess.Popen[bytes], env: Mapping[str, str]) -> bool:
+    """Whether `process` polls both the workflow and the activity side of its task queue.
+
+    Asks the Temporal CLI, which reads ``TEMPORAL_ADDRESS``, ``TEMPORAL_NAMESPACE`` and the other
+    env-config settings from `env` as the worker does, and matches pollers by the SDK's default
+    worker identity ``<pid>@<host>``, so a recently killed worker on the same queue does not count.
+    """
+    queue = env.get("SPINE_TASK_QUEUE") or "spine-agents"
+    found = subprocess.run(
+        [binary("temporal"), "task-queue", "describe", "--task-queue", queue, "-o", "json"],
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    pollers = json.loads(found.stdout).get("pollers") or []
+    mine = {
+        p.get("taskQueueType")
+        for p in pollers
+        if str(p.get("identity", "")).startswith(f"{process.pid}@")
+    }
+    return {"workflow", "activity"} <= mine
+
+
+def start_worker_process(
+    env: Mapping[str, str],
+    *,
+    log_file: Path | None = None,
+    cwd: Path = REPO_ROOT,
+    timeout: float = 120.0,
+) -> subprocess.Popen[bytes]:
+    """Start ``python worker.py`` as a child process and return once it polls its task queue.
+
+    Blocks while it waits; from async code call it through ``asyncio.to_thread``.
+
+    Args:
+        env: Laid over this process's environment: ``TEMPORAL_ADDRESS``, ``TEMPORAL_NAMESPACE``,
+            ``SPINE_TASK_QUEUE``, ``VAULT_ADDR`` and ``VAULT_TOKEN`` (or the AppRole ids),
+            ``SPINE_DEMO_URL``, ``SPINE_STATE_DIR`` and so on (see `WorkerConfig.from_env`).
+        log_file: Where the worker's stdout and stderr (its log) are appended; inherited if None.
+        cwd: Directory holding ``worker.py``; without one there, ``python -m worker`` is run.
+        timeout: Seconds to wait for it to poll both its workflow and its activity task queue.
+
+    Raises:
+        RuntimeError: the worker exited, or did not poll in time (it is stopped first).
+
+    Stop it with `stop_worker_process`, or ``os.kill(process.pid, signal.SIGKILL)`` it to
+    simulate a crash.
+    """
+    full_env = {**os.environ, **env}
+    if (cwd / "worker.py").exists():
+        command = [sys.executable, "worker.py"]
+    else:
+        command = [sys.executable, "-m", "worker"]
+    log = open(log_file, "ab") if log_file else None
+    try:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT if log else None
+        )
+    finally:
+        if log:
+            log.close()  # the child keeps its own descriptor
+
+    def where() -> str:
+        if not log_file:
+            return ""
+        tail = log_file.read_text(errors="replace")[-2000:].strip()
+        return f" (log {log_file}):\n{tail}" if tail else f" (log {log_file} is empty)"
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"worker.py exited with code {process.returncode}{where()}")
+            try:
+                if _worker_polls(process, full_env):
+                    return process
+            except (subprocess.SubprocessError, ValueError) as err:  # server not answering yet
+                last = err
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"worker.py (pid {process.pid}) did not poll task queue "
+                    f"{full_env.get('SPINE_TASK_QUEUE') or 'spine-agents'!r} within "
+                    f"{timeout:.0f}s; last error: {last}{where()}"
+                )
+            time.sleep(0.25)
+    except BaseException:
+        stop_worker_process(process)
+        raise
+
+
+def stop_worker_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """SIGTERM a worker process (it drains and exits 0); SIGKILL it after `timeout` seconds.
+
+    Returns its exit code (negative: the number of the signal that ended it).
+    """
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+# ------------------------------------------------------------------------------------------
+# Test kit for your own agents: script the model, run a worker built like production, and
+# assert over a finished run. Typical use (see examples/notes_agent/README.md):
+#
+#     turns = script().tool("read_note", note_id="n-1").tool("save_summary", ...).text("Saved.")
+#     async with spine_worker(client, agent_modules=("my_agent",), policy_path=POLICY) as w:
+#         handle = await start_scripted_run(client, w, "my-agent", "Summarise n-1", turns, ...)
+#         result = await handle.result()
+#     await assert_tools_called(handle, ["read_note", "save_summary"])
+#     await assert_side_effects(handle, ["save_summary"])
+#
+# Imports are here, not at the top, so this kit stays one appended block.
+# ------------------------------------------------------------------------------------------
+
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar  # noqa: E402
+
+from pydantic import BaseModel  # noqa: E402
+from temporalio.api.common.v1 import Payloads  # noqa: E402
+from temporalio.api.history.v1 import HistoryEvent  # noqa: E402
+from temporalio.client import Client  # noqa: E402
+
+from activities.models import ScriptToolCall, ScriptTurn, TokenUsage, ToolCallInput  # noqa: E402
+from client.runs import RunHandle, start_run  # noqa: E402
+from workflows.models import (  # noqa: E402
+    AgentRequest,
+    AgentResult,
+    ApprovalDecision,
+    Limits,
+    ModelChoice,
+    SideEffect,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from worker import SpineWorker  # noqa: E402  # imported lazily at run time: it is heavy
+
+T_Model = TypeVar("T_Model", bound=BaseModel)
+
+
+class OnTaskQueue(Protocol):
+    """Anything that polls a task queue: a worker from `spine_worker`, a Temporal `Worker`."""
+
+    @property
+    def task_queue(self) -> str: ...
+
+
+Run = RunHandle | AgentResult
+"""What the assertions take: a run's handle (read through its history) or its result."""
+
+
+class ScriptBuilder(list[ScriptTurn]):
+    """The scripted model's turns, built fluently; it *is* the ``list[ScriptTurn]``.
+
+    Each of :meth:`tool` and :meth:`text` adds a turn; :meth:`also`, :meth:`confidence`,
+    :meth:`usage` and :meth:`fail` change the last one.
+    """
+
+    def __init__(self, tokens: tuple[int, int] | None = (100, 20)) -> None:
+        super().__init__()
+        self._tokens = tokens
+
+    def _turn(self, turn: ScriptTurn) -> ScriptBuilder:
+        if self._tokens is not None:
+            turn.usage = TokenUsage(input_tokens=self._tokens[0], output_tokens=self._tokens[1])
+        self.append(turn)
+        return self
+
+    def _last(self) -> ScriptTurn:
+        if not self:
+            raise ValueError("add a turn with .tool(...) or .text(...) first")
+        return self[-1]
+
+    def tool(self, name: str, /, **args: object) -> ScriptBuilder:
+        """A turn in which the model calls tool `name` with `args`."""
+        return self._turn(ScriptTurn(tool_calls=[ScriptToolCall(name=name, args=args)]))
+
+    def also(self, name: str, /, **args: object) -> ScriptBuilder:
+        """One more tool call in the last turn (parallel tool calls)."""
+        self._last().tool_calls.append(ScriptToolCall(name=name, args=args))
+        return self
+
+    def raw(self, name: str, raw_args: str) -> ScriptBuilder:
+        """A turn calling `name` with argument text as a model would emit it (may be bad JSON)."""
+        call = ScriptToolCall(name=name, raw_args=raw_args)
+        return self._turn(ScriptTurn(tool_calls=[call]))
+
+    def text(self, text: str) -> ScriptBuilder:
+        """A final-answer turn."""
+        return self._turn(ScriptTurn(text=text))
+
+    def confidence(self, value: float) -> ScriptBuilder:
+        """The model's confidence in the last turn (approval rules may look at it)."""
+        self._last().confidence = value
+        return self
+
+    def usage(self, input_tokens: int, output_tokens: int) -> ScriptBuilder:
+        """Tokens the last turn reports (what it costs)."""
+        self._last().usage = TokenUsage(input_tokens=input_tokens, output_tokens=output_tokens)
+        return self
+
+    def fail(self, kind: Literal["transient", "terminal"] = "transient") -> ScriptBuilder:
+        """Make the run's model fail the last turn (fallback models still answer it)."""
+        self._last().error = kind
+        return self
+
+
+def script(*, tokens: tuple[int, int] | None = (100, 20)) -> ScriptBuilder:
+    """Start a scripted-model script; every turn reports `tokens` (input, output) unless
+    changed with ``.usage(...)`` (None: report no usage)."""
+    return ScriptBuilder(tokens)
+
+
+@contextlib.asynccontextmanager
+async def spine_worker(client: Client, **config: object) -> AsyncIterator[SpineWorker]:
+    """A running worker built by ``worker.build_worker``, the same way production builds one.
+
+    `config` are :class:`worker.WorkerConfig` fields (``agent_modules``, ``policy_path``,
+    ``settings``, ``secrets``, ``providers``, ...). Test-friendly defaults: a fresh task queue
+    (``worker.task_queue`` tells which), a temporary ``state_dir``, and no real model providers
+    (``providers={}``: the scripted model only).
+    """
+    from worker import WorkerConfig, build_worker  # lazily: it imports every activity
+
+    with tempfile.TemporaryDirectory(prefix="spine-test-") as tmp:
+        options: dict[str, object] = {
+            "task_queue": f"test-{uuid.uuid4()}",
+            "state_dir": Path(tmp),
+            "providers": {},
+            **config,
+        }
+        built = build_worker(client, config=WorkerConfig(**options))  # type: ignore[arg-type]  # WorkerConfig checks its fields
+        try:
+            async with built:
+                yield built
+        finally:
+            mcp = sys.modules.get("activities.mcp")  # loaded only if an agent uses MCP tools
+            if mcp is not None:
+                await mcp.close_mcp_sessions()  # MCP servers the run started stop with it
+
+
+async def start_scripted_run(
+    client: Client,
+    worker: OnTaskQueue | str,
+    agent: str,
+    goal: str,
+    turns: Sequence[ScriptTurn],
+    *,
+    user: str = "alice",
+    role: str,
+    account: str = "acme",
+    limits: Limits | None = None,
+) -> RunHandle:
+    """Start `agent` on the scripted model on `worker`'s task queue (or a queue name)."""
+    request = AgentRequest(
+        agent=agent,
+        goal=goal,
+        user=user,
+        role=role,
+        account=account,
+        model=ModelChoice(provider="scripted", script=list(turns)),
+        limits=limits,
+    )
+    queue = worker if isinstance(worker, str) else worker.task_queue
+    return await start_run(client, request, task_queue=queue)
+
+
+async def _result(run: Run) -> AgentResult:
+    return run if isinstance(run, AgentResult) else await run.result()
+
+
+def _handle(run: Run, what: str) -> RunHandle:
+    if isinstance(run, AgentResult):
+        raise TypeError(f"{what} reads the run's history: pass its handle, not its AgentResult")
+    return run
+
+
+async def _events(handle: RunHandle) -> list[HistoryEvent]:
+    """History events of the run and of every run it continued as new into, in order.
+
+    A handle from ``start_run`` knows the first run; one got by workflow id alone starts at the
+    latest run.
+    """
+    client = getattr(handle, "_client", None)  # handles do not expose their client publicly
+    first = handle.first_execution_run_id or handle.run_id
+    current = handle
+    if isinstance(client, Client) and first:
+        current = client.get_workflow_handle(handle.id, run_id=first, result_type=AgentResult)
+    events: list[HistoryEvent] = []
+    while True:
+        history = await current.fetch_history()
+        events.extend(history.events)
+        last = history.events[-1] if history.events else None
+        if (
+            not isinstance(client, Client)
+            or last is None
+            or not last.HasField("workflow_execution_continued_as_new_event_attributes")
+        ):
+            return events
+        run_id = last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+        current = client.get_workflow_handle(handle.id, run_id=run_id, result_type=AgentResult)
+
+
+async def _decode(handle: RunHandle, payloads: Payloads, cls: type[T_Model]) -> T_Model | None:
+    client = getattr(handle, "_client", None)  # its converter applies any payload codec
+    converter = client.data_converter if isinstance(client, Client) else pydantic_data_converter
+    try:
+        [value] = await converter.decode(payloads.payloads, [cls])
+    except Exception:  # noqa: BLE001  # not this payload type: not what we look for
+        return None
+    return value if isinstance(value, cls) else None
+
+
+async def tools_called(handle: RunHandle) -> list[str]:
+    """Every tool the run called, in order: one entry per ``tool.<name>`` activity scheduled
+    (retries are attempts of the same entry), compensation tools included."""
+    names = []
+    for event in await _events(handle):
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            kind = event.activity_task_scheduled_event_attributes.activity_type.name
+            if kind.startswith("tool."):
+                names.append(kind.removeprefix("tool."))
+    return names
+
+
+async def assert_tools_called(run: Run, expected: Sequence[str]) -> list[str]:
+    """Assert the run called exactly `expected` tools, in order (see :func:`tools_called`)."""
+    called = await tools_called(_handle(run, "assert_tools_called"))
+    assert called == list(expected), f"tools called: {called}, expected: {list(expected)}"
+    return called
+
+
+@dataclass(frozen=True)
+class AskedApproval:
+    """An approval the run asked for, and how it was decided."""
+
+    approval_id: str
+    tool: str
+    decision: str
+    by: str
+    role: str
+
+
+async def approvals_asked(handle: RunHandle) -> list[AskedApproval]:
+    """Approvals asked and decided in the run, in order, read from its history.
+
+    A decision (``decide`` update or ``approval`` signal) names its approval ``ap-<step>-...``;
+    an approved call is the next tool scheduled at that step, a rejected one is named in the
+    run's result. Decisions the workflow refused are not counted.
+    """
+    events = await _events(handle)
+    decided: dict[str, ApprovalDecision] = {}
+    asked: list[AskedApproval] = []
+    waiting: list[ApprovalDecision] = []
+    for event in events:
+        decision = None
+        if event.HasField("workflow_execution_update_accepted_event_attributes"):
+            request = event.workflow_execution_update_accepted_event_attributes.accepted_request
+            if request.input.name == "decide":
+                decision = await _decode(handle, request.input.args, ApprovalDecision)
+        elif event.HasField("workflow_execution_signaled_event_attributes"):
+            signal = event.workflow_execution_signaled_event_attributes
+            if signal.signal_name == "approval":
+                decision = await _decode(handle, signal.input, ApprovalDecision)
+        elif event.HasField("activity_task_scheduled_event_attributes") and waiting:
+            scheduled = event.activity_task_scheduled_event_attributes
+            call = await _decode(handle, scheduled.input, ToolCallInput)
+            for pending in list(waiting):
+                if call is not None and _approval_step(pending.approval_id) == call.step:
+                    waiting.remove(pending)
+                    asked.append(_asked(pending, call.tool))
+        if decision is not None and decision.approval_id not in decided:
+            decided[decision.approval_id] = decision
+            if decision.decision == "approve":
+                waiting.append(decision)
+    rejected = [d for d in decided.values() if d.decision == "reject"]
+    if rejected:
+        reason = (await handle.result()).reason or ""
+        for decision in rejected:
+            found = re.search(rf"approval {re.escape(decision.approval_id)} for (\S+) ", reason)
+            if found:
+                asked.append(_asked(decision, found.group(1)))
+    return asked
+
+
+def _approval_step(approval_id: str) -> int | None:
+    found = re.match(r"ap-(\d+)-", approval_id)
+    return int(found.group(1)) if found else None
+
+
+def _asked(decision: ApprovalDecision, tool: str) -> AskedApproval:
+    return AskedApproval(decision.approval_id, tool, decision.decision, decision.by, decision.role)
+
+
+async def assert_approvals_asked(
+    run: Run, expected: Sequence[str], *, decisions: Sequence[str] | None = None
+) -> list[AskedApproval]:
+    """Assert the run asked for approval of exactly the `expected` tools, in order, and, if
+    given, that they were decided as `decisions` (``"approve"``/``"reject"``)."""
+    asked = await approvals_asked(_handle(run, "assert_approvals_asked"))
+    tools = [a.tool for a in asked]
+    assert tools == list(expected), f"approvals asked for: {tools}, expected: {list(expected)}"
+    if decisions is not None:
+        made = [a.decision for a in asked]
+        assert made == list(decisions), f"decisions: {made}, expected: {list(decisions)}"
+    return asked
+
+
+async def assert_side_effects(
+    run: Run, expected: Sequence[str], *, compensated: bool | None = None
+) -> list[SideEffect]:
+    """Assert the run's completed side effects are the `expected` tools, in order; with
+    `compensated`, that each was (True) or was not (False) undone."""
+    effects = (await _result(run)).side_effects
+    tools = [e.tool for e in effects]
+    assert tools == list(expected), f"side effects: {tools}, expected: {list(expected)}"
+    if compensated is not None:
+        wrong = [e.tool for e in effects if e.compensated != compensated]
+        state = "compensated" if compensated else "left in place"
+        assert not wrong, f"side effects not {state}: {wrong}"
+    return effects
+
+
+async def assert_spend_at_most(run: Run, usd: float) -> Usage:
+    """Assert the run spent at most `usd` on models (per the policy's prices)."""
+    usage = (await _result(run)).usage
+    assert usage.usd <= usd, f"run spent {usage.usd:.6f} USD, more than {usd:.6f}"
+    return usage
