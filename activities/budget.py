@@ -38,7 +38,7 @@ class BudgetActivities:
         try:
             return await self._apply(call)
         except SpineError as err:
-            raise err.to_application_error() from err
+            raise err.to_application_error() from None  # message says it all; chains overflow
 
     async def _apply(self, call: BudgetCall) -> LedgerAnswer:
         deadline = time.monotonic() + BUSY_PATIENCE_S

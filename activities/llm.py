@@ -96,7 +96,7 @@ class ModelActivities:
         try:
             agent = self.registry.agent(request.agent)
         except SpineError as err:
-            raise err.to_application_error() from err
+            raise err.to_application_error() from None  # message says it all; chains overflow
         policy = self.policy
         agent_policy = policy.agents.get(agent.name)
         tools = []
@@ -137,7 +137,7 @@ class ModelActivities:
         try:
             result = await self._model_call(call)
         except SpineError as err:
-            raise err.to_application_error() from err
+            raise err.to_application_error() from None  # message says it all; chains overflow
         result.attempt = activity.info().attempt
         return result
 

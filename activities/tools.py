@@ -531,7 +531,7 @@ class ToolRunner:
         try:
             return await self._run(call, attempt)
         except SpineError as err:
-            raise err.to_application_error() from err
+            raise err.to_application_error() from None  # message says it all; chains overflow
 
     async def _run(self, call: ToolCallInput, attempt: int) -> ToolCallResult:
         definition = self.registry.get(call.tool, call.version)

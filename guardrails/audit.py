@@ -758,4 +758,4 @@ class AuditActivities:
         try:
             return await self.store.append(batch)
         except SpineError as err:
-            raise err.to_application_error() from err
+            raise err.to_application_error() from None  # message says it all; chains overflow

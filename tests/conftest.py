@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -80,9 +80,9 @@ def worker_config(
 @pytest.fixture
 def make_worker(client: Client, worker_config: WorkerConfig):
     @asynccontextmanager
-    async def make(**overrides: object) -> AsyncIterator[Worker]:
+    async def make(*, plugins: Sequence[object] = (), **overrides: object) -> AsyncIterator[Worker]:
         config = WorkerConfig(**{**worker_config.__dict__, **overrides})
-        async with build_worker(client, config=config) as w:
+        async with build_worker(client, config=config, plugins=plugins) as w:  # type: ignore[arg-type]
             yield w
 
     return make

@@ -1,0 +1,184 @@
+"""Secrets come from OpenBao inside the activity and go nowhere else; Vault down fails closed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+import httpx
+from pydantic import BaseModel
+
+from activities.models import ToolCallInput, ToolCallResult
+from activities.providers import openai_provider_from_env
+from activities.tools import Registry, SecretRef, ToolContext, ToolRunner, tool
+from client.demo import build_demo_request
+from client.runs import decide, start_run, wait_result
+from client.testing import DemoService, VaultDev, binary, start_vault_dev
+from guardrails.policy import load_policy
+from guardrails.secrets import VaultSecrets
+from guardrails.telemetry import telemetry_from_env
+from tests.fakes.llm_server import FakeLLMServer, FakeToolCall
+from tests.helpers import call, eventually, scripted_request, turn, wait_for_status
+from workflows.models import ApprovalDecision, ModelChoice
+
+
+class Echo(BaseModel):
+    text: str
+
+
+async def _show_json(client, workflow_id: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        binary("temporal"),
+        "workflow",
+        "show",
+        "--workflow-id",
+        workflow_id,
+        "--output",
+        "json",
+        "--address",
+        client.service_client.config.target_host,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_secret_value_appears_nowhere(
+    client, make_worker, task_queue, worker_config, service: DemoService, tmp_path, caplog
+):
+    """History (CLI JSON), worker logs, traces, audit log and model prompts never hold the key."""
+    secret = service.api_key
+    trace_file = tmp_path / "traces.jsonl"
+    telemetry = telemetry_from_env(
+        {"SPINE_TRACE_FILE": str(trace_file), "SPINE_TRACE_CONTENT": "1"}
+    )
+    plugins = telemetry.worker_plugins(load_policy().price_table())
+    caplog.set_level(logging.DEBUG)
+    with FakeLLMServer() as llm:
+        llm.enqueue_openai(tool_calls=[FakeToolCall("lookup_order", {"order_id": "o-1080"})])
+        llm.enqueue_openai(
+            tool_calls=[
+                FakeToolCall(
+                    "send_email",
+                    {
+                        "order_id": "o-1080",
+                        "subject": "About your order",
+                        "body": "It is on its way.",
+                    },
+                )
+            ]
+        )
+        llm.enqueue_openai("All done.")
+        providers = {"openai": openai_provider_from_env(llm.env())}
+        async with make_worker(providers=providers, plugins=plugins):
+            demo = await start_run(client, build_demo_request("o-1081"), task_queue=task_queue)
+            state = await wait_for_status(demo, "awaiting_approval")
+            await decide(
+                demo,
+                ApprovalDecision(
+                    approval_id=state.pending_approvals[0].approval_id,
+                    decision="approve",
+                    by="bob",
+                    role="supervisor",
+                ),
+            )
+            request = scripted_request([])
+            request.model = ModelChoice(provider="openai", name="gpt-4.1-mini")
+            llm_run = await start_run(client, request, task_queue=task_queue)
+            results = [await wait_result(demo), await wait_result(llm_run)]
+        prompts = json.dumps([r.body for r in llm.requests])
+    telemetry.shutdown()
+    assert [r.status for r in results] == ["completed", "completed"]
+    assert "o-1080" in prompts and "customer+o-1080@example.com" in prompts  # tool output went in
+    places = {
+        "history": "".join(
+            [await _show_json(client, demo.id), await _show_json(client, llm_run.id)]
+        ),
+        "worker logs": caplog.text,
+        "traces": trace_file.read_text(),
+        "model prompts": prompts,
+        "audit log": (worker_config.state_dir / "audit.db").read_bytes().decode("latin-1"),
+        "transcripts": (worker_config.state_dir / "transcripts.db").read_bytes().decode("latin-1"),
+    }
+    assert len(places["traces"]) > 1000 and len(places["history"]) > 1000
+    assert {name: text.count(secret) for name, text in places.items()} == dict.fromkeys(places, 0)
+
+
+async def test_tool_output_is_scrubbed_of_resolved_secrets(vault: VaultDev, service: DemoService):
+    """A tool that echoes its secret returns '[redacted]' in its place."""
+
+    @tool(secrets=[SecretRef(name="api_key", path="spine/{account}", key="api_key")])
+    async def leaky(args: Echo, ctx: ToolContext) -> Echo:
+        """Echo the text and, carelessly, the key."""
+        return Echo(text=f"{args.text} key={ctx.secret('api_key')}")
+
+    registry = Registry()
+    registry.add_tool(leaky)
+    async with httpx.AsyncClient() as http:
+        runner = ToolRunner(registry, VaultSecrets(vault.url, token=vault.token), http, {})
+        result: ToolCallResult = await runner.run(
+            ToolCallInput(
+                run_id="r",
+                step=1,
+                call_id="c",
+                tool="leaky",
+                version=1,
+                args={"text": "hi"},
+                account="acme",
+            )
+        )
+    assert result.output == {"text": "hi key=[redacted]"}
+
+
+async def test_vault_down_fails_closed_then_recovers(
+    client, make_worker, task_queue, service: DemoService
+):
+    """With OpenBao stopped the refund never runs; once OpenBao is back the run finishes, once."""
+    private = start_vault_dev()
+    account = f"vault-{uuid.uuid4().hex[:6]}"
+    private.put_secret(f"spine/{account}", {"api_key": service.api_key})
+    script = [
+        turn(call("issue_refund", order_id="o-1082", amount=150.0), confidence=0.9),
+        turn(text="done"),
+    ]
+    request = scripted_request(script)
+    request.account = account
+    try:
+        async with make_worker(secrets=VaultSecrets(private.url, token=private.token)):
+            handle = await start_run(client, request, task_queue=task_queue)
+            state = await wait_for_status(handle, "awaiting_approval")
+            private.stop()
+            await decide(
+                handle,
+                ApprovalDecision(
+                    approval_id=state.pending_approvals[0].approval_id,
+                    decision="approve",
+                    by="bob",
+                    role="supervisor",
+                ),
+            )
+
+            async def failing_attempts() -> int:
+                description = await handle.describe()
+                pending = description.raw_description.pending_activities
+                return max((p.attempt for p in pending if p.last_failure.message), default=0)
+
+            async def retried() -> bool:
+                return await failing_attempts() >= 2
+
+            await eventually(retried, timeout=90, what="the refund retrying while Vault is down")
+            description = await handle.describe()
+            [pending] = description.raw_description.pending_activities
+            assert "SecretsUnavailable" in pending.last_failure.application_failure_info.type
+            assert service.get("/v1/refunds?order_id=o-1082") == []
+            private = start_vault_dev(port=private.port, token=private.token)
+            private.put_secret(f"spine/{account}", {"api_key": service.api_key})
+            result = await wait_result(handle)
+    finally:
+        private.stop()
+    assert result.status == "completed", result.reason
+    assert len(service.get("/v1/refunds?order_id=o-1082")) == 1
