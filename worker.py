@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +26,22 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.breakers import Breakers
 from activities.budget import BudgetActivities
 from activities.llm import ModelActivities, ModelProvider
-from activities.tools import Registry, SecretResolver, ToolRunner, make_tool_activities
+from activities.tools import (
+    Registry,
+    SecretResolver,
+    ToolDefinitionError,
+    ToolRunner,
+    make_tool_activities,
+)
 from activities.transcript import TranscriptStore
 from guardrails.audit import AuditActivities, store_from_env
 from guardrails.interceptor import PolicyInterceptor
-from guardrails.policy import Policy, load_policy
+from guardrails.policy import Policy, PolicyError, load_policy
 from guardrails.secrets import NoSecrets, VaultSecrets
-from guardrails.telemetry import telemetry_from_env
+from guardrails.telemetry import TelemetryError, telemetry_from_env
 from workflows.agent import AgentWorkflow
 from workflows.ledger import BudgetLedger
-from workflows.models import DEFAULT_LEDGER_TASK_QUEUE, DEFAULT_TASK_QUEUE
+from workflows.models import DEFAULT_LEDGER_TASK_QUEUE, DEFAULT_TASK_QUEUE, rate_limited_queue
 
 log = logging.getLogger("spine.worker")
 
@@ -205,6 +212,18 @@ def build_worker(
         max_concurrent_activities=config.max_concurrent_activities,
     )
     workers = [agents]
+    tool_activities = make_tool_activities(runner)
+    for group, rate in sorted(policy.rate_limits.items()):
+        # Temporal enforces this rate on the queue for all workers polling it, fleet-wide.
+        workers.append(
+            Worker(
+                client,
+                task_queue=rate_limited_queue(agents.task_queue, group),
+                activities=tool_activities,
+                max_task_queue_activities_per_second=rate,
+                max_concurrent_activities=config.max_concurrent_activities,
+            )
+        )
     if config.ledger:
         workers.append(build_ledger_worker(client, config.ledger_task_queue))
     return SpineWorker(workers, http)
@@ -246,7 +265,20 @@ def main() -> None:
         level=os.environ.get("SPINE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(run_worker())
+    from client.runs import SpineClientError  # the client side imports lazily too
+
+    code = 0
+    try:
+        asyncio.run(run_worker())
+    except (PolicyError, ToolDefinitionError, TelemetryError, SpineClientError) as err:
+        print(f"spine worker: error: {err}", file=sys.stderr)
+        code = 2
+    # Leave without interpreter finalisation: the SDK's native threads can still touch Python
+    # while it finalises and abort a clean exit (sdk-python#300). Everything is flushed by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ class ModelActivities:
             model_initial_interval_s=policy.runtime.model_initial_interval_s,
             model_max_interval_s=policy.runtime.model_max_interval_s,
             budget=policy.budget_rules(request.account),
+            rate_limits=dict(policy.rate_limits),
             prices=policy.price_table(),
             policy_version=policy.full_version,
             search_attributes=self.search_attributes,

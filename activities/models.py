@@ -224,6 +224,7 @@ class AgentSpec(BaseModel):
     model_initial_interval_s: float = 0.5
     model_max_interval_s: float = 20.0
     budget: BudgetRules = Field(default_factory=lambda: BudgetRules())
+    rate_limits: dict[str, float] = Field(default_factory=dict)
 
 
 class CompensationInput(BaseModel):

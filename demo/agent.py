@@ -45,7 +45,13 @@ class Order(BaseModel):
     customer_email: str | None = None
 
 
-@tool(secrets=[API_KEY], dependency="demo-service", summary_arg="order_id", timeout_s=15)
+@tool(
+    secrets=[API_KEY],
+    dependency="demo-service",
+    rate_limit_group="demo-service",
+    summary_arg="order_id",
+    timeout_s=15,
+)
 async def lookup_order(args: OrderQuery, ctx: ToolContext) -> Order:
     """Look up an order: its total, what was refunded already and what can still be refunded."""
     response = await ctx.http.get(f"{_base(ctx)}/v1/orders/{args.order_id}", headers=_headers(ctx))
@@ -66,6 +72,7 @@ class Document(BaseModel):
 @tool(
     secrets=[API_KEY],
     dependency="demo-service",
+    rate_limit_group="demo-service",
     summary_arg="document_id",
     timeout_s=15,
     untrusted_output=True,
@@ -98,6 +105,7 @@ class Refund(BaseModel):
     compensation="reverse_refund",
     secrets=[API_KEY],
     dependency="demo-service",
+    rate_limit_group="demo-service",
     summary_arg="order_id",
     timeout_s=15,
 )
@@ -120,6 +128,7 @@ class Reversal(BaseModel):
     idempotent_via="Idempotency-Key header",
     secrets=[API_KEY],
     dependency="demo-service",
+    rate_limit_group="demo-service",
     timeout_s=15,
 )
 async def reverse_refund(args: CompensationInput, ctx: ToolContext) -> Reversal:
@@ -165,6 +174,7 @@ async def _send_email(ctx: ToolContext, order_id: str, subject: str, body: str) 
     compensation="send_correction_email",
     secrets=[API_KEY],
     dependency="demo-service",
+    rate_limit_group="demo-service",
     summary_arg="order_id",
     timeout_s=15,
 )
@@ -178,6 +188,7 @@ async def send_email(args: EmailRequest, ctx: ToolContext) -> EmailSent:
     idempotent_via="Idempotency-Key header",
     secrets=[API_KEY],
     dependency="demo-service",
+    rate_limit_group="demo-service",
     timeout_s=15,
 )
 async def send_correction_email(args: CompensationInput, ctx: ToolContext) -> EmailSent:
@@ -204,6 +215,7 @@ class Ticket(BaseModel):
     idempotent_via="Idempotency-Key header",
     secrets=[API_KEY],
     dependency="demo-service",
+    rate_limit_group="demo-service",
     summary_arg="order_id",
     timeout_s=15,
 )

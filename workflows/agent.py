@@ -75,6 +75,7 @@ with workflow.unsafe.imports_passed_through():
         RunStatus,
         SideEffect,
         Usage,
+        rate_limited_queue,
     )
 
 SA_AGENT = SearchAttributeKey.for_keyword("SpineAgent")
@@ -959,6 +960,9 @@ class AgentWorkflow:
             start_to_close_timeout=timedelta(seconds=tool.start_to_close_s),
             retry_policy=self._retry_policy(spec, tool),
             summary=f"{tool.name}({shown})" if shown is not None else tool.name,
+            task_queue=rate_limited_queue(workflow.info().task_queue, tool.rate_limit_group)
+            if tool.rate_limit_group in spec.rate_limits
+            else None,
         )
         if not tool.side_effects:
             return await handle

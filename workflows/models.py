@@ -17,6 +17,11 @@ RunStatus = Literal[
 Provider = Literal["openai", "anthropic", "scripted"]
 
 
+def rate_limited_queue(task_queue: str, group: str | None) -> str:
+    """The task queue of a rate-limited tool group: the server enforces its rate fleet-wide."""
+    return f"{task_queue}--rl-{group}"
+
+
 class ModelChoice(BaseModel):
     """Which model answers. `script` is used by the scripted provider only."""
 
