@@ -93,6 +93,43 @@ class Budgets(_Strict):
     cheaper_models: dict[str, str] = Field(default_factory=dict)
 
 
+AlertRule = Literal["failure_rate_spike", "cost_per_run_spike", "loop", "drift"]
+
+
+class FailureRateSpike(_Strict):
+    factor: float = Field(default=2.0, gt=0)
+    floor: float = Field(default=0.2, ge=0, le=1)
+    statuses: list[str] = Field(default_factory=lambda: ["failed", "compensated"], min_length=1)
+
+
+class CostPerRunSpike(_Strict):
+    factor: float = Field(default=3.0, gt=1)
+    min_usd: float = Field(default=0.0, ge=0)
+
+
+class Drift(_Strict):
+    metric: Literal["jsd", "tvd"] = "jsd"
+    threshold: float = Field(default=0.3, gt=0, le=1)
+    min_calls: int = Field(default=20, ge=1)
+
+
+class Alerts(_Strict):
+    """Anomaly alert rules (`guardrails/alerts.py`); see the `[alerts]` table of policy.toml."""
+
+    rules: list[AlertRule] = Field(
+        default_factory=lambda: ["failure_rate_spike", "cost_per_run_spike", "loop", "drift"]
+    )
+    window_s: float = Field(default=3600, gt=0)
+    baseline_s: float = Field(default=86400, gt=0)
+    min_runs: int = Field(default=5, ge=1)
+    loop_repeats: int = Field(default=5, ge=2)
+    webhook_url: str = ""
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    failure_rate_spike: FailureRateSpike = Field(default_factory=FailureRateSpike)
+    cost_per_run_spike: CostPerRunSpike = Field(default_factory=CostPerRunSpike)
+    drift: Drift = Field(default_factory=Drift)
+
+
 class Policy(_Strict):
     version: str
     runtime: Runtime = Field(default_factory=Runtime)
@@ -101,6 +138,11 @@ class Policy(_Strict):
     agents: dict[str, AgentPolicy] = Field(default_factory=dict)
     accounts: dict[str, AccountPolicy] = Field(default_factory=dict)
     budgets: Budgets = Field(default_factory=Budgets)
+    alerts: Alerts = Field(default_factory=Alerts)
+    rate_limits: dict[str, float] = Field(
+        default_factory=dict,
+        description="Calls per second, fleet-wide, per tool rate-limit group.",
+    )
     digest: str = ""
 
     def allowed_tools(self, agent: str, role: str) -> list[str]:
