@@ -463,10 +463,12 @@ def _register_subcommands() -> None:
     from client.audit_cli import audit
     from client.budget_cli import budget
     from client.codec_cli import codec_server
+    from client.replay_cli import replay
     from client.slo_cli import slo
+    from client.tools_cli import tools
     from client.trace_cli import trace
 
-    for command in (audit, budget, codec_server, slo, trace):
+    for command in (audit, budget, codec_server, replay, slo, tools, trace):
         cli.add_command(command)
 
 

@@ -89,7 +89,7 @@ MODEL_TIMEOUT = timedelta(seconds=120)
 UNTRUSTED_KEEP = 16_000
 
 #: The model made a mistake it can correct: it is told, the run goes on.
-MODEL_CORRECTABLE = {ToolInputInvalid.__name__, ToolFailed.__name__}
+MODEL_CORRECTABLE = {ToolInputInvalid.__name__, ToolFailed.__name__, PolicyDenied.__name__}
 #: Retrying or waiting will not help: the run ends (and compensates).
 TERMINAL = {
     cls.__name__
@@ -100,7 +100,6 @@ TERMINAL = {
         ToolOutputInvalid,
         UnknownTool,
         TranscriptUnavailable,
-        PolicyDenied,
     )
 }
 # Everything else that is left after retries and alternate paths (a dependency that stays down,
@@ -150,8 +149,10 @@ def _granted(spec: AgentSpec, tool: ToolDescriptor) -> bool:
     return tool.name in spec.allowed_tools or f"{tool.name}@{tool.version}" in spec.allowed_tools
 
 
-def _attempts_used(err: ActivityError, limit: int) -> int:
-    return limit if err.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED else 1
+def _attempts_used(err: BaseException, limit: int) -> int:
+    # A local activity that gives up surfaces as its own ApplicationError, without retry state.
+    exhausted = getattr(err, "retry_state", None) == RetryState.MAXIMUM_ATTEMPTS_REACHED
+    return limit if exhausted or isinstance(err, ApplicationError) else 1
 
 
 @workflow.defn(name=WORKFLOW_TYPE)
@@ -895,7 +896,7 @@ class AgentWorkflow:
                 candidate_key = key if candidate is tool else f"{key}/{candidate.name}"
                 try:
                     result = await self._execute_tool(spec, candidate, args, call_id, candidate_key)
-                except ActivityError as err:
+                except (ActivityError, ApplicationError) as err:  # local tools: the latter
                     kind, message = _error_text(err)
                     self._retries += _attempts_used(err, self._attempt_cap) - 1
                     if kind in MODEL_CORRECTABLE:
@@ -943,6 +944,25 @@ class AgentWorkflow:
         key: str | None,
     ) -> ToolCallResult:
         shown = args.get(tool.summary_arg) if tool.summary_arg else None
+        if tool.local:
+            # Fast, read-only tools run as local activities: no round trip through the server.
+            return await workflow.execute_local_activity(
+                f"tool.{tool.name}",
+                ToolCallInput(
+                    run_id=workflow.info().workflow_id,
+                    step=self._step,
+                    call_id=call_id,
+                    tool=tool.name,
+                    version=tool.version,
+                    args=args,
+                    account=self._request.account,
+                    user=self._request.user,
+                ),
+                result_type=ToolCallResult,
+                start_to_close_timeout=timedelta(seconds=tool.start_to_close_s),
+                retry_policy=self._retry_policy(spec, tool),
+                summary=f"{tool.name}({shown})" if shown is not None else tool.name,
+            )
         handle = workflow.start_activity(
             f"tool.{tool.name}",
             ToolCallInput(
