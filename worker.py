@@ -34,12 +34,14 @@ from activities.tools import (
     make_tool_activities,
 )
 from activities.transcript import TranscriptStore
+from guardrails.alerts import AlertActivities, AlertEngine
 from guardrails.audit import AuditActivities, store_from_env
 from guardrails.interceptor import PolicyInterceptor
 from guardrails.policy import Policy, PolicyError, load_policy
 from guardrails.secrets import NoSecrets, VaultSecrets
 from guardrails.telemetry import TelemetryError, telemetry_from_env
 from workflows.agent import AgentWorkflow
+from workflows.alerts import SpineAlertsWorkflow
 from workflows.ledger import BudgetLedger
 from workflows.models import DEFAULT_LEDGER_TASK_QUEUE, DEFAULT_TASK_QUEUE, rate_limited_queue
 
@@ -195,15 +197,19 @@ def build_worker(
     )
     budget = BudgetActivities(client, config.ledger_task_queue)
     audit = AuditActivities(store_from_env(config.settings, config.state_dir))
+    alerts = AlertActivities(
+        AlertEngine.from_policy(audit.store, policy, config.settings, http=http)
+    )
     agents = Worker(
         client,
         task_queue=task_queue or config.task_queue,
-        workflows=[AgentWorkflow, *extra_workflows],
+        workflows=[AgentWorkflow, SpineAlertsWorkflow, *extra_workflows],
         activities=[
             models.resolve_agent,
             models.model_call,
             budget.apply,
             audit.append,
+            alerts.check,
             *make_tool_activities(runner),
         ],
         workflow_runner=_sandbox(),

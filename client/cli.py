@@ -460,6 +460,7 @@ async def _operate(workflow_id: str, command: OperatorCommand, as_json: bool) ->
 
 
 def _register_subcommands() -> None:
+    from client.alerts_cli import alerts
     from client.audit_cli import audit
     from client.budget_cli import budget
     from client.codec_cli import codec_server
@@ -468,7 +469,7 @@ def _register_subcommands() -> None:
     from client.tools_cli import tools
     from client.trace_cli import trace
 
-    for command in (audit, budget, codec_server, replay, slo, tools, trace):
+    for command in (alerts, audit, budget, codec_server, replay, slo, tools, trace):
         cli.add_command(command)
 
 

@@ -944,45 +944,33 @@ class AgentWorkflow:
         key: str | None,
     ) -> ToolCallResult:
         shown = args.get(tool.summary_arg) if tool.summary_arg else None
+        call = ToolCallInput(
+            run_id=workflow.info().workflow_id,
+            step=self._step,
+            call_id=call_id,
+            tool=tool.name,
+            version=tool.version,
+            args=args,
+            idempotency_key=key if tool.side_effects else None,
+            account=self._request.account,
+            user=self._request.user,
+        )
+        options = {
+            "result_type": ToolCallResult,
+            "start_to_close_timeout": timedelta(seconds=tool.start_to_close_s),
+            "retry_policy": self._retry_policy(spec, tool),
+            "summary": f"{tool.name}({shown})" if shown is not None else tool.name,
+        }
         if tool.local:
             # Fast, read-only tools run as local activities: no round trip through the server.
-            return await workflow.execute_local_activity(
-                f"tool.{tool.name}",
-                ToolCallInput(
-                    run_id=workflow.info().workflow_id,
-                    step=self._step,
-                    call_id=call_id,
-                    tool=tool.name,
-                    version=tool.version,
-                    args=args,
-                    account=self._request.account,
-                    user=self._request.user,
-                ),
-                result_type=ToolCallResult,
-                start_to_close_timeout=timedelta(seconds=tool.start_to_close_s),
-                retry_policy=self._retry_policy(spec, tool),
-                summary=f"{tool.name}({shown})" if shown is not None else tool.name,
-            )
+            return await workflow.execute_local_activity(f"tool.{tool.name}", call, **options)
         handle = workflow.start_activity(
             f"tool.{tool.name}",
-            ToolCallInput(
-                run_id=workflow.info().workflow_id,
-                step=self._step,
-                call_id=call_id,
-                tool=tool.name,
-                version=tool.version,
-                args=args,
-                idempotency_key=key if tool.side_effects else None,
-                account=self._request.account,
-                user=self._request.user,
-            ),
-            result_type=ToolCallResult,
-            start_to_close_timeout=timedelta(seconds=tool.start_to_close_s),
-            retry_policy=self._retry_policy(spec, tool),
-            summary=f"{tool.name}({shown})" if shown is not None else tool.name,
+            call,
             task_queue=rate_limited_queue(workflow.info().task_queue, tool.rate_limit_group)
             if tool.rate_limit_group in spec.rate_limits
             else None,
+            **options,
         )
         if not tool.side_effects:
             return await handle
