@@ -45,8 +45,20 @@ format: setup
 worker: up
 	source temporal-dev/.env && $(BIN)/python worker.py
 
-bench: setup
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Quick sizes of every benchmark (~15 min on 2 cores), then plots and the README table.
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.overhead --quick
+	$(BIN)/python -m bench.guards --quick
+	$(BIN)/python -m bench.long_runs --quick --out bench/results/long_runs.json
+	$(BIN)/python -m bench.recovery --quick --out bench/results/recovery.json
+	$(BIN)/python -m bench.peers --quick --out bench/results/peers.json
+	$(BIN)/python -m bench.compound --quick --out bench/results/compound.json
+	$(BIN)/python -m bench.report
 
 clean: down
 	rm -rf $(VENV) temporal-dev/.data .spine

@@ -7,6 +7,7 @@ owns retries, so every attempt is visible in history.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import Mapping
@@ -55,6 +56,17 @@ def scripted_response(turn: ScriptTurn, step: int, model: str = "scripted") -> M
         finish_reason="tool_calls" if calls else "stop",
         confidence=turn.confidence,
     )
+
+
+HEARTBEAT_EVERY_S = 2.0
+
+
+async def _heartbeat_every(seconds: float) -> None:
+    """Heartbeat while a model call is in flight, so a dead worker is noticed in seconds
+    (the heartbeat timeout), not after the whole start-to-close timeout."""
+    while True:
+        activity.heartbeat()
+        await asyncio.sleep(seconds)
 
 
 async def _scripted(call: ModelCallInput, turn: ScriptTurn) -> ModelCallResult:
@@ -135,10 +147,13 @@ class ModelActivities:
     @activity.defn(name="spine.model_call")
     async def model_call(self, call: ModelCallInput) -> ModelCallResult:
         """One model turn."""
+        beating = asyncio.create_task(_heartbeat_every(HEARTBEAT_EVERY_S))
         try:
             result = await self._model_call(call)
         except SpineError as err:
             raise err.to_application_error() from None  # message says it all; chains overflow
+        finally:
+            beating.cancel()
         result.attempt = activity.info().attempt
         return result
 

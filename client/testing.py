@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -32,6 +33,7 @@ SEARCH_ATTRIBUTES = (
     SearchAttributeKey.for_keyword("SpineStatus"),
     SearchAttributeKey.for_float("SpineCostUSD"),
     SearchAttributeKey.for_int("SpineSteps"),
+    SearchAttributeKey.for_keyword("SpineForkedFrom"),
 )
 
 
@@ -72,13 +74,15 @@ async def temporal_dev_server(
     db_file: Path | None = None,
     port: int | None = None,
     data_converter: DataConverter = pydantic_data_converter,
+    ui_port: int | None = None,
 ) -> AsyncIterator[WorkflowEnvironment]:
     """The real Temporal dev server with Spine's search attributes registered.
 
     `db_file` persists its state in SQLite; with the same `db_file` and `port`, a second server
     takes over where a stopped one left off (a free port is picked when `port` is None).
     `data_converter` is the one of the environment's client, e.g.
-    `guardrails.codec.encrypted_data_converter(...)` for encrypted payloads.
+    `guardrails.codec.encrypted_data_converter(...)` for encrypted payloads. With `ui_port` the
+    server also serves its Web UI there (``http://127.0.0.1:<ui_port>``).
     """
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=binary("temporal"),
@@ -86,6 +90,10 @@ async def temporal_dev_server(
         search_attributes=SEARCH_ATTRIBUTES,
         port=port,
         dev_server_database_filename=str(db_file) if db_file else None,
+        ui=ui_port is not None,
+        ui_port=ui_port,
+        # The SDK's 5 s default is too short on a loaded 2-core machine.
+        dev_server_startup_timeout=timedelta(seconds=90),
         dev_server_extra_args=[
             "--dynamic-config-value",
             "frontend.enableUpdateWorkflowExecution=true",

@@ -85,6 +85,8 @@ SA_COST = SearchAttributeKey.for_float("SpineCostUSD")
 SA_STEPS = SearchAttributeKey.for_int("SpineSteps")
 
 MODEL_TIMEOUT = timedelta(seconds=120)
+#: The model activity heartbeats every 2 s: a worker that died is noticed after this long.
+MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 #: How much untrusted tool output (characters) a run remembers for taint checks.
 UNTRUSTED_KEEP = 16_000
 
@@ -566,6 +568,7 @@ class AgentWorkflow:
                 c,
                 result_type=ModelCallResult,
                 start_to_close_timeout=MODEL_TIMEOUT,
+                heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
                 retry_policy=self._retry_policy(spec, None),
                 summary=f"llm: {c.model} step {c.step}",
             )

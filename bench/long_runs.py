@@ -1,0 +1,199 @@
+"""History bytes per step over very long Spine runs, across continue-as-new.
+
+One run of N steps (each a scripted model turn plus a ``lookup_order`` call against the demo
+service), then every run of its continue-as-new chain is read back: events and bytes per run
+against Temporal's warning limits (10,240 events, 10 MB per run), and bytes per step from the
+first steps to the last, which should stay flat.
+
+The scripted model's script travels in the workflow input (about 130 bytes a turn, shrinking at
+each continue-as-new); it is reported apart, since a real model has no script.
+
+    python -m bench.long_runs [--quick] [--steps N] [--out bench/results/long_runs.json]
+
+Quick: 1,000 steps. Full: 10,000 steps. Policy: the shipped ``continue_as_new_after_events``
+(override with ``--can-after``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+import tomllib
+import uuid
+from pathlib import Path
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.common import SearchAttributeKey
+
+from activities.models import ScriptToolCall, ScriptTurn
+from bench.common import bench_policy, bench_stack, parser, spine_request, write_results
+from client.runs import start_run
+from guardrails.policy import DEFAULT_POLICY_PATH
+from guardrails.secrets import VaultSecrets
+from worker import WorkerConfig, build_worker
+
+WARN_EVENTS = 10_240
+WARN_BYTES = 10 * 1024 * 1024
+BUCKETS = 10
+STEPS = SearchAttributeKey.for_int("SpineSteps")
+
+
+def script(steps: int) -> list[ScriptTurn]:
+    turns = [
+        ScriptTurn(
+            tool_calls=[
+                ScriptToolCall(name="lookup_order", args={"order_id": f"o-{1001 + i % 500}"})
+            ]
+        )
+        for i in range(steps - 1)
+    ]
+    return [*turns, ScriptTurn(text=f"Looked at {steps - 1} orders.")]
+
+
+async def chain(client, workflow_id: str) -> list[dict[str, object]]:
+    """Every run of the chain, oldest first: events, bytes, input bytes, bytes per model step."""
+    runs = [w async for w in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
+    out = []
+    for run in sorted(runs, key=lambda w: w.start_time):
+        handle = client.get_workflow_handle(workflow_id, run_id=run.run_id)
+        events = size = input_bytes = 0
+        steps: list[int] = []
+        async for event in handle.fetch_history_events():
+            events += 1
+            n = event.ByteSize()
+            size += n
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+                input_bytes = n
+                continue
+            attrs = event.activity_task_scheduled_event_attributes
+            if (
+                event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+                and attrs.activity_type.name == "spine.model_call"
+            ):
+                steps.append(0)
+            if steps:
+                steps[-1] += n
+        out.append(
+            {"events": events, "bytes": size, "input_bytes": input_bytes, "step_bytes": steps}
+        )
+    return out
+
+
+async def run(steps: int, can_after: int | None) -> dict[str, object]:
+    tmp = Path(tempfile.mkdtemp(prefix="spine-bench-long-"))
+    shipped = tomllib.loads(DEFAULT_POLICY_PATH.read_text())["runtime"][
+        "continue_as_new_after_events"
+    ]
+    runtime = {"continue_as_new_after_events": can_after} if can_after else {}
+    policy = bench_policy(
+        tmp, runtime=runtime, refund_agent={"max_steps": steps + 5, "max_usd": 1_000_000.0}
+    )
+    async with bench_stack(tmp) as stack:
+        client = stack.server.client
+        queue = f"bench-long-{uuid.uuid4().hex[:6]}"
+        config = WorkerConfig(
+            task_queue=queue,
+            state_dir=tmp / "state",
+            policy_path=policy,
+            settings={"SPINE_DEMO_URL": stack.service.url},
+            secrets=VaultSecrets(stack.vault.url, token=stack.vault.token),
+            providers={},
+        )
+        request = spine_request(script(steps), max_steps=steps + 5)
+        async with build_worker(client, config=config):
+            began = time.monotonic()
+            handle = await start_run(
+                client,
+                request,
+                workflow_id=f"long-{steps}-{uuid.uuid4().hex[:6]}",
+                task_queue=queue,
+            )
+            waiting = asyncio.ensure_future(handle.result())
+            while not waiting.done():
+                await asyncio.wait([waiting], timeout=30)
+                if not waiting.done():
+                    described = await client.get_workflow_handle(handle.id).describe()
+                    step = described.typed_search_attributes.get(STEPS)
+                    print(f"  ... {time.monotonic() - began:.0f}s: step {step}", flush=True)
+            result = waiting.result()
+            wall = time.monotonic() - began
+        runs = await chain(client, handle.id)
+
+    per_step = [b for r in runs for b in r["step_bytes"]]
+    n = len(per_step)
+    size = max(n // BUCKETS, 1)
+    buckets = [
+        {
+            "steps": f"{i * size + 1}-{min((i + 1) * size, n)}",
+            "bytes_per_step": statistics.mean(per_step[i * size : (i + 1) * size]),
+        }
+        for i in range(min(BUCKETS, n))
+    ]
+    early = statistics.mean(per_step[10:110]) if n > 110 else statistics.mean(per_step)
+    late = statistics.mean(per_step[-100:])
+    return {
+        "setup": {
+            "steps": steps,
+            "continue_as_new_after_events": can_after or shipped,
+            "tool": "lookup_order (HTTP to the demo service, Vault secret)",
+        },
+        "result": {"status": result.status, "steps": result.steps, "reason": result.reason},
+        "wall_s": wall,
+        "ms_per_step": wall / steps * 1000,
+        "runs_in_chain": len(runs),
+        "max_events_per_run": max(r["events"] for r in runs),
+        "max_bytes_per_run": max(r["bytes"] for r in runs),
+        "warn_limits": {"events": WARN_EVENTS, "bytes": WARN_BYTES},
+        "under_warn_limits": all(
+            r["events"] < WARN_EVENTS and r["bytes"] < WARN_BYTES for r in runs
+        ),
+        "input_bytes_first_run": runs[0]["input_bytes"],
+        "bytes_per_step_early": early,
+        "bytes_per_step_late": late,
+        "late_over_early": late / early,
+        "total_bytes": sum(r["bytes"] for r in runs),
+        "buckets": buckets,
+        "per_run": [{k: v for k, v in r.items() if k != "step_bytes"} for r in runs],
+        "per_step_bytes": per_step,
+    }
+
+
+def report(data: dict[str, object]) -> None:
+    print()
+    print(
+        f"{data['setup']['steps']} steps -> {data['result']['status']} in {data['wall_s']:.0f}s "
+        f"({data['ms_per_step']:.0f} ms/step), {data['runs_in_chain']} runs in the chain"
+    )
+    for r in data["per_run"]:  # type: ignore[union-attr]
+        print(
+            f"  run: {r['events']:>6} events, {r['bytes'] / 2**20:5.2f} MiB "
+            f"(input {r['input_bytes'] / 1024:.0f} KiB)"
+        )
+    print(
+        f"max per run: {data['max_events_per_run']} events (warn {WARN_EVENTS}), "
+        f"{data['max_bytes_per_run'] / 2**20:.2f} MiB (warn 10 MiB); "
+        f"under warning limits: {data['under_warn_limits']}"
+    )
+    print(
+        f"bytes/step: early {data['bytes_per_step_early']:.0f}, late "
+        f"{data['bytes_per_step_late']:.0f}, ratio late/early {data['late_over_early']:.2f}"
+    )
+    for b in data["buckets"]:  # type: ignore[union-attr]
+        print(f"  steps {b['steps']:>13}: {b['bytes_per_step']:.0f} B/step")
+
+
+def main() -> None:
+    p = parser(__doc__, "1,000 steps")
+    p.add_argument("--steps", type=int, default=None, help="override the number of steps")
+    p.add_argument("--can-after", type=int, default=None, help="continue_as_new_after_events")
+    args = p.parse_args()
+    steps = args.steps or (1_000 if args.quick else 10_000)
+    data = asyncio.run(run(steps, args.can_after))
+    report(data)
+    write_results(args.out, "long_runs", data)
+
+
+if __name__ == "__main__":
+    main()

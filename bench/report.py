@@ -1,0 +1,268 @@
+"""Plots and the README "Numbers" table from ``bench/results/*.json``.
+
+Writes PNGs next to the results (success rate per arm, run latency distributions, per-step
+latency and history bytes against the peers, history growth over long runs, recovery times)
+and prints a Markdown section to paste under "Numbers" in the README, headed by the machine the
+figures came from (nproc, memory, CPU model from /proc/cpuinfo).
+
+    python -m bench.report [--results bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.common import RESULTS_DIR, machine
+
+
+def _load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_compound(data: dict, results: Path) -> list[Path]:
+    plt = _plt()
+    arms = data["arms"]
+    names = list(arms)
+    made = []
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    rates = [arms[n]["success_rate"] * 100 for n in names]
+    dupes = [arms[n]["duplicate_side_effects"] for n in names]
+    bars = ax[0].bar(names, rates, color=["#c44", "#d93", "#393"][: len(names)])
+    ax[0].bar_label(bars, fmt="%.1f%%")
+    ax[0].set_ylim(0, 110)
+    ax[0].set_ylabel("end-to-end success (%)")
+    ax[0].set_title("10-step runs, 15% faults on every call")
+    bars = ax[1].bar(names, dupes, color=["#c44", "#d93", "#393"][: len(names)])
+    ax[1].bar_label(bars)
+    ax[1].set_ylabel("duplicate side effects")
+    ax[1].set_title("refunds / emails / tickets > 1 per order")
+    fig.tight_layout()
+    path = results / "compound_success.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = [arms[n]["run_durations_s"] for n in names]
+    ax.boxplot(series, tick_labels=names, showfliers=True)
+    ax.set_yscale("log")
+    ax.set_ylabel("run wall time (s, log)")
+    ax.set_title("Run latency per arm (Spine: with worker kills + server restart)")
+    fig.tight_layout()
+    path = results / "compound_latency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(path)
+    return made
+
+
+def plot_peers(data: dict, results: Path) -> list[Path]:
+    plt = _plt()
+    ten = data["ten_step"]
+    names = list(ten)
+    fig, ax = plt.subplots(1, 3, figsize=(13, 4))
+    ax[0].boxplot(
+        [[s["wall_s"] * 100 for s in ten[n]["samples"]] for n in names], tick_labels=names
+    )
+    ax[0].set_ylabel("ms per step")
+    ax[0].set_title("10-step run: latency per step")
+    bars = ax[1].bar(names, [ten[n]["history_bytes_per_step"] / 1024 for n in names])
+    ax[1].bar_label(bars, fmt="%.1f")
+    ax[1].set_ylabel("KiB of history per step")
+    ax[1].set_title("10-step run: history per step")
+    docs = data["issue_1890"]
+    bars = ax[2].bar(list(docs), [d["bytes"] / 2**20 for d in docs.values()])
+    ax[2].bar_label(bars, fmt="%.1f")
+    ax[2].axhline(50, color="#c44", linestyle="--", label="50 MiB: run terminated")
+    ax[2].axhline(10, color="#d93", linestyle=":", label="10 MiB: warning")
+    ax[2].set_ylabel("history (MiB)")
+    ax[2].set_title(f"#1890: {data['setup']['docs_calls']} calls x 20 KB")
+    ax[2].legend(fontsize=8)
+    fig.tight_layout()
+    path = results / "peers.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_long_runs(data: dict, results: Path) -> list[Path]:
+    plt = _plt()
+    per_step = data["per_step_bytes"]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].plot(range(1, len(per_step) + 1), per_step, linewidth=0.6)
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("history bytes")
+    ax[0].set_title("History bytes per step")
+    total, running = [], 0
+    for b in per_step:
+        running += b
+        total.append(running / 2**20)
+    ax[1].plot(range(1, len(total) + 1), total)
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("cumulative history (MiB, all runs)")
+    most = data["max_bytes_per_run"] / 2**20
+    ax[1].set_title(
+        f"{len(per_step)} steps, {data['runs_in_chain']} runs "
+        f"(max {most:.1f} MiB / {data['max_events_per_run']} events per run)"
+    )
+    fig.tight_layout()
+    path = results / "long_runs.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_recovery(data: dict, results: Path) -> list[Path]:
+    plt = _plt()
+    figures = data["figures"]
+    names = list(figures)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.boxplot(
+        [[s["progress_s"] for s in figures[n]["samples"] if s.get("progress_s")] for n in names],
+        tick_labels=names,
+    )
+    ax.set_ylabel("seconds to the run's next progress")
+    ax.set_title("Recovery after a fault")
+    fig.tight_layout()
+    path = results / "recovery.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _s(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f} s"
+
+
+def markdown(results: Path) -> str:
+    m = machine()
+    lines = [
+        "## Numbers",
+        "",
+        f"Measured on {m['nproc']} cores ({m['cpu_model']}), {m['memory_gb']} GiB memory, "
+        f"Python {m['python']}, temporalio {m['versions']['temporalio']}, shared with other "
+        "test suites (load average is recorded in each result file). Reproduce with "
+        "`make bench` (quick sizes) or `python -m bench.<name>` (full sizes).",
+        "",
+    ]
+    compound = _load(results, "compound")
+    if compound:
+        setup = compound["setup"]
+        lines += [
+            f"**Compound failure** — 10-step refund runs, {setup['service_fail_rate']:.0%} "
+            "transient faults on every tool call and every model call "
+            f"(`{compound.get('command', 'python -m bench.compound')}`):",
+            "",
+            "| arm | runs | success | duplicate side effects | unfinished, effects left "
+            "| compensated | parked | run p50 / p95 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        labels = {
+            "naive": "plain loop, no retries",
+            "retry": f"plain loop, {setup['retry_arm_tries']} tries, SIGKILL + restart",
+            "spine": "Spine, workers SIGKILLed + server restarted",
+        }
+        for name, a in compound["arms"].items():
+            lines.append(
+                f"| {labels.get(name, name)} | {a['runs']} | {a['success_rate']:.1%} "
+                f"| {a['duplicate_side_effects']} | {a['unfinished_with_side_effects_left']} "
+                f"| {a['compensated_runs']} | {a['parked']} "
+                f"| {_s(a['run_s']['median'])} / {_s(a['run_s']['p95'])} |"
+            )
+        lines.append("")
+    peers = _load(results, "peers")
+    if peers:
+        lines += [
+            f"**Peers** — the same scripted 10-step agent, one run at a time, same dev server "
+            f"(`{peers.get('command', 'python -m bench.peers')}`):",
+            "",
+            "| integration | step p50 | step p95 | history / step | events / step "
+            f"| #1890: {peers['setup']['docs_calls']} calls x 20 KB |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for name, a in peers["ten_step"].items():
+            d = peers["issue_1890"].get(name, {})
+            lines.append(
+                f"| {name} | {a['step_ms']['median']:.0f} ms | {a['step_ms']['p95']:.0f} ms "
+                f"| {a['history_bytes_per_step'] / 1024:.1f} KiB "
+                f"| {a['history_events_per_step']:.1f} "
+                f"| {d.get('outcome', '—')[:70]}; {d.get('bytes', 0) / 2**20:.1f} MiB |"
+            )
+        lines.append("")
+    long = _load(results, "long_runs")
+    if long:
+        lines += [
+            f"**Long runs** — {long['setup']['steps']} steps "
+            f"(`{long.get('command', 'python -m bench.long_runs')}`): "
+            f"{long['runs_in_chain']} runs in the continue-as-new chain, at most "
+            f"{long['max_events_per_run']} events and {long['max_bytes_per_run'] / 2**20:.2f} MiB "
+            "per run (warning limits: 10,240 events, 10 MiB); history per step "
+            f"{long['bytes_per_step_early']:.0f} B early vs {long['bytes_per_step_late']:.0f} B "
+            f"late (x{long['late_over_early']:.2f}); {long['ms_per_step']:.0f} ms per step.",
+            "",
+        ]
+    recovery = _load(results, "recovery")
+    if recovery:
+        lines += [
+            f"**Recovery** (`{recovery.get('command', 'python -m bench.recovery')}`), "
+            "seconds to the run's next completed task:",
+            "",
+            "| fault | trials | median | p95 |",
+            "|---|---:|---:|---:|",
+        ]
+        for kind, f in recovery["figures"].items():
+            lines.append(
+                f"| {kind} | {f['measured']} | {_s(f['progress_s']['median'])} "
+                f"| {_s(f['progress_s']['p95'])} |"
+            )
+        lines += [
+            "",
+            "A SIGKILLed worker's in-flight call is retried only when its start-to-close timeout "
+            "expires (15 s for the demo tools, 120 s for a model call); heartbeats or shorter "
+            "timeouts shorten it.",
+            "",
+        ]
+    images = sorted(p.name for p in results.glob("*.png"))
+    if images:
+        lines.append("Plots: " + ", ".join(f"`bench/results/{name}`" for name in images))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS_DIR)
+    args = p.parse_args()
+    results: Path = args.results
+    results.mkdir(parents=True, exist_ok=True)
+    made: list[Path] = []
+    for name, plot in (
+        ("compound", plot_compound),
+        ("peers", plot_peers),
+        ("long_runs", plot_long_runs),
+        ("recovery", plot_recovery),
+    ):
+        data = _load(results, name)
+        if data is None:
+            print(f"no {results / (name + '.json')}; run python -m bench.{name} --out ... first")
+            continue
+        made += plot(data, results)
+    for path in made:
+        print(f"wrote {path}")
+    print()
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
