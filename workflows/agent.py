@@ -85,6 +85,8 @@ SA_COST = SearchAttributeKey.for_float("SpineCostUSD")
 SA_STEPS = SearchAttributeKey.for_int("SpineSteps")
 
 MODEL_TIMEOUT = timedelta(seconds=120)
+#: Model calls one account-ledger reservation covers (one ledger round trip per block).
+BUDGET_BLOCK_CALLS = 4
 #: The model activity heartbeats every 2 s: a worker that died is noticed after this long.
 MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 #: How much untrusted tool output (characters) a run remembers for taint checks.
@@ -600,10 +602,8 @@ class AgentWorkflow:
         usd = (
             result.usage.input_tokens * price_in + result.usage.output_tokens * price_out
         ) / 1_000_000
-        reservation = self._reservation_id()
-        if reservation in self._budget.to_release:
-            self._budget.to_release.remove(reservation)
-            self._budget.to_commit[reservation] = usd
+        if self._budget.block_id is not None:
+            self._budget.block_spent_usd += usd
         self._budget.last_input_tokens = result.usage.input_tokens
         self._audit(
             "model_turn",
@@ -689,31 +689,39 @@ class AgentWorkflow:
             )
         if rules.daily_usd is None and rules.monthly_usd is None:
             return models
+        budget = self._budget
+        if budget.block_id is not None and budget.block_spent_usd + estimate <= budget.block_usd:
+            return models  # the block reserved earlier still covers this call
+        if budget.block_id is not None:
+            budget.to_commit[budget.block_id] = round(budget.block_spent_usd, 8)
+            budget.block_id = None
+        # Reserve for a few calls at once (one ledger round trip per block, not per call); near
+        # the limit, fall back to just this call before giving up.
         reservation = self._reservation_id()
-        answer = await self._ledger(spec, reservation, estimate)
-        assert answer is not None  # parking, not None, is how _ledger fails here
-        self._audit(
-            "budget",
-            "spine",
-            decision="reserved" if answer.granted else "denied",
-            spent_usd=round(answer.day_committed_usd, 8),
-            limit_usd=rules.daily_usd if rules.daily_usd is not None else rules.monthly_usd,
-            reservation_id=reservation,
-            amount_usd=round(estimate, 8),
-            used_fraction=round(answer.used_fraction, 4),
-            reason=answer.reason,
-        )
-        if not answer.granted:
-            raise _Stop(
-                "failed",
-                f"budget_exhausted: {answer.reason}",
-                keep_status=True,
-                compensate=rules.compensate_on_exhausted,
+        for size in (estimate * BUDGET_BLOCK_CALLS, estimate):
+            answer = await self._ledger(spec, reservation, size)
+            assert answer is not None  # parking, not None, is how _ledger fails here
+            self._audit(
+                "budget",
+                "spine",
+                decision="reserved" if answer.granted else "denied",
+                spent_usd=round(answer.day_committed_usd, 8),
+                limit_usd=rules.daily_usd if rules.daily_usd is not None else rules.monthly_usd,
+                reservation_id=reservation,
+                amount_usd=round(size, 8),
+                used_fraction=round(answer.used_fraction, 4),
+                reason=answer.reason,
             )
-        self._budget.ledger_fraction = answer.used_fraction
-        # Released unless the call succeeds (then _charge turns it into a commit).
-        self._budget.to_release.append(reservation)
-        return models
+            if answer.granted:
+                budget.ledger_fraction = answer.used_fraction
+                budget.block_id, budget.block_usd, budget.block_spent_usd = reservation, size, 0.0
+                return models
+        raise _Stop(
+            "failed",
+            f"budget_exhausted: {answer.reason}",
+            keep_status=True,
+            compensate=rules.compensate_on_exhausted,
+        )
 
     async def _ledger(
         self, spec: AgentSpec, reserve_id: str | None, amount: float, *, park: bool = True
@@ -1065,6 +1073,9 @@ class AgentWorkflow:
     async def _finish(self, stop: _Stop) -> AgentResult:
         status = stop.status
         reason = stop.reason
+        if self._budget.block_id is not None:
+            self._budget.to_commit[self._budget.block_id] = round(self._budget.block_spent_usd, 8)
+            self._budget.block_id = None
         if self._spec is not None and (self._budget.to_commit or self._budget.to_release):
             await self._ledger(self._spec, None, 0.0, park=False)
         if (

@@ -119,8 +119,16 @@ class BudgetLedger:
 
     def _settle(self, reservation_id: str, actual: float | None) -> None:
         reservation = self._state.reservations.get(reservation_id)
-        if reservation is None or reservation.state != "reserved":
+        if reservation is None or reservation.state == "committed":
             return  # unknown or already settled: settling is idempotent
+        if reservation.state == "released":
+            # Expired while its run waited (an approval, say): the spend still counts.
+            if actual is not None:
+                for key in (reservation.day, reservation.month):
+                    self._window(key).committed_usd += actual
+                reservation.state = "committed"
+                reservation.actual_usd = actual
+            return
         for key in (reservation.day, reservation.month):
             window = self._window(key)
             window.reserved_usd = max(window.reserved_usd - reservation.amount_usd, 0.0)

@@ -168,6 +168,9 @@ class BudgetCarry(BaseModel):
     last_input_tokens: int = 0
     degraded_to: str | None = None
     approved_to_continue: bool = False
+    block_id: str | None = None
+    block_usd: float = 0.0
+    block_spent_usd: float = 0.0
 
 
 class AgentWorkflowInput(AgentRequest):
