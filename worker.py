@@ -227,6 +227,7 @@ def build_worker(
                 task_queue=rate_limited_queue(agents.task_queue, group),
                 activities=tool_activities,
                 max_task_queue_activities_per_second=rate,
+                plugins=list(plugins),  # tool spans and metrics come from the plugin
                 max_concurrent_activities=config.max_concurrent_activities,
             )
         )

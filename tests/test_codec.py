@@ -162,7 +162,7 @@ async def test_encrypted_run_completes_with_ciphertext_history(
     """An encrypted run completes; its history holds no plaintext, the codec server reveals it."""
     goal, reason, output = (f"{what}-{uuid4().hex}" for what in ("goal", "reason", "output"))
     script = [
-        turn(call("issue_refund", order_id="o-1401", amount=12.5, reason=reason), confidence=0.95),
+        turn(call("issue_refund", order_id="o-1491", amount=12.5, reason=reason), confidence=0.95),
         turn(text=f"Refunded 12.50. {output}"),
     ]
     enc = await connect_encrypted("key-a")
@@ -176,7 +176,7 @@ async def test_encrypted_run_completes_with_ciphertext_history(
 
     events = list((await handle.fetch_history()).events)
     raw = _raw(events)
-    for plaintext in (goal, reason, output, "o-1401"):
+    for plaintext in (goal, reason, output, "o-1491"):
         assert plaintext.encode() not in raw
     started = _event(events, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED)
     [request] = started.workflow_execution_started_event_attributes.input.payloads

@@ -118,7 +118,7 @@ async def test_run_has_one_root_span_and_genai_children(
 ):
     """A 3-step run is one trace: invoke_agent, a chat span per step, an execute_tool per call."""
     async with traced_worker(client, worker_config, telemetry):
-        handle = await run_to_end(client, three_step_script("o-1201"), task_queue)
+        handle = await run_to_end(client, three_step_script("o-1211"), task_queue)
     result = await wait_result(handle)
     spans = spans_of(trace_file, telemetry, handle.id)
     [root] = [s for s in spans if s["parent_id"] is None]
@@ -160,8 +160,8 @@ async def test_content_is_recorded_only_when_asked(client, worker_config, task_q
     env = {"SPINE_TRACE_FILE": str(trace_file), "SPINE_TRACE_CONTENT": "1"}
     telemetry = telemetry_from_env(env)
     try:
-        script = [turn(call("lookup_order", order_id="o-1202")), turn(text="It is o-1202.")]
-        request = scripted_request(script, goal="Where is o-1202?")
+        script = [turn(call("lookup_order", order_id="o-1212")), turn(text="It is o-1212.")]
+        request = scripted_request(script, goal="Where is o-1212?")
         async with traced_worker(client, worker_config, telemetry):
             handle = await start_run(client, request, task_queue=task_queue)
             await wait_result(handle)
@@ -169,14 +169,14 @@ async def test_content_is_recorded_only_when_asked(client, worker_config, task_q
     finally:
         telemetry.shutdown()
     [root] = by_operation(spans, "invoke_agent")
-    assert "Where is o-1202?" in root["attributes"]["gen_ai.input.messages"]
-    assert "It is o-1202." in root["attributes"]["gen_ai.output.messages"]
+    assert "Where is o-1212?" in root["attributes"]["gen_ai.input.messages"]
+    assert "It is o-1212." in root["attributes"]["gen_ai.output.messages"]
     first_chat = by_operation(spans, "chat")[0]["attributes"]
-    assert "Where is o-1202?" in first_chat["gen_ai.input.messages"]
+    assert "Where is o-1212?" in first_chat["gen_ai.input.messages"]
     assert "lookup_order" in first_chat["gen_ai.output.messages"]
     [tool] = by_operation(spans, "execute_tool")
-    assert json.loads(tool["attributes"]["gen_ai.tool.call.arguments"]) == {"order_id": "o-1202"}
-    assert json.loads(tool["attributes"]["gen_ai.tool.call.result"])["order_id"] == "o-1202"
+    assert json.loads(tool["attributes"]["gen_ai.tool.call.arguments"]) == {"order_id": "o-1212"}
+    assert json.loads(tool["attributes"]["gen_ai.tool.call.result"])["order_id"] == "o-1212"
 
 
 def ten_step_script(order: str) -> list[ScriptTurn]:
@@ -209,7 +209,7 @@ async def test_worker_restart_does_not_duplicate_spans(
     client, worker_config, task_queue, telemetry, trace_file
 ):
     """A 10-step run that outlives its worker while awaiting approval has one span per step."""
-    script = ten_step_script("o-1203")
+    script = ten_step_script("o-1213")
     async with traced_worker(client, worker_config, telemetry):
         handle = await start_run(client, scripted_request(script), task_queue=task_queue)
         state = await wait_for_status(handle, "awaiting_approval")
@@ -269,7 +269,7 @@ async def test_replaying_a_history_emits_no_spans(
 ):
     """Replaying a finished run's history with the plugin writes no span."""
     async with traced_worker(client, worker_config, telemetry):
-        handle = await run_to_end(client, three_step_script("o-1204"), task_queue)
+        handle = await run_to_end(client, three_step_script("o-1214"), task_queue)
     written = len(spans_of(trace_file, telemetry, handle.id))
     replayer = Replayer(
         workflows=[AgentWorkflow],
@@ -288,7 +288,7 @@ async def test_trace_command_renders_the_tree(
 ):
     """`spine trace RUN` shows the span tree with durations, tokens, cost and totals."""
     async with traced_worker(client, worker_config, telemetry):
-        handle = await run_to_end(client, three_step_script("o-1205"), task_queue)
+        handle = await run_to_end(client, three_step_script("o-1215"), task_queue)
     spans_of(trace_file, telemetry, handle.id)  # flushed
     runner = CliRunner()
     shown = runner.invoke(trace, [handle.id, "--file", str(trace_file)])
@@ -318,7 +318,7 @@ async def test_slo_reports_success_rate_from_visibility(client, worker_config, t
     started = datetime.now(UTC) - timedelta(seconds=5)
     failing = [ScriptTurn(error="terminal")]
     async with worker_module.build_worker(client, config=worker_config):
-        for script in (three_step_script("o-1206"), three_step_script("o-1207"), failing):
+        for script in (three_step_script("o-1216"), three_step_script("o-1217"), failing):
             await run_to_end(client, script, task_queue)
 
     async def all_closed() -> bool:
@@ -389,7 +389,7 @@ async def test_spans_go_to_otlp_when_an_endpoint_is_set(
         )
         try:
             assert telemetry.trace_file is None and telemetry.otlp_endpoint == f"{url}/v1/traces"
-            script = [turn(call("lookup_order", order_id="o-1208")), turn(text="Found it.")]
+            script = [turn(call("lookup_order", order_id="o-1218")), turn(text="Found it.")]
             async with traced_worker(client, worker_config, telemetry):
                 handle = await run_to_end(client, script, task_queue)
             assert telemetry.force_flush()
@@ -427,8 +427,8 @@ async def test_prometheus_metrics_from_the_worker(client, worker_config, task_qu
         data_converter=pydantic_data_converter,
     )
     script = [
-        turn(call("lookup_order", order_id="o-1209")),
-        turn(call("issue_refund", order_id="o-1209", amount=30.0), confidence=0.95),
+        turn(call("lookup_order", order_id="o-1219")),
+        turn(call("issue_refund", order_id="o-1219", amount=30.0), confidence=0.95),
         turn(text="Refunded."),
     ]
     async with traced_worker(metrics_client, worker_config, telemetry):
@@ -439,7 +439,8 @@ async def test_prometheus_metrics_from_the_worker(client, worker_config, task_qu
             return [
                 line
                 for line in text.splitlines()
-                if line.startswith(name) and f'task_queue="{task_queue}"' in line
+                # tool calls run on the group's rate-limited queue, named after this one
+                if line.startswith(name) and f'task_queue="{task_queue}' in line
             ]
 
         async def scraped() -> bool:
