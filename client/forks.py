@@ -1,0 +1,937 @@
+"""Fork a run from a checkpoint: what `spine replay RUN --from-step N` does.
+
+*Checkpoint N* is a run's state once step N has finished: model turn N answered and its tool calls
+done. A fork is a new `AgentWorkflow` run that starts from that state and goes on with step N+1.
+Nothing of steps 1..N runs again: the checkpoint is rebuilt from the original's event history
+(the `spine.model_call` inputs and results and the `tool.*` results, step by step, across
+continue-as-new) into a :class:`~workflows.models.Carry`, the same state a run hands itself when
+it continues as new, and passed as ``AgentWorkflowInput.carry``. It holds:
+
+- the transcript up to the checkpoint (see below);
+- the completed side effects, with their compensations and their original idempotency keys, so a
+  fork that fails later undoes them (``<key>/undo``) and never redoes them;
+- the spend so far (``usage``), so limits count the whole story;
+- the agent spec the original pinned at its start (tool versions, policy slice, prices);
+- invalid-call and retry counts, and the untrusted text that taint checks look at.
+
+The audit chain and budget reservations are the fork's own (a new workflow id): its audit log
+starts at seq 0 and its model calls reserve anew on the account's ledger.
+
+**How the transcript travels.** The fork carries the messages in its input
+(``carry.pending_messages``, with ``transcript_len=0``); its first model call writes them to the
+transcript store under the fork's own id, verifying them like any other call. The alternative,
+copying the rows inside the store with an activity, was rejected because:
+
+- the event history is the source of truth and is all a fork needs: it works when the CLI and
+  the workers do not share a disk, when the original's transcript was pruned from the store, and
+  when the original ran on another deployment;
+- no new activity or workflow code path: a fork is an ordinary continue-as-new-shaped input, so
+  the replay-tested workflow code is unchanged.
+
+Its cost is one input payload holding the transcript prefix; a fork whose prefix would exceed
+:data:`MAX_CARRIED_BYTES` (far below Temporal's 2 MB payload limit) is refused; fork from an
+earlier step instead.
+
+Refusals are :class:`ForkRefused`: one line naming the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar, get_args
+from uuid import uuid4
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from temporalio.api.common.v1 import Payloads
+from temporalio.api.enums.v1 import RetryState
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.converter import DataConverter
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.models import (
+    EMPTY_DIGEST,
+    AgentSpec,
+    ChatMessage,
+    ModelCallInput,
+    ModelCallResult,
+    ScriptTurn,
+    ToolCallInput,
+    ToolCallResult,
+    chain_digest,
+)
+from activities.tools import Registry
+from client.runs import (
+    SPINE_ACCOUNT,
+    SPINE_AGENT,
+    SPINE_STATUS,
+    RunHandle,
+    SpineClientError,
+    describe,
+    get_run,
+)
+from workflows.models import (
+    WORKFLOW_TYPE,
+    AgentResult,
+    AgentWorkflowInput,
+    BudgetCarry,
+    Carry,
+    Provider,
+    SideEffect,
+    Usage,
+)
+
+SPINE_FORKED_FROM = SearchAttributeKey.for_keyword("SpineForkedFrom")
+"""Keyword search attribute on a fork: the workflow id it was forked from (when registered)."""
+
+#: Largest transcript prefix (JSON bytes) a fork carries in its input.
+MAX_CARRIED_BYTES = 1_000_000
+#: Spine statuses of runs a bulk replay picks up: parked, or ended without completing.
+BULK_STATUSES = ("parked", "failed", "compensated", "rejected")
+_CLOSED_BADLY = (
+    WorkflowExecutionStatus.FAILED,
+    WorkflowExecutionStatus.TERMINATED,
+    WorkflowExecutionStatus.TIMED_OUT,
+)
+_SKIPPED_PREFIX = "error: skipped by operator"
+
+#: What `--set` may change, with what it expects. Agent, user, role and account stay: the
+#: pinned spec (tools, grants, approval rules) was resolved for them.
+SETTABLE = {
+    "goal": "text",
+    "model.provider": " | ".join(get_args(Provider)),
+    "model.name": "a model name with a price in the pinned policy ('' for the default)",
+    "model.fallback": "comma-separated [PROVIDER:]MODEL list, or a JSON list",
+    "model.script": "a JSON list of scripted turns, or @FILE holding one",
+    "model.fail_rate": "0..1 (scripted model only)",
+    "limits.max_steps": "an integer above the checkpoint's step",
+    "limits.max_usd": "USD, counting what the original spent up to the checkpoint",
+}
+_SCRIPT = TypeAdapter(list[ScriptTurn])
+
+
+class ForkRefused(SpineClientError):
+    """The fork cannot be made as asked; the message names the cause and the fix."""
+
+
+# ------------------------------------------------------------------------------ history
+
+
+@dataclass
+class _Activity:
+    """One scheduled activity of the original and how it ended."""
+
+    kind: str
+    run_id: str
+    input: Payloads
+    max_attempts: int
+    attempt: int = 1
+    result: Payloads | None = None
+    retry_state: int = 0
+
+
+@dataclass
+class _Segment:
+    """One run (execution) of the original's continue-as-new chain."""
+
+    run_id: str
+    input: AgentWorkflowInput
+    activities: list[_Activity]
+    result: AgentResult | None = None
+
+    @property
+    def first_step(self) -> int:
+        """The step its carry starts after (0 for the chain's first run)."""
+        return self.input.carry.step if self.input.carry else 0
+
+
+@dataclass
+class RunHistory:
+    """The original run's continue-as-new chain, decoded as far as forking needs."""
+
+    workflow_id: str
+    segments: list[_Segment]
+    memo: Mapping[str, object] = field(default_factory=dict)
+    status: str = ""
+    """`SpineStatus` of its latest run (else the workflow's status, lower case)."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def _decode(converter: DataConverter, payloads: Payloads, cls: type[M]) -> M:
+    [value] = await converter.decode(payloads.payloads, [cls])
+    if not isinstance(value, cls):
+        raise SpineClientError(f"a history payload is not a {cls.__name__}")
+    return value
+
+
+async def load_history(client: Client, workflow_id: str) -> RunHistory:
+    """Fetch and decode the history of `workflow_id`'s latest continue-as-new chain.
+
+    Raises:
+        SpineClientError: no such run, or the server refuses.
+    """
+    handle = get_run(client, workflow_id)
+    desc = await describe(handle)
+    first = desc.raw_description.workflow_execution_info.first_run_id or desc.run_id
+    memo = await desc.memo()
+    status = desc.typed_search_attributes.get(SPINE_STATUS) or (
+        desc.status.name.lower() if desc.status else "unknown"
+    )
+    segments: list[_Segment] = []
+    run_id: str | None = first
+    converter = client.data_converter
+    while run_id:
+        run_handle = get_run(client, workflow_id, run_id=run_id)
+        try:
+            history = await run_handle.fetch_history()
+        except RPCError as e:
+            raise SpineClientError(
+                f"cannot read the history of run {workflow_id!r} ({run_id}): {e.message}"
+            ) from e
+        segment, run_id = await _segment(converter, run_id, history.events)
+        segments.append(segment)
+    return RunHistory(workflow_id=workflow_id, segments=segments, memo=memo, status=status)
+
+
+async def _segment(
+    converter: DataConverter, run_id: str, events: Sequence[HistoryEvent]
+) -> tuple[_Segment, str | None]:
+    """Decode one run's events; returns it and the run it continued as new into, if any."""
+    request: AgentWorkflowInput | None = None
+    result: AgentResult | None = None
+    activities: dict[int, _Activity] = {}
+    following: str | None = None
+    for event in events:
+        if event.HasField("workflow_execution_started_event_attributes"):
+            started = event.workflow_execution_started_event_attributes
+            request = await _decode(converter, started.input, AgentWorkflowInput)
+        elif event.HasField("activity_task_scheduled_event_attributes"):
+            scheduled = event.activity_task_scheduled_event_attributes
+            activities[event.event_id] = _Activity(
+                kind=scheduled.activity_type.name,
+                run_id=run_id,
+                input=scheduled.input,
+                max_attempts=scheduled.retry_policy.maximum_attempts or 0,
+            )
+        elif event.HasField("activity_task_started_event_attributes"):
+            attempt = event.activity_task_started_event_attributes
+            activities[attempt.scheduled_event_id].attempt = attempt.attempt
+        elif event.HasField("activity_task_completed_event_attributes"):
+            completed = event.activity_task_completed_event_attributes
+            activities[completed.scheduled_event_id].result = completed.result
+        elif event.HasField("activity_task_failed_event_attributes"):
+            failed = event.activity_task_failed_event_attributes
+            activities[failed.scheduled_event_id].retry_state = failed.retry_state
+        elif event.HasField("activity_task_timed_out_event_attributes"):
+            timed_out = event.activity_task_timed_out_event_attributes
+            activities[timed_out.scheduled_event_id].retry_state = timed_out.retry_state
+        elif event.HasField("workflow_execution_completed_event_attributes"):
+            done = event.workflow_execution_completed_event_attributes
+            result = await _decode(converter, done.result, AgentResult)
+        elif event.HasField("workflow_execution_continued_as_new_event_attributes"):
+            continued = event.workflow_execution_continued_as_new_event_attributes
+            following = continued.new_execution_run_id or None
+    if request is None:
+        raise SpineClientError(f"run {run_id} has no start event in its history")
+    return _Segment(run_id, request, list(activities.values()), result), following
+
+
+# ---------------------------------------------------------------------------- checkpoint
+
+
+@dataclass
+class _Turn:
+    """A model call of the original that succeeded."""
+
+    step: int
+    run_id: str
+    call: ModelCallInput
+    result: ModelCallResult
+
+    @property
+    def answer_at(self) -> int:
+        """Position of the model's answer in the transcript."""
+        return self.call.base_len + len(self.call.new_messages)
+
+
+@dataclass
+class _Calls:
+    """The original's model and tool calls, decoded once."""
+
+    turns: dict[int, _Turn] = field(default_factory=dict)
+    tools: dict[tuple[int, str], tuple[ToolCallInput, ToolCallResult]] = field(default_factory=dict)
+    #: (step, failed attempts as the workflow counts them) per model or tool call.
+    retries: list[tuple[int, int]] = field(default_factory=list)
+    #: Idempotency keys of side effects a compensation undid.
+    undone: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Checkpoint:
+    """A run's state once step `step` finished, ready to hand to a new run."""
+
+    workflow_id: str
+    run_id: str
+    step: int
+    request: AgentWorkflowInput
+    carry: Carry
+    status: str = ""
+    """The original's status when the checkpoint was read (see `RunHistory.status`)."""
+
+    @property
+    def spec(self) -> AgentSpec:
+        return self.carry.spec
+
+
+async def checkpoint(history: RunHistory, step: int, converter: DataConverter) -> Checkpoint:
+    """Rebuild the state of `history`'s run at the end of `step` (0: before the first step).
+
+    Raises:
+        ForkRefused: the run has no such finished step, a side effect up to the step was undone,
+            or the history cannot be read back consistently.
+    """
+    from workflows.agent import UNTRUSTED_KEEP  # lazily: the workflow module is heavier
+
+    wid = history.workflow_id
+    if step < 0:
+        raise ForkRefused(f"--from-step must be 0 or more, not {step}")
+    usable = [s for s in history.segments if s.first_step <= step]
+    if not usable:
+        origin = history.memo.get("forked_from")
+        source = origin.get("workflow_id") if isinstance(origin, dict) else None
+        raise ForkRefused(
+            f"run {wid!r} starts after step {history.segments[0].first_step}"
+            + (f" (it was forked from {source!r}: fork that run instead)" if source else "")
+        )
+    segment = usable[-1]
+    spec = await _spec(segment, converter, wid)
+    calls = await _decode_calls(history, converter, spec)
+    last = max(calls.turns, default=segment.first_step)
+    if step > last:
+        raise ForkRefused(
+            f"run {wid!r} finished {last} step(s); --from-step must be at most {last}"
+        )
+    if step in calls.turns and not calls.turns[step].result.message.tool_calls:
+        raise ForkRefused(
+            f"step {step} of run {wid!r} is the model's final answer; fork from an earlier step"
+        )
+
+    carried = segment.input.carry
+    usage = carried.usage.model_copy() if carried else Usage()
+    effects = [e.model_copy(deep=True) for e in carried.side_effects] if carried else []
+    untrusted = carried.untrusted_text if carried else ""
+    invalid = carried.invalid_calls if carried else 0
+    retries = carried.retries if carried else 0
+    last_input_tokens = carried.budget.last_input_tokens if carried else 0
+    prefix = _prefix(history, segment, spec, calls, step)
+    by_name = {t.name: t for t in spec.tools}
+    for k in range(segment.first_step + 1, step + 1):
+        turn = calls.turns[k]
+        usage = _charge(usage, turn, spec)
+        last_input_tokens = turn.result.usage.input_tokens
+        answers = prefix[
+            turn.answer_at + 1 : turn.answer_at + 1 + len(turn.result.message.tool_calls)
+        ]
+        invalid += sum(
+            1 for m in answers if m.is_error and not (m.content or "").startswith(_SKIPPED_PREFIX)
+        )
+        heard = {m.tool_call_id: m for m in answers}
+        for call in turn.result.message.tool_calls:
+            done = calls.tools.get((k, call.id))
+            if done is None:
+                # A local (read-only) tool leaves its result in a marker, not an activity
+                # event; what the model heard is the output, as the workflow wrote it down.
+                said = heard.get(call.id)
+                descriptor = by_name.get(call.name)
+                if said and not said.is_error and descriptor and descriptor.untrusted_output:
+                    untrusted = (untrusted + "\n" + (said.content or ""))[-UNTRUSTED_KEEP:]
+                continue
+            used, output = done
+            descriptor = by_name.get(used.tool)
+            if descriptor is None:
+                raise ForkRefused(f"run {wid!r} called tool {used.tool!r}, which its spec lacks")
+            if descriptor.side_effects:
+                effects.append(
+                    SideEffect(
+                        step=k,
+                        call_id=call.id,
+                        tool=used.tool,
+                        args=used.args,
+                        output=output.output,
+                        idempotency_key=used.idempotency_key or "",
+                        compensation=descriptor.compensation,
+                    )
+                )
+            if descriptor.untrusted_output:
+                text = json.dumps(output.output, sort_keys=True)
+                untrusted = (untrusted + "\n" + text)[-UNTRUSTED_KEEP:]
+    retries += sum(n for k, n in calls.retries if segment.first_step < k <= step)
+    for effect in effects:
+        if effect.idempotency_key in calls.undone:
+            raise ForkRefused(
+                f"run {wid!r} undid {effect.tool}@step{effect.step} (compensated), so a fork "
+                f"from step {step} would build on something that no longer stands; fork from "
+                f"step {effect.step - 1} instead"
+            )
+
+    request = segment.input.model_copy(deep=True)
+    request.carry = None
+    if request.model is not None and request.model.script:
+        start = (carried.script_pos if carried else 0) + step - segment.first_step
+        request.model.script = request.model.script[start:]
+    carry = Carry(
+        step=step,
+        usage=usage,
+        side_effects=effects,
+        transcript_len=0,
+        transcript_digest=EMPTY_DIGEST,
+        pending_messages=prefix,
+        invalid_calls=invalid,
+        script_pos=0,
+        retries=retries,
+        path=[],
+        budget=BudgetCarry(last_input_tokens=last_input_tokens),
+        audit_seq=0,
+        untrusted_text=untrusted,
+        spec=spec,
+    )
+    run_id = calls.turns[step].run_id if step in calls.turns else segment.run_id
+    return Checkpoint(wid, run_id, step, request, carry, status=history.status)
+
+
+async def _spec(segment: _Segment, converter: DataConverter, wid: str) -> AgentSpec:
+    """The spec pinned at the chain's start (carried by every later run)."""
+    if segment.input.carry is not None:
+        return segment.input.carry.spec
+    for act in segment.activities:
+        if act.kind == "spine.resolve_agent" and act.result is not None:
+            return await _decode(converter, act.result, AgentSpec)
+    raise ForkRefused(f"run {wid!r} never resolved its agent, so there is nothing to carry")
+
+
+async def _decode_calls(history: RunHistory, converter: DataConverter, spec: AgentSpec) -> _Calls:
+    """Every model and tool call of the chain, decoded once."""
+    compensation_tools = {t.compensation for t in spec.tools if t.compensation}
+    calls = _Calls()
+    for segment in history.segments:
+        for act in segment.activities:
+            if act.kind == "spine.model_call":
+                call = await _decode(converter, act.input, ModelCallInput)
+                step = call.step
+                if act.result is not None:
+                    result = await _decode(converter, act.result, ModelCallResult)
+                    calls.turns[step] = _Turn(step, act.run_id, call, result)
+            elif act.kind.startswith("tool."):
+                used = await _decode(converter, act.input, ToolCallInput)
+                if used.tool in compensation_tools:
+                    if act.result is not None and used.idempotency_key:
+                        calls.undone.add(used.idempotency_key.removesuffix("/undo"))
+                    continue
+                step = used.step
+                if act.result is not None:
+                    output = await _decode(converter, act.result, ToolCallResult)
+                    calls.tools[(step, used.call_id)] = (used, output)
+            else:
+                continue
+            # As `AgentWorkflow` counts: a call that ran out of attempts used its whole cap.
+            if act.result is not None:
+                calls.retries.append((step, act.attempt - 1))
+            elif act.retry_state == RetryState.RETRY_STATE_MAXIMUM_ATTEMPTS_REACHED:
+                calls.retries.append((step, max(act.max_attempts, 1) - 1))
+    _check_digests(calls, history.workflow_id)
+    return calls
+
+
+def _check_digests(calls: _Calls, wid: str) -> None:
+    """Each call built on the transcript the calls before it sent (the store's own check)."""
+    messages = _positions(calls)
+    digests = [EMPTY_DIGEST]
+    for message in messages:
+        digests.append(chain_digest(digests[-1], message) if message is not None else "")
+    for turn in calls.turns.values():
+        if digests[turn.call.base_len] not in ("", turn.call.base_digest):
+            raise ForkRefused(
+                f"the transcript of run {wid!r} cannot be rebuilt from its history at step "
+                f"{turn.step}; fork from an earlier step"
+            )
+
+
+def _positions(calls: _Calls) -> list[ChatMessage | None]:
+    """Every message the model calls sent, at its position (None where none is known)."""
+    messages: list[ChatMessage | None] = []
+    for turn in sorted(calls.turns.values(), key=lambda t: t.step):
+        call = turn.call
+        if len(messages) < turn.answer_at:
+            messages.extend([None] * (turn.answer_at - len(messages)))
+        messages[call.base_len : turn.answer_at] = call.new_messages
+    return messages
+
+
+def _prefix(
+    history: RunHistory, segment: _Segment, spec: AgentSpec, calls: _Calls, step: int
+) -> list[ChatMessage]:
+    """The transcript at the end of `step`: up to its answer, then its tool results."""
+    wid = history.workflow_id
+    messages = _positions(calls)
+    turn = calls.turns.get(step)
+    if turn is None:
+        carried = segment.input.carry
+        if carried is None:  # step 0: what the workflow starts every run with
+            return [
+                ChatMessage(role="system", content=spec.instructions),
+                ChatMessage(role="user", content=segment.input.goal),
+            ]
+        # The run starts at `step` with this carry (forked or continued as new).
+        head = _known(messages[: carried.transcript_len], carried.transcript_len, wid, step)
+        return [*head, *carried.pending_messages]
+    head = _known(messages[: turn.answer_at], turn.answer_at, wid, step)
+    following = calls.turns.get(step + 1)
+    if following is not None and following.call.base_len == turn.answer_at:
+        # The next call sent exactly what the model heard: the answer, then one result per call.
+        return [*head, *following.call.new_messages]
+    results = []
+    for call in turn.result.message.tool_calls:
+        done = calls.tools.get((step, call.id))
+        if done is None:
+            # A refused or skipped call leaves only the workflow's wording, sent with the next
+            # turn; a local tool's result is in a marker without its input; a parked or
+            # rejected call has no result at all.
+            raise ForkRefused(
+                f"the result of {call.name} at step {step} of run {wid!r} is not in its history "
+                f"(the step did not finish, or the run stopped before step {step + 1}); fork "
+                f"from step {step - 1}"
+            )
+        results.append(
+            ChatMessage(
+                role="tool",
+                tool_call_id=call.id,
+                name=call.name,
+                content=json.dumps(done[1].output, sort_keys=True),
+            )
+        )
+    return [*head, turn.result.message, *results]
+
+
+def _known(
+    messages: Sequence[ChatMessage | None], length: int, wid: str, step: int
+) -> list[ChatMessage]:
+    """`messages`, checked to be all `length` of them."""
+    known = [m for m in messages if m is not None]
+    if len(known) != length:
+        raise ForkRefused(f"the transcript of run {wid!r} has gaps before step {step}")
+    return known
+
+
+def _charge(usage: Usage, turn: _Turn, spec: AgentSpec) -> Usage:
+    """Add one turn's cost exactly as the workflow does (`AgentWorkflow._charge`)."""
+    result = turn.result
+    priced = result.model if result.model in spec.prices else turn.call.model
+    price_in, price_out = spec.prices.get(priced, (0.0, 0.0))
+    usd = (
+        result.usage.input_tokens * price_in + result.usage.output_tokens * price_out
+    ) / 1_000_000
+    return Usage(
+        input_tokens=usage.input_tokens + result.usage.input_tokens,
+        output_tokens=usage.output_tokens + result.usage.output_tokens,
+        usd=round(usage.usd + usd, 8),
+    )
+
+
+# -------------------------------------------------------------------------------- changes
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` items as a dict; later items win.
+
+    Raises:
+        ValueError: an item has no ``=`` or names a key that cannot be changed.
+    """
+    found: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set {item!r} is not KEY=VALUE")
+        if key not in SETTABLE:
+            raise ValueError(f"--set cannot change {key!r}; it can change: {', '.join(SETTABLE)}")
+        found[key] = value
+    return found
+
+
+def _script_value(value: str) -> list[ScriptTurn]:
+    text = value
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot read script file '{path}': {e.strerror or e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model.script is not valid JSON: {e.msg}") from e
+    if isinstance(data, dict) and "script" in data:
+        data = data["script"]
+    try:
+        return _SCRIPT.validate_python(data)
+    except ValidationError as e:
+        raise ValueError(f"model.script is not a valid script: {e.errors()[0]['msg']}") from e
+
+
+def _fallback_value(value: str) -> list[str]:
+    if value.strip().startswith("["):
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model.fallback is not valid JSON: {e.msg}") from e
+        if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+            raise ValueError("model.fallback must be a list of model names")
+        return data
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def apply_changes(point: Checkpoint, sets: Mapping[str, str]) -> AgentWorkflowInput:
+    """The fork's input: the checkpoint's request with `sets` applied and the carry attached.
+
+    A new goal replaces the user's message when forking from step 0; later, it is added as a
+    new user message (what the model did so far was for the old goal, and the transcript says
+    so). A new provider without a new name uses the policy's default model for it.
+
+    Raises:
+        ValueError: a value is malformed (a usage error).
+        ForkRefused: the result cannot run on the pinned spec (no price, no steps left, ...).
+    """
+    data = point.request.model_dump(mode="json", exclude={"carry"})
+    model = dict(data.get("model") or {"provider": point.spec.default_provider})
+    limits = dict(data.get("limits") or {})
+    if "model.provider" in sets and sets["model.provider"] != model.get("provider"):
+        model.update(provider=sets["model.provider"], name=None, fallback=[])
+    for key, value in sets.items():
+        if key == "goal":
+            data["goal"] = value
+        elif key == "model.provider":
+            continue
+        elif key == "model.name":
+            model["name"] = value or None
+        elif key == "model.fallback":
+            model["fallback"] = _fallback_value(value)
+        elif key == "model.script":
+            model["script"] = [t.model_dump(mode="json") for t in _script_value(value)]
+        elif key == "model.fail_rate":
+            model["fail_rate"] = _number(key, value)
+        elif key == "limits.max_steps":
+            limits["max_steps"] = int(_number(key, value))
+        elif key == "limits.max_usd":
+            limits["max_usd"] = _number(key, value)
+    if model.get("provider") != "scripted":
+        model["script"] = []
+    if any(k.startswith("model.") for k in sets):
+        data["model"] = model
+    data["limits"] = limits or None
+    try:
+        request = AgentWorkflowInput.model_validate(data)
+    except ValidationError as e:
+        error = e.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise ValueError(f"invalid --set: {where}: {error['msg']}") from e
+    carry = point.carry.model_copy(deep=True)
+    if "goal" in sets:
+        if point.step == 0:
+            carry.pending_messages[1] = ChatMessage(role="user", content=request.goal)
+        else:
+            carry.pending_messages.append(ChatMessage(role="user", content=request.goal))
+    changes = ", ".join(f"{k}={_shown(k, v)}" for k, v in sets.items())
+    carry.path = [
+        f"step {point.step}: forked from {point.workflow_id} ({point.run_id})"
+        + (f" with {changes}" if changes else "")
+    ]
+    request.carry = carry
+    _check_runnable(point, request)
+    return request
+
+
+def _number(key: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--set {key}={value!r}: not a number") from None
+
+
+def _shown(key: str, value: str) -> str:
+    if key == "model.script" and not value.startswith("@"):
+        return "<script>"
+    return value if len(value) <= 60 else value[:57] + "..."
+
+
+def _check_runnable(point: Checkpoint, request: AgentWorkflowInput) -> None:
+    """What the workflow would stop on at once, refused here instead (same rules)."""
+    spec, wid, step = point.spec, point.workflow_id, point.step
+    choice = request.model
+    provider = choice.provider if choice else spec.default_provider
+    name = choice.name if choice and choice.name else None
+    if name is None:
+        name = (
+            spec.default_model
+            if provider == spec.default_provider
+            else spec.default_models.get(provider)
+        )
+    if not name:
+        raise ForkRefused(f"no model name given and the policy has no default for {provider!r}")
+    models = [name] + [f.rpartition(":")[2] for f in (choice.fallback if choice else [])]
+    for model in models:
+        if model not in spec.prices:
+            raise ForkRefused(
+                f"model {model!r} has no price in the policy run {wid!r} pinned "
+                f"({spec.policy_version}); priced: {', '.join(sorted(spec.prices))}"
+            )
+    if provider == "scripted" and not (choice and choice.script):
+        raise ForkRefused(
+            f"the scripted model of run {wid!r} has no turn after step {step}; give one with "
+            "--set model.script=@FILE"
+        )
+    limits = request.limits
+    if limits and limits.max_steps is not None and limits.max_steps <= step:
+        raise ForkRefused(f"limits.max_steps={limits.max_steps} leaves no step after step {step}")
+
+
+# -------------------------------------------------------------------------------- versions
+
+
+def check_versions(point: Checkpoint, registry: Registry) -> None:
+    """Refuse a checkpoint whose pinned tool versions the current workers would not serve.
+
+    Raises:
+        ForkRefused: naming the first tool and version that is not served.
+    """
+    served: dict[str, list[int]] = {}
+    for definition in registry.tools:
+        served.setdefault(definition.name, []).append(definition.version)
+    for pinned in point.spec.tools:
+        if pinned.version in served.get(pinned.name, []):
+            continue
+        have = served.get(pinned.name)
+        serves = (
+            f"it serves version(s) {', '.join(str(v) for v in sorted(have))}"
+            if have
+            else "it does not serve that tool at all"
+        )
+        raise ForkRefused(
+            f"run {point.workflow_id!r} pinned tool {pinned.name!r} version {pinned.version}, "
+            f"which the current worker registry does not serve ({serves}); run a worker that "
+            "serves it (SPINE_AGENTS), or start a new run"
+        )
+
+
+def current_registry() -> Registry:
+    """The registry a worker started here would serve (agent modules from ``SPINE_AGENTS``).
+
+    Raises:
+        SpineClientError: the agent modules cannot be loaded.
+    """
+    from worker import load_registry  # lazily: it imports every activity
+
+    spec = os.environ.get("SPINE_AGENTS") or "demo.agent"
+    modules = tuple(m.strip() for m in spec.split(",") if m.strip())
+    try:
+        return load_registry(modules)
+    except (ImportError, ValueError) as e:
+        raise SpineClientError(f"cannot load agent modules {spec!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------------- forking
+
+
+@dataclass
+class ForkPlan:
+    """A fork, decided but not started."""
+
+    point: Checkpoint
+    new_id: str
+    request: AgentWorkflowInput
+    sets: Mapping[str, str]
+
+    @property
+    def forked_from(self) -> dict[str, object]:
+        """The memo linking the fork to its original."""
+        p = self.point
+        return {"workflow_id": p.workflow_id, "run_id": p.run_id, "step": p.step}
+
+    def as_json(self) -> dict[str, object]:
+        carry = self.point.carry
+        return {
+            "workflow_id": self.new_id,
+            "forked_from": self.forked_from,
+            "changes": dict(self.sets),
+            "carried": {
+                "steps": self.point.step,
+                "messages": len(carry.pending_messages),
+                "side_effects": [
+                    {"step": e.step, "tool": e.tool, "idempotency_key": e.idempotency_key}
+                    for e in carry.side_effects
+                ],
+                "usage": carry.usage.model_dump(mode="json"),
+                "tools": [f"{t.name}@{t.version}" for t in carry.spec.tools],
+            },
+        }
+
+
+def fork_id(workflow_id: str, step: int) -> str:
+    """A fresh id for a fork of `workflow_id` at `step`: ``<id>-fork<step>-<6 hex digits>``."""
+    return f"{workflow_id}-fork{step}-{uuid4().hex[:6]}"
+
+
+async def plan_fork(
+    client: Client,
+    workflow_id: str,
+    step: int,
+    sets: Mapping[str, str],
+    *,
+    registry: Registry,
+    new_id: str | None = None,
+) -> ForkPlan:
+    """Rebuild `workflow_id` at the end of `step`, apply `sets`, and check it can run.
+
+    Raises:
+        ForkRefused: see :func:`checkpoint`, :func:`apply_changes` and :func:`check_versions`.
+        ValueError: a `sets` value is malformed.
+        SpineClientError: the run cannot be read.
+    """
+    history = await load_history(client, workflow_id)
+    point = await checkpoint(history, step, client.data_converter)
+    check_versions(point, registry)
+    request = apply_changes(point, sets)
+    size = len(request.model_dump_json())
+    if size > MAX_CARRIED_BYTES:
+        raise ForkRefused(
+            f"the state of run {workflow_id!r} at step {step} is {size // 1000} kB, above the "
+            f"{MAX_CARRIED_BYTES // 1000} kB a fork may carry in its input; fork from an "
+            "earlier step"
+        )
+    return ForkPlan(point, new_id or fork_id(workflow_id, step), request, dict(sets))
+
+
+async def forked_from_registered(client: Client) -> bool:
+    """Whether the namespace has the `SpineForkedFrom` search attribute (and SAs are on)."""
+    if os.environ.get("SPINE_SEARCH_ATTRIBUTES", "1").lower() in ("0", "false"):
+        return False
+    try:
+        found = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=client.namespace)
+        )
+    except RPCError:
+        return False  # not allowed to ask (e.g. Temporal Cloud API keys): the memo still links
+    return SPINE_FORKED_FROM.name in found.custom_attributes
+
+
+async def start_fork(
+    client: Client, plan: ForkPlan, *, task_queue: str, link_attribute: bool
+) -> RunHandle:
+    """Start the planned fork, linked to its original by memo (and search attribute).
+
+    Raises:
+        SpineClientError: the id is taken or the server refuses the start.
+    """
+    request = plan.request
+    pairs = []
+    if os.environ.get("SPINE_SEARCH_ATTRIBUTES", "1").lower() not in ("0", "false"):
+        pairs = [
+            SearchAttributePair(SPINE_AGENT, request.agent),
+            SearchAttributePair(SPINE_ACCOUNT, request.account),
+            SearchAttributePair(SPINE_STATUS, "running"),
+        ]
+        if link_attribute:
+            pairs.append(SearchAttributePair(SPINE_FORKED_FROM, plan.point.workflow_id))
+    origin = plan.point
+    try:
+        return await client.start_workflow(
+            WORKFLOW_TYPE,
+            request,
+            id=plan.new_id,
+            task_queue=task_queue,
+            result_type=AgentResult,
+            memo={"forked_from": plan.forked_from},
+            search_attributes=TypedSearchAttributes(pairs) if pairs else None,
+            static_summary=(
+                f"{request.agent}: {request.goal[:60]} "
+                f"(fork of {origin.workflow_id} at step {origin.step})"
+            ),
+            static_details="\n".join(
+                [
+                    f"- **forked from**: {origin.workflow_id} ({origin.run_id}) at step "
+                    f"{origin.step}",
+                    *(f"- **{k}**: {_shown(k, v)}" for k, v in plan.sets.items()),
+                    f"- **agent**: {request.agent}",
+                    f"- **user**: {request.user}",
+                    f"- **account**: {request.account}",
+                ]
+            ),
+        )
+    except WorkflowAlreadyStartedError as e:
+        raise SpineClientError(
+            f"a run with id {plan.new_id!r} already exists in namespace {client.namespace!r}; "
+            "pick another --id"
+        ) from e
+    except RPCError as e:
+        raise SpineClientError(f"cannot start fork {plan.new_id!r}: {e.message}") from e
+
+
+# ------------------------------------------------------------------------------------ bulk
+
+
+@dataclass
+class Candidate:
+    """A run a bulk replay found, and whether it qualifies."""
+
+    workflow_id: str
+    run_id: str
+    status: str
+    eligible: bool
+
+
+async def find_runs(client: Client, query: str) -> list[Candidate]:
+    """The latest run of each Spine workflow matching the visibility `query`.
+
+    A run qualifies when it is parked or ended without completing (`SpineStatus` failed,
+    compensated or rejected; or the workflow itself failed, was terminated or timed out).
+
+    Raises:
+        SpineClientError: the query is invalid or the server refuses it.
+    """
+    full = f"WorkflowType = '{WORKFLOW_TYPE}' AND ({query})"
+    seen: dict[str, Candidate] = {}
+    try:
+        async for execution in client.list_workflows(full):
+            if execution.status == WorkflowExecutionStatus.CONTINUED_AS_NEW:
+                continue
+            if execution.id in seen:
+                continue
+            spine = execution.typed_search_attributes.get(SPINE_STATUS)
+            state = execution.status.name.lower() if execution.status else "unknown"
+            if execution.status in _CLOSED_BADLY:
+                status, eligible = state, True
+            else:
+                status, eligible = spine or state, spine in BULK_STATUSES
+            seen[execution.id] = Candidate(execution.id, execution.run_id, status, eligible)
+    except RPCError as e:
+        if e.status == RPCStatusCode.INVALID_ARGUMENT:
+            raise SpineClientError(f"invalid --query {query!r}: {e.message}") from e
+        raise SpineClientError(f"cannot list runs for --query {query!r}: {e.message}") from e
+    return sorted(seen.values(), key=lambda c: c.workflow_id)
+
+
+async def existing_forks(client: Client, workflow_id: str) -> list[str]:
+    """Ids of runs forked from `workflow_id` (needs `SpineForkedFrom`; visibility may lag)."""
+    query = f"{SPINE_FORKED_FROM.name} = '{workflow_id}'"
+    try:
+        return sorted({w.id async for w in client.list_workflows(query)})
+    except RPCError as e:
+        raise SpineClientError(f"cannot list forks of {workflow_id!r}: {e.message}") from e

@@ -1,0 +1,235 @@
+"""Record the event histories that `tests/test_replay_histories.py` replays.
+
+    python -m tests.record_histories          # rewrites tests/histories/*.json
+
+Starts its own Temporal dev server, OpenBao and demo service on free ports, runs each scenario
+below on a worker built by ``worker.build_worker``, and writes every run's history, in the format
+of ``WorkflowHistory.to_json()`` (stack traces blanked), to
+``tests/histories/<scenario>[.<n>].json``; ``.<n>`` numbers the runs of a continue-as-new chain.
+The workflow id of each is ``history-<scenario>``. Takes about 15 seconds.
+
+Re-record after an *intended* change of the workflow's commands (and say so in review); a change
+that should be replay-safe must pass against the histories recorded before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from activities.models import ScriptTurn
+from client.demo import build_demo_request
+from client.forks import current_registry, plan_fork, start_fork
+from client.runs import RunHandle, decide, signal_operator, start_run, wait_result
+from client.testing import DemoService, VaultDev, demo_stack, temporal_dev_server
+from guardrails.secrets import VaultSecrets
+from tests.helpers import call, policy_file, scripted_request, turn, wait_for_status
+from workflows.models import AgentRequest, AgentResult, ApprovalDecision, Limits, OperatorCommand
+
+HISTORIES = Path(__file__).parent / "histories"
+IDENTITY = "spine-history-recorder"  # not pid@host: the files are committed
+
+
+class Recorder:
+    """Runs scenarios on one worker and writes their histories."""
+
+    def __init__(self, client: Client, vault: VaultDev, service: DemoService, queue: str) -> None:
+        self.client = client
+        self.vault = vault
+        self.service = service
+        self.queue = queue
+
+    async def start(self, name: str, request: AgentRequest) -> RunHandle:
+        return await start_run(
+            self.client, request, workflow_id=f"history-{name}", task_queue=self.queue
+        )
+
+    def account(self, name: str, *, with_secret: bool = True) -> str:
+        account = f"history-{name}"
+        if with_secret:
+            self.vault.put_secret(f"spine/{account}", {"api_key": self.service.api_key})
+        return account
+
+    async def save(self, name: str, handle: RunHandle, out: Path) -> list[Path]:
+        """Write every run of the handle's chain; returns the files written."""
+        runs = sorted(
+            [w async for w in self.client.list_workflows(f"WorkflowId = '{handle.id}'")],
+            key=lambda w: w.start_time,
+        )
+        written = []
+        for index, run in enumerate(runs, start=1):
+            history = await self.client.get_workflow_handle(
+                handle.id, run_id=run.run_id
+            ).fetch_history()
+            path = out / (f"{name}.{index}.json" if len(runs) > 1 else f"{name}.json")
+            path.write_text(json.dumps(_scrubbed(history.to_json_dict()), indent=2) + "\n")
+            written.append(path)
+        return written
+
+
+def _scrubbed(value: object) -> object:
+    """`value` without stack traces: they name this machine's paths and replay ignores them."""
+    if isinstance(value, dict):
+        return {k: "" if k == "stackTrace" else _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
+def _refund_turns(order: str) -> list[ScriptTurn]:
+    return [
+        turn(call("issue_refund", order_id=order, amount=40.0), confidence=0.9),
+        turn(call("send_email", order_id=order, subject="Refund", body="Refunded 40.")),
+    ]
+
+
+async def demo_approval(r: Recorder) -> RunHandle:
+    """The demo conversation: lookup, a refund a supervisor approves, email, ticket, answer."""
+    handle = await r.start("demo-approval", build_demo_request("o-1001"))
+    state = await wait_for_status(handle, "awaiting_approval")
+    await decide(
+        handle,
+        ApprovalDecision(
+            approval_id=state.pending_approvals[0].approval_id,
+            decision="approve",
+            by="bob",
+            role="supervisor",
+        ),
+    )
+    return handle
+
+
+async def compensation(r: Recorder) -> RunHandle:
+    """A refund and an email, then a terminal model error: both are undone in reverse order."""
+    script = [*_refund_turns("o-1002"), turn(text="never")]
+    script[-1].error = "terminal"
+    request = scripted_request(script)
+    request.account = r.account("compensation")
+    return await r.start("compensation", request)
+
+
+async def park_retry(r: Recorder) -> RunHandle:
+    """The first tool call parks on a missing secret; an operator retries once it is back."""
+    account = r.account("park-retry", with_secret=False)
+    script = [
+        turn(call("lookup_order", order_id="o-1003")),
+        turn(call("issue_refund", order_id="o-1003", amount=20.0), confidence=0.9),
+        turn(text="Refunded 20.00."),
+    ]
+    request = scripted_request(script)
+    request.account = account
+    handle = await r.start("park-retry", request)
+    await wait_for_status(handle, "parked")
+    r.vault.put_secret(f"spine/{account}", {"api_key": r.service.api_key})
+    await signal_operator(handle, OperatorCommand(action="retry", by="ops", role="operator"))
+    return handle
+
+
+async def continue_as_new(r: Recorder) -> RunHandle:
+    """Sixteen lookups under a small history limit: the run continues as new twice or more."""
+    script = [turn(call("lookup_order", order_id=f"o-{1010 + i}")) for i in range(16)]
+    script.append(turn(text="Looked at every order."))
+    request = scripted_request(script)
+    request.account = r.account("continue-as-new")
+    return await r.start("continue-as-new", request)
+
+
+async def fork(r: Recorder) -> RunHandle:
+    """A run out of budget after a refund and an email, forked from step 2 with more budget."""
+    script = [*_refund_turns("o-1004"), turn(text="Refunded and emailed.")]
+    for t in script:
+        assert t.usage is not None  # helpers.turn always sets it
+        t.usage.input_tokens = 2000
+    request = scripted_request(script)
+    request.account = r.account("fork")
+    request.limits = Limits(max_usd=0.011)
+    original = await r.start("fork-original", request)
+    result = await wait_result(original)
+    assert result.status == "failed", result.reason
+    plan = await plan_fork(
+        r.client,
+        original.id,
+        2,
+        {"limits.max_usd": "0.5"},
+        registry=current_registry(),
+        new_id="history-fork",
+    )
+    return await start_fork(r.client, plan, task_queue=r.queue, link_attribute=True)
+
+
+SCENARIOS: dict[str, Callable[[Recorder], Awaitable[RunHandle]]] = {
+    "demo-approval": demo_approval,
+    "compensation": compensation,
+    "park-retry": park_retry,
+    "continue-as-new": continue_as_new,
+    "fork": fork,
+}
+
+
+#: Policy `[runtime]` overrides per scenario (the rest run on the default policy).
+RUNTIME: dict[str, dict[str, object]] = {"continue-as-new": {"continue_as_new_after_events": 100}}
+
+
+def _clear(out: Path, names: list[str]) -> None:
+    """Remove the scenarios' old files (a chain may now have fewer runs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        for stale in [*out.glob(f"{name}.json"), *out.glob(f"{name}.*.json")]:
+            stale.unlink()
+
+
+async def record(out: Path = HISTORIES, only: list[str] | None = None) -> list[Path]:
+    """Run the scenarios (all, or `only`) and write their histories to `out`."""
+    from worker import WorkerConfig, build_worker  # lazily: it imports every activity
+
+    names = only or list(SCENARIOS)
+    _clear(out, names)
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="spine-histories-") as tmp:
+        async with temporal_dev_server() as env:
+            target = env.client.service_client.config.target_host
+            client = await Client.connect(
+                target, identity=IDENTITY, data_converter=pydantic_data_converter
+            )
+            with demo_stack(Path(tmp)) as (vault, service):
+                for name in names:
+                    config = WorkerConfig(
+                        task_queue=f"histories-{name}",
+                        state_dir=Path(tmp) / "state",
+                        policy_path=policy_file(
+                            Path(tmp), runtime=RUNTIME.get(name), name=f"{name}.toml"
+                        ),
+                        settings={"SPINE_DEMO_URL": service.url},
+                        secrets=VaultSecrets(vault.url, token=vault.token),
+                        providers={},
+                    )
+                    recorder = Recorder(client, vault, service, config.task_queue)
+                    async with build_worker(client, config=config):
+                        handle = await SCENARIOS[name](recorder)
+                        result: AgentResult = await wait_result(handle)
+                    written += await recorder.save(name, handle, out)
+                    print(f"{name}: {result.status} after {result.steps} steps", flush=True)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenarios", nargs="*", help=f"default: all of {', '.join(SCENARIOS)}")
+    parser.add_argument("--out", type=Path, default=HISTORIES, help="default: tests/histories")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    for path in asyncio.run(record(args.out, args.scenarios or None)):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
