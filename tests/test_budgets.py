@@ -50,7 +50,10 @@ async def test_concurrent_runs_never_exceed_the_daily_budget(
             request = scripted_request(_three_turns(f"o-{1100 + i}"))
             request.account = account
             handles.append(await start_run(client, request, task_queue=task_queue))
-        results = await asyncio.gather(*(wait_result(h) for h in handles))
+        # Bounded: a run stuck waiting (an approval nobody gives) must fail the test, not hang it.
+        results = await asyncio.wait_for(
+            asyncio.gather(*(wait_result(h) for h in handles)), timeout=300
+        )
         ledger: WorkflowHandle = client.get_workflow_handle(ledger_workflow_id(account))
         view = await ledger.query("show", result_type=BudgetView)
     statuses = [r.status for r in results]

@@ -663,7 +663,9 @@ class AgentWorkflow:
                 )
         if self._budget.degraded_to is not None:
             models = [(models[0][0], self._budget.degraded_to), *models[1:]]
-        if fraction >= rules.approval_fraction and not self._budget.approved_to_continue:
+        # At 100% there is nothing left to approve: the ledger or the run limit stops the run.
+        asking = rules.approval_fraction <= fraction < 1.0
+        if asking and not self._budget.approved_to_continue:
             await self._await_approval(
                 "budget",
                 {"used_fraction": round(fraction, 4), "run_usd": self._usage.usd},
