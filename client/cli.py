@@ -20,6 +20,7 @@ from temporalio.client import WorkflowExecutionStatus
 
 from activities.models import ScriptTurn
 from client.runs import (
+    RunHandle,
     SpineClientError,
     connect,
     decide,
@@ -295,6 +296,18 @@ async def _run(request: AgentRequest, workflow_id: str | None, wait: bool, as_js
     if not as_json:
         click.echo(f"started {handle.id}")
         click.echo(f"Web UI  {url}")
+    return await follow(handle, started, wait=wait, as_json=as_json)
+
+
+async def follow(
+    handle: RunHandle,
+    started: dict[str, object],
+    *,
+    wait: bool,
+    as_json: bool,
+    noun: str = "run",
+) -> int:
+    """Print `started`, or follow the run to its end; exit code 1 unless it completed."""
     if not wait:
         if as_json:
             _echo_json(started)
@@ -310,7 +323,7 @@ async def _run(request: AgentRequest, workflow_id: str | None, wait: bool, as_js
             click.echo(line)
     if result.status != "completed":
         reason = f" ({result.reason})" if result.reason else ""
-        click.echo(f"spine: error: run {handle.id!r} ended {result.status}{reason}", err=True)
+        click.echo(f"spine: error: {noun} {handle.id!r} ended {result.status}{reason}", err=True)
         return 1
     return 0
 

@@ -32,7 +32,7 @@ from client.forks import (
     plan_fork,
     start_fork,
 )
-from client.runs import SpineClientError, connect, task_queue, wait_result, watch, web_ui_url
+from client.runs import SpineClientError, connect, task_queue, web_ui_url
 
 
 @click.command("replay")
@@ -114,7 +114,7 @@ async def _single(
     wait: bool,
     as_json: bool,
 ) -> int:
-    from client.cli import _echo_json, result_lines, state_line
+    from client.cli import _echo_json, follow
 
     registry = current_registry()
     client = await connect()
@@ -145,24 +145,7 @@ async def _single(
                 "or `abort` would undo the side effects this fork carried: terminate it instead "
                 f"(temporal workflow terminate --workflow-id {workflow_id})"
             )
-    if not wait:
-        if as_json:
-            _echo_json(started)
-        return 0
-    async for state in watch(handle):
-        if not as_json:
-            click.echo(state_line(state))
-    result = await wait_result(handle)
-    if as_json:
-        _echo_json({**started, "result": result.model_dump(mode="json")})
-    else:
-        for line in result_lines(result):
-            click.echo(line)
-    if result.status != "completed":
-        reason = f" ({result.reason})" if result.reason else ""
-        click.echo(f"spine: error: fork {handle.id!r} ended {result.status}{reason}", err=True)
-        return 1
-    return 0
+    return await follow(handle, started, wait=wait, as_json=as_json, noun="fork")
 
 
 async def _bulk(
