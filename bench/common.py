@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -40,6 +41,8 @@ from client.testing import (
     free_port,
     start_demo_service,
     start_vault_dev,
+    start_worker_process,
+    stop_worker_process,
 )
 from guardrails.policy import DEFAULT_POLICY_PATH
 from workflows.models import AgentRequest, Limits, ModelChoice
@@ -264,73 +267,6 @@ async def bench_stack(tmp: Path) -> AsyncIterator[Stack]:
             vault.stop()
 
 
-def _polls(process: subprocess.Popen[bytes], env: dict[str, str]) -> bool:
-    """Whether `process` polls both sides of its task queue (asks the Temporal CLI)."""
-    found = subprocess.run(
-        [
-            binary("temporal"),
-            "task-queue",
-            "describe",
-            "--task-queue",
-            env["SPINE_TASK_QUEUE"],
-            "--address",
-            env["TEMPORAL_ADDRESS"],
-            "-o",
-            "json",
-        ],
-        capture_output=True,
-        timeout=30,
-        check=True,
-    )
-    pollers = json.loads(found.stdout).get("pollers") or []
-    mine = {
-        p.get("taskQueueType")
-        for p in pollers
-        if str(p.get("identity", "")).startswith(f"{process.pid}@")
-    }
-    return {"workflow", "activity"} <= mine
-
-
-def start_worker(
-    env: dict[str, str], log_file: Path, timeout: float = 120.0
-) -> subprocess.Popen[bytes]:
-    """``python worker.py`` from this checkout, returned once it polls its task queue.
-
-    (The same as ``client.testing.start_worker_process``, kept here so the benchmarks run on
-    checkouts that predate it.)
-    """
-    with open(log_file, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "worker.py"],
-            cwd=REPO_ROOT,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"worker.py exited with {process.returncode}; see {log_file}")
-        with contextlib.suppress(subprocess.SubprocessError, ValueError):
-            if _polls(process, env):
-                return process
-        if time.monotonic() > deadline:
-            stop_worker(process)
-            raise RuntimeError(f"worker.py did not poll within {timeout:.0f}s; see {log_file}")
-        time.sleep(0.25)
-
-
-def stop_worker(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    """SIGTERM (the worker drains), then SIGKILL after `timeout` seconds."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 class Workers:
     """``python worker.py`` subprocesses on one task queue, to SIGKILL and replace."""
 
@@ -345,7 +281,11 @@ class Workers:
         started = await asyncio.gather(
             *(
                 asyncio.to_thread(
-                    start_worker, self.env, self.log_dir / f"worker-{time.monotonic_ns()}-{i}.log"
+                    functools.partial(
+                        start_worker_process,
+                        self.env,
+                        log_file=self.log_dir / f"worker-{time.monotonic_ns()}-{i}.log",
+                    )
                 )
                 for i in range(count)
             )
@@ -367,7 +307,7 @@ class Workers:
         return None
 
     async def stop_all(self) -> None:
-        await asyncio.gather(*(asyncio.to_thread(stop_worker, p) for p in list(self.alive)))
+        await asyncio.gather(*(asyncio.to_thread(stop_worker_process, p) for p in list(self.alive)))
         self.alive.clear()
 
 
