@@ -56,10 +56,17 @@ class TranscriptStore:
         base_len: int,
         base_digest: str,
         new_messages: list[ChatMessage],
+        *,
+        load: bool = True,
     ) -> list[ChatMessage]:
-        """Verify the stored prefix, store the new messages after it, return the transcript."""
+        """Verify the stored prefix, store the new messages after it, return the transcript.
+
+        With ``load=False`` only the prefix's last digest is checked (it chains every message
+        before it) and only `new_messages` are returned: a constant cost per call however long
+        the transcript is, for callers that do not need the whole conversation.
+        """
         return await asyncio.to_thread(
-            self._extend, transcript_id, base_len, base_digest, new_messages
+            self._extend, transcript_id, base_len, base_digest, new_messages, load
         )
 
     def _extend(
@@ -68,17 +75,28 @@ class TranscriptStore:
         base_len: int,
         base_digest: str,
         new_messages: list[ChatMessage],
+        load: bool = True,
     ) -> list[ChatMessage]:
         with self._connect() as db:
-            rows = db.execute(
-                "SELECT message, digest FROM transcript WHERE transcript_id = ? AND seq < ? "
-                "ORDER BY seq",
-                (transcript_id, base_len),
-            ).fetchall()
-            stored_digest = rows[-1][1] if rows else EMPTY_DIGEST
-            if len(rows) != base_len or stored_digest != base_digest:
+            if load:
+                rows = db.execute(
+                    "SELECT message, digest FROM transcript WHERE transcript_id = ? AND seq < ? "
+                    "ORDER BY seq",
+                    (transcript_id, base_len),
+                ).fetchall()
+                count = len(rows)
+                stored_digest = rows[-1][1] if rows else EMPTY_DIGEST
+            else:
+                rows = []
+                last = db.execute(
+                    "SELECT seq + 1, digest FROM transcript WHERE transcript_id = ? AND seq < ? "
+                    "ORDER BY seq DESC LIMIT 1",
+                    (transcript_id, base_len),
+                ).fetchone()
+                count, stored_digest = last if last else (0, EMPTY_DIGEST)
+            if count != base_len or stored_digest != base_digest:
                 raise TranscriptUnavailable(
-                    f"transcript {transcript_id!r}: store has {len(rows)} messages "
+                    f"transcript {transcript_id!r}: store has {count} messages "
                     f"(digest {stored_digest[:12]}), workflow expects {base_len} "
                     f"(digest {base_digest[:12]})"
                 )
