@@ -35,7 +35,7 @@ from activities.tools import (
 )
 from activities.transcript import TranscriptStore
 from guardrails.alerts import AlertActivities, AlertEngine
-from guardrails.audit import AuditActivities, store_from_env
+from guardrails.audit import AuditActivities, AuditStore, store_from_env
 from guardrails.interceptor import PolicyInterceptor
 from guardrails.policy import Policy, PolicyError, load_policy
 from guardrails.secrets import NoSecrets, VaultSecrets
@@ -76,6 +76,8 @@ class WorkerConfig:
     providers: Mapping[str, ModelProvider] | None = None
     search_attributes: bool = True
     max_concurrent_activities: int = 200
+    audit_store: AuditStore | None = None
+    """The audit log; default: ``SPINE_AUDIT_DSN`` from `settings`, else SQLite in `state_dir`."""
     ledger: bool = True
     ledger_task_queue: str = DEFAULT_LEDGER_TASK_QUEUE
 
@@ -187,6 +189,7 @@ def build_worker(
     http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
     breakers = Breakers(policy.runtime.breaker_threshold, policy.runtime.breaker_reset_s)
     runner = ToolRunner(registry, config.secrets or NoSecrets(), http, config.settings, breakers)
+    audit = AuditActivities(config.audit_store or store_from_env(config.settings, config.state_dir))
     models = ModelActivities(
         registry,
         policy,
@@ -194,9 +197,9 @@ def build_worker(
         config.providers if config.providers is not None else default_providers(config.settings),
         search_attributes=config.search_attributes,
         breakers=breakers,
+        audit_append=audit.store.append,
     )
     budget = BudgetActivities(client, config.ledger_task_queue)
-    audit = AuditActivities(store_from_env(config.settings, config.state_dir))
     alerts = AlertActivities(
         AlertEngine.from_policy(audit.store, policy, config.settings, http=http)
     )

@@ -117,6 +117,11 @@ class ToolFailed(TerminalError):
     pass
 
 
+class AuditWriteFailed(TerminalError):
+    """The audit entries a model call carried could not be stored. Terminal for that call:
+    the workflow writes them through `spine.audit_append` instead (and parks if that fails)."""
+
+
 class PolicyDenied(SpineError):
     retryable = False
 
@@ -140,6 +145,7 @@ NON_RETRYABLE_TYPES: list[str] = [
         SecretMissing,
         TranscriptUnavailable,
         ToolFailed,
+        AuditWriteFailed,
         PolicyDenied,
         NeedsHuman,
     )

@@ -10,14 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from temporalio import activity
 
 from activities.breakers import Breakers
-from activities.errors import DependencyUnavailable, ModelRequestRejected, SpineError
+from activities.errors import (
+    AuditWriteFailed,
+    DependencyUnavailable,
+    ModelRequestRejected,
+    SpineError,
+)
 from activities.models import (
     AgentSpec,
+    AuditBatch,
     ChatMessage,
     ModelCallInput,
     ModelCallResult,
@@ -65,8 +71,9 @@ async def _heartbeat_every(seconds: float) -> None:
     """Heartbeat while a model call is in flight, so a dead worker is noticed in seconds
     (the heartbeat timeout), not after the whole start-to-close timeout."""
     while True:
-        activity.heartbeat()
+        # Not at once: a call that answers within `seconds` costs no heartbeat RPC at all.
         await asyncio.sleep(seconds)
+        activity.heartbeat()
 
 
 async def _scripted(call: ModelCallInput, turn: ScriptTurn) -> ModelCallResult:
@@ -94,8 +101,10 @@ class ModelActivities:
         *,
         search_attributes: bool = True,
         breakers: Breakers | None = None,
+        audit_append: Callable[[AuditBatch], Awaitable[int]] | None = None,
     ) -> None:
         self.registry = registry
+        self.audit_append = audit_append
         self.policy = policy
         self.transcripts = transcripts
         self.providers = providers
@@ -157,9 +166,26 @@ class ModelActivities:
         result.attempt = activity.info().attempt
         return result
 
+    async def _store_audit(self, batch: AuditBatch) -> None:
+        """Store the audit entries the workflow queued since its last write (idempotent)."""
+        if self.audit_append is None:
+            raise AuditWriteFailed("this worker has no audit store for the queued audit entries")
+        try:
+            await self.audit_append(batch)
+        except Exception as err:  # any store failure: the workflow's own audit path takes over
+            kind = type(err).__name__
+            raise AuditWriteFailed(f"audit entries not stored: {kind}: {err}") from None
+
     async def _model_call(self, call: ModelCallInput) -> ModelCallResult:
+        if call.audit is not None and call.audit.entries:
+            await self._store_audit(call.audit)
+        # The scripted model answers from its script: it only needs the prefix verified.
         messages = await self.transcripts.extend(
-            call.transcript_id, call.base_len, call.base_digest, call.new_messages
+            call.transcript_id,
+            call.base_len,
+            call.base_digest,
+            call.new_messages,
+            load=call.provider != "scripted",
         )
         if call.provider == "scripted":
             if call.script_turn is None:

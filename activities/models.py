@@ -121,6 +121,11 @@ class ModelCallInput(BaseModel):
     fallback_index: int = Field(
         default=0, description="0 for the run's model, n for its n-th fallback model."
     )
+    audit: AuditBatch | None = Field(
+        default=None,
+        description="Audit entries queued since the last write; the activity stores them "
+        "(idempotently, by seq) before calling the model, saving a round trip per step.",
+    )
 
 
 class ModelCallResult(BaseModel):

@@ -18,6 +18,7 @@ ones built without :func:`tool`) and every cross-reference.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import re
@@ -164,6 +165,12 @@ def json_schema_model(name: str, schema: Mapping[str, object]) -> type[JsonArgum
     return type(f"{name}_arguments", (JsonArguments,), {"json_schema": pinned})
 
 
+@functools.cache
+def _json_schema(model: type[BaseModel]) -> JsonObject:
+    """A model's JSON Schema, generated once per model (pydantic rebuilds it on every call)."""
+    return model.model_json_schema()
+
+
 def _is_model(value: object) -> bool:
     return isinstance(value, type) and issubclass(value, BaseModel)
 
@@ -240,10 +247,10 @@ class ToolDefinition:
 
     def input_schema(self) -> JsonObject:
         """The JSON Schema the model sees and arguments are validated against."""
-        return self.input_model.model_json_schema()
+        return copy.deepcopy(_json_schema(self.input_model))
 
     def output_schema(self) -> JsonObject:
-        return self.output_model.model_json_schema()
+        return copy.deepcopy(_json_schema(self.output_model))
 
     def descriptor(self) -> ToolDescriptor:
         return ToolDescriptor(

@@ -8,10 +8,15 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from temporalio.api.enums.v1 import EventType
+
+from activities.errors import DependencyUnavailable
+from activities.models import AuditBatch
 from client.demo import build_demo_request
 from client.runs import decide, start_run, wait_result
 from client.testing import DemoService
-from tests.helpers import wait_for_status
+from guardrails.audit import SQLiteAuditStore
+from tests.helpers import call, eventually, scripted_request, turn, wait_for_status
 from workflows.models import ApprovalDecision
 
 SPINE = str(Path(sys.executable).parent / "spine")
@@ -71,3 +76,67 @@ async def test_demo_run_tells_its_story_and_detects_tampering(
     code, out, err = await spine_audit(state_dir, "verify", handle.id)
     assert code == 1
     assert err.count("\n") == 1 and "content changed" in err and "seq" in err
+
+
+class SwitchableAuditStore:
+    """The real SQLite store behind a switch that makes every write fail while it is down."""
+
+    def __init__(self, inner: SQLiteAuditStore) -> None:
+        self.inner = inner
+        self.down = True
+        self.refused = 0
+
+    async def append(self, batch: AuditBatch) -> int:
+        if self.down:
+            self.refused += 1
+            raise DependencyUnavailable("audit store switched off by the test")
+        return await self.inner.append(batch)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_audit_store_outage_holds_the_run_and_loses_no_entry(
+    client, make_worker, task_queue, worker_config, service: DemoService
+):
+    """Entries ride with the next model call; when the store is down that call is refused
+    before the model is asked, the run waits on the audit activity, and once the store is
+    back every entry is there, chained, and the run completes."""
+    store = SwitchableAuditStore(SQLiteAuditStore(worker_config.state_dir / "audit.db"))
+    script = [
+        turn(call("lookup_order", order_id="o-1061")),
+        turn(call("lookup_order", order_id="o-1062")),
+        turn(text="both looked up"),
+    ]
+    async with make_worker(audit_store=store):
+        handle = await start_run(client, scripted_request(script), task_queue=task_queue)
+        # The model call carrying `run_started` is refused, then the audit activity retries.
+        await eventually(lambda: _true(store.refused >= 3), timeout=90, what="3 refused writes")
+        events = (await handle.fetch_history()).events
+        tools = [
+            e
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+            and e.activity_task_scheduled_event_attributes.activity_type.name.startswith("tool.")
+        ]
+        failed = [
+            e.activity_task_failed_event_attributes.failure.application_failure_info.type
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED
+        ]
+        assert tools == [], "a tool ran while its decision could not be audited"
+        assert "AuditWriteFailed" in failed
+        store.down = False
+        result = await asyncio.wait_for(wait_result(handle), timeout=120)
+    assert result.status == "completed", result.reason
+    code, out, err = await spine_audit(worker_config.state_dir, "show", handle.id)
+    assert code == 0, err
+    kinds = [line.split()[5] for line in out.splitlines() if line.startswith("20")]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_outcome"
+    assert kinds.count("model_turn") == 3 and kinds.count("tool_call") == 2
+    code, out, _ = await spine_audit(worker_config.state_dir, "verify", handle.id)
+    assert code == 0 and "ok" in out
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
 
     from activities.errors import (
         NON_RETRYABLE_TYPES,
+        AuditWriteFailed,
         ContentRefused,
         ContextOverflow,
         ModelRequestRejected,
@@ -83,6 +84,8 @@ SA_ACCOUNT = SearchAttributeKey.for_keyword("SpineAccount")
 SA_STATUS = SearchAttributeKey.for_keyword("SpineStatus")
 SA_COST = SearchAttributeKey.for_float("SpineCostUSD")
 SA_STEPS = SearchAttributeKey.for_int("SpineSteps")
+#: Step and cost search attributes are refreshed at most this often (status: at once).
+SA_PROGRESS_EVERY = timedelta(seconds=2)
 
 MODEL_TIMEOUT = timedelta(seconds=120)
 #: Model calls one account-ledger reservation covers (one ledger round trip per block).
@@ -196,6 +199,8 @@ class AgentWorkflow:
         self._requested_model = ""
         self._last_tool: str | None = None
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
+        self._sa_sent: dict[str, object] = {}
+        self._sa_at: datetime | None = None
 
     # ---------------------------------------------------------------- queries, signals, updates
 
@@ -411,8 +416,9 @@ class AgentWorkflow:
                 raise _Stop("completed", "final answer", output=message.content or "")
             for index, call in enumerate(message.tool_calls):
                 self._pending.append(await self._tool_call(spec, call, index, result.confidence))
-            self._upsert_search_attributes()
-            await self._flush_audit()
+            # The step's audit entries ride with the next model call (no extra round trip);
+            # every wait, continue-as-new and the end of the run write them on their own.
+            self._upsert_search_attributes(progress=True)
 
     def _should_continue_as_new(self, spec: AgentSpec) -> bool:
         info = workflow.info()
@@ -575,10 +581,21 @@ class AgentWorkflow:
                 summary=f"llm: {c.model} step {c.step}",
             )
 
+        sent = len(self._audit_buffer)
+        if sent:
+            call = call.model_copy(update={"audit": self._audit_batch(self._audit_buffer[:sent])})
         try:
-            return await attempt(call)
+            result = await attempt(call)
+            del self._audit_buffer[:sent]  # stored by the activity before it called the model
+            return result
         except ActivityError as err:
-            kind, _ = _error_text(err)
+            kind, message = _error_text(err)
+            if kind == AuditWriteFailed.__name__:
+                # The audit store failed, not the model: write through the audit activity
+                # (which parks the run while the store stays down), then call the model again.
+                workflow.logger.warning("audit entries not stored with the model call: %s", message)
+                await self._flush_audit()
+                return await self._execute_model(call.model_copy(update={"audit": None}), spec)
             if kind != TranscriptUnavailable.__name__ or self._segment_base[0] != 0:
                 raise
         # The store lost the transcript: resend everything this run has said.
@@ -586,7 +603,9 @@ class AgentWorkflow:
         healed = call.model_copy()
         healed.base_len, healed.base_digest = self._segment_base
         healed.new_messages = self._segment + self._pending
-        return await attempt(healed)
+        result = await attempt(healed)
+        del self._audit_buffer[:sent]
+        return result
 
     def _advance_transcript(self, result: ModelCallResult) -> None:
         for message in self._pending:
@@ -1167,7 +1186,7 @@ class AgentWorkflow:
     # ------------------------------------------------------------------------------ audit
 
     def _audit(self, kind: AuditKind, actor: str, **data: object) -> None:
-        """Queue an audit entry; `_flush_audit` writes the queue (one local activity)."""
+        """Queue an audit entry; the next model call or `_flush_audit` writes the queue."""
         self._audit_buffer.append(
             AuditEntry(
                 seq=self._audit_seq,
@@ -1230,6 +1249,16 @@ class AgentWorkflow:
             accepted=accepted,
         )
 
+    def _audit_batch(self, entries: list[AuditEntry]) -> AuditBatch:
+        info = workflow.info()
+        return AuditBatch(
+            run_id=f"{info.workflow_id}:{info.first_execution_run_id}",
+            workflow_run_id=info.run_id,
+            agent=self._request.agent,
+            account=self._request.account,
+            entries=entries,
+        )
+
     async def _flush_audit(self, *, park: bool = True) -> None:
         """Write queued entries, in order, through the `spine.audit_append` local activity.
 
@@ -1239,14 +1268,7 @@ class AgentWorkflow:
         """
         while self._audit_buffer:
             entries = list(self._audit_buffer)
-            info = workflow.info()
-            batch = AuditBatch(
-                run_id=f"{info.workflow_id}:{info.first_execution_run_id}",
-                workflow_run_id=info.run_id,
-                agent=self._request.agent,
-                account=self._request.account,
-                entries=entries,
-            )
+            batch = self._audit_batch(entries)
             try:
                 await workflow.execute_local_activity(
                     "spine.audit_append",
@@ -1278,15 +1300,24 @@ class AgentWorkflow:
             self._status = status
             self._upsert_search_attributes()
 
-    def _upsert_search_attributes(self) -> None:
+    def _upsert_search_attributes(self, *, progress: bool = False) -> None:
+        """Upsert what changed. Status changes go out at once; step and cost progress
+        (`progress=True`) at most every `SA_PROGRESS_EVERY` of workflow time, since each
+        upsert is a history event and a visibility write."""
         if self._spec is None or not self._spec.search_attributes:
             return
-        workflow.upsert_search_attributes(
-            [
-                SearchAttributePair(SA_AGENT, self._request.agent),
-                SearchAttributePair(SA_ACCOUNT, self._request.account),
-                SearchAttributePair(SA_STATUS, self._status),
-                SearchAttributePair(SA_STEPS, self._step),
-                SearchAttributePair(SA_COST, self._usage.usd),
-            ]
-        )
+        now = workflow.now()
+        if progress and self._sa_at is not None and now - self._sa_at < SA_PROGRESS_EVERY:
+            return
+        pairs = [
+            SearchAttributePair(SA_AGENT, self._request.agent),
+            SearchAttributePair(SA_ACCOUNT, self._request.account),
+            SearchAttributePair(SA_STATUS, self._status),
+            SearchAttributePair(SA_STEPS, self._step),
+            SearchAttributePair(SA_COST, self._usage.usd),
+        ]
+        changed = [p for p in pairs if self._sa_sent.get(p.key.name) != p.value]
+        self._sa_at = now
+        if changed:
+            workflow.upsert_search_attributes(changed)
+            self._sa_sent.update({p.key.name: p.value for p in changed})
