@@ -52,7 +52,7 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 
 # Quick sizes of every benchmark (~15 min on 2 cores), then plots and the README table.
 bench: $(BENCH_STAMP)
-	$(BIN)/python -m bench.overhead --quick
+	$(BIN)/python -m bench.overhead --quick --out bench/results/overhead.json
 	$(BIN)/python -m bench.guards --quick
 	$(BIN)/python -m bench.long_runs --quick --out bench/results/long_runs.json
 	$(BIN)/python -m bench.recovery --quick --out bench/results/recovery.json

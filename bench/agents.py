@@ -3,6 +3,9 @@
 * ``read_doc`` returns a ~20 KB document: the tool result size of the sdk-python#1890 scenario.
 * ``lookup_order_3s`` is the demo's ``lookup_order`` with a 3 s start-to-close timeout instead
   of 15 s, to show what a shorter timeout does to recovery after a worker is SIGKILLed.
+* ``lookup_order_open`` is ``lookup_order`` outside any rate-limit group (so it runs on the agent's
+  own task queue), and ``lookup_order_local`` the same as a local activity: the overhead
+  benchmark's three paths for one piece of work.
 
 Workers load it with ``SPINE_AGENTS=demo.agent,bench.agents`` and a policy that grants the
 tools (see :func:`bench.common.bench_policy`).
@@ -60,10 +63,35 @@ lookup_order_3s = tool(
 )(lookup_order.fn)
 
 
+lookup_order_open = tool(
+    "lookup_order_open",
+    secrets=[API_KEY],
+    dependency="demo-service",
+    summary_arg="order_id",
+    timeout_s=15,
+)(lookup_order.fn)
+
+lookup_order_local = tool(
+    "lookup_order_local",
+    secrets=[API_KEY],
+    dependency="demo-service",
+    summary_arg="order_id",
+    timeout_s=5,
+    local=True,
+)(lookup_order.fn)
+
+BENCH_TOOLS = (
+    "read_doc",
+    "lookup_order",
+    "lookup_order_3s",
+    "lookup_order_open",
+    "lookup_order_local",
+)
+
 BENCH_AGENT = AgentDefinition(
     name="bench-agent",
     instructions="Benchmark agent: read what you are asked to read, then answer.",
-    tools=("read_doc", "lookup_order", "lookup_order_3s"),
+    tools=BENCH_TOOLS,
 )
 
 
@@ -71,4 +99,6 @@ def register(registry: Registry) -> None:
     """Add `bench-agent` and its tools (``demo.agent`` must be registered first)."""
     registry.add_tool(read_doc)
     registry.add_tool(lookup_order_3s)
+    registry.add_tool(lookup_order_open)
+    registry.add_tool(lookup_order_local)
     registry.add_agent(BENCH_AGENT)

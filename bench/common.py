@@ -33,6 +33,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.models import ScriptTurn
+from bench.agents import BENCH_TOOLS
 from client.testing import (
     SEARCH_ATTRIBUTES,
     DemoService,
@@ -337,7 +338,7 @@ def bench_policy(
     data["agents"]["bench-agent"] = {
         "max_steps": 200,
         "max_usd": 1000.0,
-        "roles": {"support": ["read_doc", "lookup_order", "lookup_order_3s"]},
+        "roles": {"support": list(BENCH_TOOLS)},
         **(bench_agent or {}),
     }
     for account in data.get("accounts", {}).values():

@@ -1,105 +1,211 @@
-"""Per-step latency of a Spine step vs a bare Temporal step doing the same work, same server.
+"""What Spine costs per step over bare Temporal doing the same work on the same server.
 
-A Spine step here is a scripted model turn plus a `lookup_order` tool call with every guard on
-(schema validation, transcript store, policy, a Vault secret read, search attributes). The bare
-step is two plain activities doing the same HTTP lookup. Arms alternate to share the noise.
+A Spine step is a scripted model turn plus one order lookup against the demo service, with
+everything on: tool allowlist interceptor, schema checks on input and output, approval rules,
+transcript store, per-account budget ledger, a Vault secret read per tool call, the audit log,
+search attributes and OpenTelemetry tracing (spans to a file). A bare step is two plain
+activities (a stand-in model and the same HTTP lookup) with none of that.
 
-    python -m bench.overhead [--steps 50] [--rounds 3] [--quick]
+The lookup runs three ways, each compared with the bare loop running it the same way:
+
+* ``activity``: a regular activity on the run's own task queue (``lookup_order_open``);
+* ``rate_limited``: on a task queue with a fleet-wide rate limit (``lookup_order``, in the
+  policy's ``demo-service`` rate-limit group; the bare lookup gets a queue with the same limit);
+* ``local``: a local activity (``lookup_order_local``).
+
+Single runs alternate Spine and bare to share the machine's noise; then `--concurrent` runs of
+each (regular activity path) start at once and the wall time to finish them all is compared.
+
+    python -m bench.overhead [--quick] [--steps 40] [--rounds 3] [--concurrent 200] [--out F]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from temporalio.client import Client
 from temporalio.worker import Worker
 
 from bench.bare import BareInput, BareLoop, bare_lookup, bare_model
+from bench.common import bench_policy, bench_stack, parser, spine_request, write_results
 from client.runs import start_run
-from client.testing import demo_stack, temporal_dev_server
+from guardrails.policy import load_policy
 from guardrails.secrets import VaultSecrets
-from tests.helpers import call, scripted_request, turn
+from guardrails.telemetry import telemetry_from_env
+from tests.helpers import call, turn
 from worker import WorkerConfig, build_worker
 
+SPINE_QUEUE = "bench-spine"
+BARE_QUEUE = "bench-bare"
+#: The policy's `demo-service` rate limit, given to the bare loop's rate-limited queue too.
+RATE = 50.0
 
-async def spine_run(client, queue: str, steps: int) -> float:
-    script = [turn(call("lookup_order", order_id=f"o-{1100 + i % 50}")) for i in range(steps)]
-    script.append(turn(text="done"))
-    request = scripted_request(script)
-    request.limits = None
-    start = time.perf_counter()
-    handle = await start_run(client, request, task_queue=queue)
-    result = await handle.result()
-    elapsed = time.perf_counter() - start
-    assert result.status == "completed", result.reason
-    return elapsed / (steps + 1)
+SPINE_TOOL = {
+    "activity": "lookup_order_open",
+    "rate_limited": "lookup_order",
+    "local": "lookup_order_local",
+}
 
 
-async def bare_run(client, queue: str, steps: int, url: str, api_key: str) -> float:
-    start = time.perf_counter()
-    await client.execute_workflow(
-        BareLoop.run,
-        BareInput(steps=steps + 1, url=url, api_key=api_key),
-        id=f"bare-{uuid.uuid4()}",
-        task_queue=queue,
-    )
-    return (time.perf_counter() - start) / (steps + 1)
+class Arms:
+    def __init__(self, client: Client, url: str, api_key: str) -> None:
+        self.client, self.url, self.api_key = client, url, api_key
 
+    async def spine(self, path: str, steps: int) -> float:
+        """One Spine run of `steps` lookups and a final answer; seconds."""
+        tool = SPINE_TOOL[path]
+        script = [turn(call(tool, order_id=f"o-{1100 + i % 50}")) for i in range(steps)]
+        script.append(turn(text="done"))
+        request = spine_request(script, agent="bench-agent", max_steps=steps + 2)
+        start = time.perf_counter()
+        handle = await start_run(self.client, request, task_queue=SPINE_QUEUE)
+        result = await handle.result()
+        elapsed = time.perf_counter() - start
+        if result.status != "completed":
+            raise RuntimeError(f"spine run {handle.id} ended {result.status}: {result.reason}")
+        return elapsed
 
-async def main(steps: int, rounds: int) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="spine-bench-"))
-    policy = tmp / "policy.toml"
-    from guardrails.policy import DEFAULT_POLICY_PATH
-
-    policy.write_text(
-        DEFAULT_POLICY_PATH.read_text().replace(
-            "[agents.refund-agent]\nmax_steps = 20",
-            f"[agents.refund-agent]\nmax_steps = {steps + 5}",
+    async def bare(self, path: str, steps: int) -> float:
+        start = time.perf_counter()
+        await self.client.execute_workflow(
+            BareLoop.run,
+            BareInput(
+                steps=steps + 1,
+                url=self.url,
+                api_key=self.api_key,
+                path=path,  # type: ignore[arg-type]
+                rate_limited_queue=f"{BARE_QUEUE}--rl",
+            ),
+            id=f"bare-{uuid.uuid4()}",
+            task_queue=BARE_QUEUE,
         )
+        return time.perf_counter() - start
+
+
+async def concurrently(run: Callable[[], Awaitable[float]], count: int) -> tuple[float, float]:
+    """(wall seconds to finish all `count` runs, median run seconds)."""
+    start = time.perf_counter()
+    durations = await asyncio.gather(*(run() for _ in range(count)))
+    return time.perf_counter() - start, statistics.median(durations)
+
+
+async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: Path | None):
+    tmp = Path(tempfile.mkdtemp(prefix="spine-bench-overhead-"))
+    policy = bench_policy(tmp, bench_agent={"max_steps": max(steps, conc_steps) + 5})
+    assert load_policy(policy).rate_limits.get("demo-service") == RATE, "policy rate changed"
+    telemetry = telemetry_from_env({"SPINE_TRACE_FILE": str(tmp / "traces.jsonl")})
+    async with bench_stack(tmp) as stack:
+        client = stack.server.client
+        config = WorkerConfig(
+            task_queue=SPINE_QUEUE,
+            state_dir=tmp / "state",
+            policy_path=policy,
+            agent_modules=("demo.agent", "bench.agents"),
+            settings={"SPINE_DEMO_URL": stack.service.url},
+            secrets=VaultSecrets(stack.vault.url, token=stack.vault.token),
+            providers={},
+        )
+        spine_worker = build_worker(
+            client,
+            config=config,
+            plugins=telemetry.worker_plugins(load_policy(policy).price_table()),
+        )
+        bare_worker = Worker(
+            client,
+            task_queue=BARE_QUEUE,
+            workflows=[BareLoop],
+            activities=[bare_model, bare_lookup],
+            max_concurrent_activities=config.max_concurrent_activities,
+        )
+        bare_rl_worker = Worker(
+            client,
+            task_queue=f"{BARE_QUEUE}--rl",
+            activities=[bare_lookup],
+            max_task_queue_activities_per_second=RATE,
+            max_concurrent_activities=config.max_concurrent_activities,
+        )
+        arms = Arms(client, stack.service.url, stack.service.api_key)
+        paths = list(SPINE_TOOL)
+        single: dict[str, dict[str, list[float]]] = {p: {"spine": [], "bare": []} for p in paths}
+        async with spine_worker, bare_worker, bare_rl_worker:
+            for path in paths:  # warm every path up
+                await arms.spine(path, 3)
+                await arms.bare(path, 3)
+            for r in range(rounds):
+                for path in paths:
+                    # Alternate which arm goes first, so neither always follows the other.
+                    order = ("spine", "bare") if r % 2 == 0 else ("bare", "spine")
+                    for arm in order:
+                        seconds = await getattr(arms, arm)(path, steps)
+                        single[path][arm].append(seconds / (steps + 1))
+                last = [
+                    f"{p} {single[p]['spine'][-1] * 1000:.0f}/{single[p]['bare'][-1] * 1000:.0f}"
+                    for p in paths
+                ]
+                print(f"round {r + 1}/{rounds} (spine/bare ms): {', '.join(last)}", flush=True)
+            conc: dict[str, dict[str, float]] = {}
+            for arm in ("spine", "bare"):
+                wall, run_median = await concurrently(
+                    lambda arm=arm: getattr(arms, arm)("activity", conc_steps), concurrent
+                )
+                conc[arm] = {"wall_s": wall, "run_median_s": run_median}
+                print(f"{concurrent} concurrent {arm} runs: {wall:.1f} s", flush=True)
+    telemetry.shutdown()
+
+    print(f"\nper-step latency, single run ({steps + 1} steps per run, median of {rounds} rounds)")
+    results: dict[str, object] = {"steps_per_run": steps + 1, "rounds": rounds, "single": {}}
+    for path in paths:
+        s = statistics.median(single[path]["spine"])
+        b = statistics.median(single[path]["bare"])
+        results["single"][path] = {  # type: ignore[index]
+            "spine_step_ms": round(s * 1000, 1),
+            "bare_step_ms": round(b * 1000, 1),
+            "ratio": round(s / b, 3),
+            "spine_rounds_ms": [round(x * 1000, 1) for x in single[path]["spine"]],
+            "bare_rounds_ms": [round(x * 1000, 1) for x in single[path]["bare"]],
+        }
+        print(
+            f"  {path:<13} spine {s * 1000:6.1f} ms   bare {b * 1000:6.1f} ms   ratio {s / b:.2f}"
+        )
+    total = concurrent * (conc_steps + 1)
+    s_wall, b_wall = conc["spine"]["wall_s"], conc["bare"]["wall_s"]
+    print(f"{concurrent} concurrent runs of {conc_steps + 1} steps (regular activity path)")
+    print(
+        f"  spine {s_wall:.1f} s ({total / s_wall:.1f} steps/s)   "
+        f"bare {b_wall:.1f} s ({total / b_wall:.1f} steps/s)   ratio {s_wall / b_wall:.2f}"
     )
-    with demo_stack(tmp) as (vault, service):
-        async with temporal_dev_server() as env:
-            client = env.client
-            config = WorkerConfig(
-                task_queue="bench-spine",
-                state_dir=tmp / "state",
-                policy_path=policy,
-                settings={"SPINE_DEMO_URL": service.url},
-                secrets=VaultSecrets(vault.url, token=vault.token),
-                providers={},
-            )
-            bare_worker = Worker(
-                client,
-                task_queue="bench-bare",
-                workflows=[BareLoop],
-                activities=[bare_model, bare_lookup],
-            )
-            async with build_worker(client, config=config), bare_worker:
-                await spine_run(client, "bench-spine", 3)  # warm both paths up
-                await bare_run(client, "bench-bare", 3, service.url, service.api_key)
-                spine, bare = [], []
-                for _ in range(rounds):
-                    spine.append(await spine_run(client, "bench-spine", steps))
-                    bare.append(
-                        await bare_run(client, "bench-bare", steps, service.url, service.api_key)
-                    )
-    s, b = statistics.median(spine), statistics.median(bare)
-    print(f"steps per run: {steps + 1}, rounds: {rounds}")
-    for label, median, samples in (("spine", s, spine), ("bare ", b, bare)):
-        rounds_ms = ", ".join(f"{x * 1000:.1f}" for x in samples)
-        print(f"{label} step: median {median * 1000:.1f} ms  (rounds: {rounds_ms})")
-    print(f"ratio spine/bare: {s / b:.2f}")
+    results["concurrent"] = {
+        "runs": concurrent,
+        "steps_per_run": conc_steps + 1,
+        "spine_wall_s": round(s_wall, 2),
+        "bare_wall_s": round(b_wall, 2),
+        "spine_steps_per_s": round(total / s_wall, 1),
+        "bare_steps_per_s": round(total / b_wall, 1),
+        "spine_run_median_s": round(conc["spine"]["run_median_s"], 2),
+        "bare_run_median_s": round(conc["bare"]["run_median_s"], 2),
+        "ratio": round(s_wall / b_wall, 3),
+    }
+    write_results(out, "overhead", results)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="20 steps, 2 rounds")
-    args = parser.parse_args()
-    asyncio.run(main(20 if args.quick else args.steps, 2 if args.quick else args.rounds))
+    p = parser(__doc__, "40 steps x 2 rounds single, 50 concurrent runs of 10 steps")
+    p.add_argument("--steps", type=int, default=None, help="tool steps per single run")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--concurrent", type=int, default=None, help="concurrent runs")
+    args = p.parse_args()
+    asyncio.run(
+        main(
+            args.steps or (40 if args.quick else 60),
+            args.rounds or (2 if args.quick else 4),
+            args.concurrent or (50 if args.quick else 200),
+            10,
+            args.out,
+        )
+    )

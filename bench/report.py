@@ -124,6 +124,27 @@ def plot_long_runs(data: dict, results: Path) -> list[Path]:
     return [path]
 
 
+def plot_overhead(data: dict, results: Path) -> list[Path]:
+    plt = _plt()
+    paths = list(data["single"])
+    spine = [data["single"][p]["spine_step_ms"] for p in paths]
+    bare = [data["single"][p]["bare_step_ms"] for p in paths]
+    x = range(len(paths))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([i - 0.2 for i in x], bare, width=0.4, label="bare Temporal", color="#888")
+    bars = ax.bar([i + 0.2 for i in x], spine, width=0.4, label="Spine", color="#393")
+    ax.bar_label(bars, labels=[f"x{s / b:.2f}" for s, b in zip(spine, bare, strict=True)])
+    ax.set_xticks(list(x), paths)
+    ax.set_ylabel("ms per step (one run at a time)")
+    ax.set_title("Per-step latency, same work, same server")
+    ax.legend()
+    fig.tight_layout()
+    path = results / "overhead.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def plot_recovery(data: dict, results: Path) -> list[Path]:
     plt = _plt()
     figures = data["figures"]
@@ -213,6 +234,33 @@ def markdown(results: Path) -> str:
             f"late (x{long['late_over_early']:.2f}); {long['ms_per_step']:.0f} ms per step.",
             "",
         ]
+    overhead = _load(results, "overhead")
+    if overhead:
+        labels = {
+            "activity": "tool as a regular activity",
+            "rate_limited": "tool in a fleet-wide rate-limit group",
+            "local": "tool as a local activity",
+        }
+        lines += [
+            "**Overhead** — a Spine step (every guard, audit log and tracing on) vs a bare "
+            "Temporal step doing the same lookup, same server, alternating "
+            f"(`{overhead.get('command', 'python -m bench.overhead')}`):",
+            "",
+            "| path | Spine step | bare step | ratio |",
+            "|---|---:|---:|---:|",
+        ]
+        for path, f in overhead["single"].items():
+            lines.append(
+                f"| {labels.get(path, path)}, one run at a time | {f['spine_step_ms']:.0f} ms "
+                f"| {f['bare_step_ms']:.0f} ms | {f['ratio']:.2f} |"
+            )
+        c = overhead["concurrent"]
+        lines += [
+            f"| {c['runs']} concurrent runs of {c['steps_per_run']} steps (throughput) "
+            f"| {c['spine_steps_per_s']:.1f} steps/s | {c['bare_steps_per_s']:.1f} steps/s "
+            f"| {c['ratio']:.2f} |",
+            "",
+        ]
     recovery = _load(results, "recovery")
     if recovery:
         lines += [
@@ -252,6 +300,7 @@ def main() -> None:
         ("peers", plot_peers),
         ("long_runs", plot_long_runs),
         ("recovery", plot_recovery),
+        ("overhead", plot_overhead),
     ):
         data = _load(results, name)
         if data is None:
