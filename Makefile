@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup up down demo test test-fast lint format worker bench clean
+.PHONY: setup up down demo test test-fast lint format worker bench bench-full clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,14 +50,25 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-# Quick sizes of every benchmark (~15 min on 2 cores), then plots and the README table.
+# Quick sizes of every benchmark (~15 min on 2 cores): results, plots and the README table in
+# bench/results/quick/. `make bench-full` runs the full sizes (~2 h) into bench/results/.
+QUICK := bench/results/quick
 bench: $(BENCH_STAMP)
-	$(BIN)/python -m bench.overhead --quick --out bench/results/overhead.json
+	$(BIN)/python -m bench.overhead --quick --out $(QUICK)/overhead.json
 	$(BIN)/python -m bench.guards --quick
-	$(BIN)/python -m bench.long_runs --quick --out bench/results/long_runs.json
-	$(BIN)/python -m bench.recovery --quick --out bench/results/recovery.json
-	$(BIN)/python -m bench.peers --quick --out bench/results/peers.json
-	$(BIN)/python -m bench.compound --quick --out bench/results/compound.json
+	$(BIN)/python -m bench.long_runs --quick --out $(QUICK)/long_runs.json
+	$(BIN)/python -m bench.recovery --quick --out $(QUICK)/recovery.json
+	$(BIN)/python -m bench.peers --quick --out $(QUICK)/peers.json
+	$(BIN)/python -m bench.compound --quick --out $(QUICK)/compound.json
+	$(BIN)/python -m bench.report --results $(QUICK)
+
+bench-full: $(BENCH_STAMP)
+	$(BIN)/python -m bench.overhead --out bench/results/overhead.json
+	$(BIN)/python -m bench.guards
+	$(BIN)/python -m bench.long_runs --out bench/results/long_runs.json
+	$(BIN)/python -m bench.recovery --out bench/results/recovery.json
+	$(BIN)/python -m bench.peers --out bench/results/peers.json
+	$(BIN)/python -m bench.compound --out bench/results/compound.json
 	$(BIN)/python -m bench.report
 
 clean: down

@@ -175,7 +175,8 @@ def markdown(results: Path) -> str:
         f"Measured on {m['nproc']} cores ({m['cpu_model']}), {m['memory_gb']} GiB memory, "
         f"Python {m['python']}, temporalio {m['versions']['temporalio']}, shared with other "
         "test suites (load average is recorded in each result file). Reproduce with "
-        "`make bench` (quick sizes) or `python -m bench.<name>` (full sizes).",
+        "`make bench` (quick sizes, into `bench/results/quick/`) or `make bench-full` (these "
+        "figures; or one `python -m bench.<name>` at a time).",
         "",
     ]
     compound = _load(results, "compound")
@@ -284,7 +285,9 @@ def markdown(results: Path) -> str:
         ]
     images = sorted(p.name for p in results.glob("*.png"))
     if images:
-        lines.append("Plots: " + ", ".join(f"`bench/results/{name}`" for name in images))
+        lines.append(
+            "Plots: " + ", ".join(f"`{results.as_posix().rstrip('/')}/{name}`" for name in images)
+        )
     return "\n".join(lines)
 
 
