@@ -54,31 +54,16 @@ async def read_doc(args: DocQuery, ctx: ToolContext) -> Doc:
     return Doc(doc_id=args.doc_id, text=document(args.doc_id))
 
 
-lookup_order_3s = tool(
-    "lookup_order_3s",
-    secrets=[API_KEY],
-    dependency="demo-service",
-    summary_arg="order_id",
-    timeout_s=3,
-)(lookup_order.fn)
+def _lookup_variant(name: str, **options: object):
+    """The demo's ``lookup_order`` under another name and other options (no rate-limit group)."""
+    return tool(
+        name, secrets=[API_KEY], dependency="demo-service", summary_arg="order_id", **options
+    )(lookup_order.fn)
 
 
-lookup_order_open = tool(
-    "lookup_order_open",
-    secrets=[API_KEY],
-    dependency="demo-service",
-    summary_arg="order_id",
-    timeout_s=15,
-)(lookup_order.fn)
-
-lookup_order_local = tool(
-    "lookup_order_local",
-    secrets=[API_KEY],
-    dependency="demo-service",
-    summary_arg="order_id",
-    timeout_s=5,
-    local=True,
-)(lookup_order.fn)
+lookup_order_3s = _lookup_variant("lookup_order_3s", timeout_s=3)
+lookup_order_open = _lookup_variant("lookup_order_open", timeout_s=15)
+lookup_order_local = _lookup_variant("lookup_order_local", timeout_s=5, local=True)
 
 BENCH_TOOLS = (
     "read_doc",

@@ -70,6 +70,24 @@ async def wait_for_status(handle: RunHandle, status: str, timeout: float = 60.0)
     return seen[-1]
 
 
+async def approve_first_pending(
+    handle: RunHandle, state: RunState, *, by: str = "bob", role: str = "supervisor"
+) -> None:
+    """Approve the run's first pending approval through the `decide` update."""
+    from client.runs import decide
+    from workflows.models import ApprovalDecision
+
+    await decide(
+        handle,
+        ApprovalDecision(
+            approval_id=state.pending_approvals[0].approval_id,
+            decision="approve",
+            by=by,
+            role=role,
+        ),
+    )
+
+
 def policy_file(
     tmp_path, *, runtime: dict | None = None, agent: dict | None = None, name: str = "policy.toml"
 ):

@@ -13,11 +13,17 @@ from temporalio.api.enums.v1 import EventType
 from activities.errors import DependencyUnavailable
 from activities.models import AuditBatch
 from client.demo import build_demo_request
-from client.runs import decide, start_run, wait_result
+from client.runs import start_run, wait_result
 from client.testing import DemoService
 from guardrails.audit import SQLiteAuditStore
-from tests.helpers import call, eventually, scripted_request, turn, wait_for_status
-from workflows.models import ApprovalDecision
+from tests.helpers import (
+    approve_first_pending,
+    call,
+    eventually,
+    scripted_request,
+    turn,
+    wait_for_status,
+)
 
 SPINE = str(Path(sys.executable).parent / "spine")
 
@@ -42,15 +48,7 @@ async def test_demo_run_tells_its_story_and_detects_tampering(
     async with make_worker():
         handle = await start_run(client, build_demo_request("o-1060"), task_queue=task_queue)
         state = await wait_for_status(handle, "awaiting_approval")
-        await decide(
-            handle,
-            ApprovalDecision(
-                approval_id=state.pending_approvals[0].approval_id,
-                decision="approve",
-                by="bob",
-                role="supervisor",
-            ),
-        )
+        await approve_first_pending(handle, state)
         result = await wait_result(handle)
     assert result.status == "completed"
     state_dir = worker_config.state_dir

@@ -12,9 +12,8 @@ from activities.errors import TranscriptUnavailable
 from activities.models import EMPTY_DIGEST, ChatMessage, chain_digest
 from activities.transcript import TranscriptStore
 from client.demo import build_demo_request
-from client.runs import decide, start_run, wait_result
-from tests.helpers import wait_for_status
-from workflows.models import ApprovalDecision
+from client.runs import start_run, wait_result
+from tests.helpers import approve_first_pending, wait_for_status
 
 
 def _digest(messages: list[ChatMessage]) -> str:
@@ -66,15 +65,7 @@ async def test_a_run_whose_transcript_was_lost_resends_it_and_completes(
                 "DELETE FROM transcript WHERE transcript_id = ?", (handle.id,)
             ).rowcount
         assert deleted > 0
-        await decide(
-            handle,
-            ApprovalDecision(
-                approval_id=state.pending_approvals[0].approval_id,
-                decision="approve",
-                by="bob",
-                role="supervisor",
-            ),
-        )
+        await approve_first_pending(handle, state)
         result = await asyncio.wait_for(wait_result(handle), timeout=120)
     assert result.status == "completed", result.reason
     events = (await handle.fetch_history()).events
