@@ -7,7 +7,6 @@ owns retries, so every attempt is visible in history.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,6 +20,7 @@ from activities.errors import (
     ModelRequestRejected,
     SpineError,
 )
+from activities.heartbeat import heartbeating
 from activities.models import (
     AgentSpec,
     AuditBatch,
@@ -64,16 +64,8 @@ def scripted_response(turn: ScriptTurn, step: int, model: str = "scripted") -> M
     )
 
 
+#: Seconds between model-call heartbeats (the workflow's heartbeat timeout is 10 s).
 HEARTBEAT_EVERY_S = 2.0
-
-
-async def _heartbeat_every(seconds: float) -> None:
-    """Heartbeat while a model call is in flight, so a dead worker is noticed in seconds
-    (the heartbeat timeout), not after the whole start-to-close timeout."""
-    while True:
-        # Not at once: a call that answers within `seconds` costs no heartbeat RPC at all.
-        await asyncio.sleep(seconds)
-        activity.heartbeat()
 
 
 async def _scripted(call: ModelCallInput, turn: ScriptTurn) -> ModelCallResult:
@@ -156,13 +148,11 @@ class ModelActivities:
     @activity.defn(name="spine.model_call")
     async def model_call(self, call: ModelCallInput) -> ModelCallResult:
         """One model turn."""
-        beating = asyncio.create_task(_heartbeat_every(HEARTBEAT_EVERY_S))
         try:
-            result = await self._model_call(call)
+            async with heartbeating(HEARTBEAT_EVERY_S):
+                result = await self._model_call(call)
         except SpineError as err:
             raise err.to_application_error() from None  # message says it all; chains overflow
-        finally:
-            beating.cancel()
         result.attempt = activity.info().attempt
         return result
 

@@ -41,6 +41,7 @@ from activities.errors import (
     UnknownTool,
     classify_http,
 )
+from activities.heartbeat import heartbeating
 from activities.models import (
     CompensationInput,
     JsonObject,
@@ -56,6 +57,9 @@ REDACTED = "[redacted]"
 Risk = Literal["low", "medium", "high"]
 """How much harm a wrong call can do; recorded in the lock file, shown to reviewers."""
 
+#: Seconds between tool heartbeats; the workflow sets a heartbeat timeout on tools whose
+#: start-to-close timeout is longer than ``workflows.agent.TOOL_HEARTBEAT_TIMEOUT``.
+TOOL_HEARTBEAT_EVERY_S = 1.0
 #: A local activity runs inside the workflow task, so a local tool must be quick.
 MAX_LOCAL_TIMEOUT_S = 10.0
 #: Tool names the providers accept (OpenAI and Anthropic share this rule).
@@ -608,7 +612,10 @@ def make_tool_activities(runner: ToolRunner) -> list[Callable[..., Awaitable[Too
     for tool_name in runner.registry.tool_names:
 
         async def run_tool(call: ToolCallInput) -> ToolCallResult:
-            return await runner.run(call, attempt=activity.info().attempt)
+            if activity.info().is_local:
+                return await runner.run(call, attempt=activity.info().attempt)
+            async with heartbeating(TOOL_HEARTBEAT_EVERY_S):
+                return await runner.run(call, attempt=activity.info().attempt)
 
         run_tool.__name__ = f"tool_{tool_name}"
         activities.append(activity.defn(name=f"tool.{tool_name}")(run_tool))

@@ -92,6 +92,9 @@ MODEL_TIMEOUT = timedelta(seconds=120)
 BUDGET_BLOCK_CALLS = 4
 #: The model activity heartbeats every 2 s: a worker that died is noticed after this long.
 MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+#: Tools heartbeat every second; one whose timeout is longer than this gets this heartbeat
+#: timeout, so a call in flight on a dead worker is retried after seconds, not its timeout.
+TOOL_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
 #: How much untrusted tool output (characters) a run remembers for taint checks.
 UNTRUSTED_KEEP = 16_000
 
@@ -996,6 +999,8 @@ class AgentWorkflow:
         if tool.local:
             # Fast, read-only tools run as local activities: no round trip through the server.
             return await workflow.execute_local_activity(f"tool.{tool.name}", call, **options)
+        if tool.start_to_close_s > TOOL_HEARTBEAT_TIMEOUT.total_seconds():
+            options["heartbeat_timeout"] = TOOL_HEARTBEAT_TIMEOUT
         handle = workflow.start_activity(
             f"tool.{tool.name}",
             call,
