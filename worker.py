@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
 from temporalio.runtime import Runtime
 from temporalio.worker import Plugin as WorkerPlugin
 from temporalio.worker import Worker
@@ -270,11 +271,29 @@ async def run_worker(config: WorkerConfig | None = None) -> None:
     log.info("worker stopped")
 
 
+class RetryableFailureFilter(logging.Filter):
+    """One line, not a traceback, for an activity attempt that failed in a way Temporal retries.
+
+    The SDK logs every failed attempt with its traceback; under a dependency outage that is
+    megabytes a minute of the same frames. The error type and message are what matter.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, ApplicationError) and not err.non_retryable:
+            record.msg = f"{record.getMessage()}: {err.type}: {err.message}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def main() -> None:
     logging.basicConfig(
         level=os.environ.get("SPINE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("temporalio.activity").addFilter(RetryableFailureFilter())
     from client.runs import SpineClientError  # the client side imports lazily too
 
     code = 0

@@ -19,7 +19,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.errors import DependencyUnavailable, SpineError
-from workflows.ledger import BudgetLedger
+from workflows.ledger import LEDGER_TASK_TIMEOUT, BudgetLedger
 from workflows.models import BudgetCall, LedgerAnswer, LedgerState, ledger_workflow_id
 
 LEDGER_RPC_TIMEOUT = timedelta(seconds=5)
@@ -74,6 +74,7 @@ class BudgetActivities:
             LedgerState(account=call.account),
             id=ledger_workflow_id(call.account),
             task_queue=self.ledger_task_queue,
+            task_timeout=LEDGER_TASK_TIMEOUT,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         )
         try:

@@ -29,10 +29,19 @@ with workflow.unsafe.imports_passed_through():
         WindowTotals,
     )
 
-MAX_UPDATES_PER_RUN = 1000
+#: Updates per run before continuing as new. Kept small: a worker that takes the ledger over
+#: (its previous worker died) replays the whole run inside one workflow task, which must finish
+#: within the task timeout even on a loaded worker.
+MAX_UPDATES_PER_RUN = 250
+#: The ledger's workflow task timeout (Temporal's default is 10 s), for that same replay.
+LEDGER_TASK_TIMEOUT = timedelta(seconds=30)
 KEEP_WINDOWS = timedelta(days=62)
 #: A reservation never settled (its run vanished) stops holding budget after this long.
 RESERVATION_TTL = timedelta(hours=1)
+#: Settled reservations are remembered this long, so a retried request gets the same answer
+#: (committed) or a late commit still counts (released); then only the window totals remain.
+KEEP_COMMITTED = RESERVATION_TTL
+KEEP_RELEASED = timedelta(days=1)
 
 
 @workflow.defn(name=LEDGER_WORKFLOW_TYPE)
@@ -52,18 +61,24 @@ class BudgetLedger:
         )
         await workflow.wait_condition(workflow.all_handlers_finished)
         self._prune()
-        workflow.continue_as_new(self._state)
+        workflow.continue_as_new(self._state, task_timeout=LEDGER_TASK_TIMEOUT)
 
     def _window(self, key: str) -> WindowTotals:
         return self._state.windows.setdefault(key, WindowTotals())
 
     def _prune(self) -> None:
-        """Forget settled reservations and windows older than two months."""
-        oldest = (workflow.now() - KEEP_WINDOWS).strftime("%Y-%m-%d")
+        """Forget old settled reservations and windows older than two months."""
+        now = workflow.now()
+        oldest = (now - KEEP_WINDOWS).strftime("%Y-%m-%d")
+        keep_after = {
+            "reserved": "",
+            "committed": (now - KEEP_COMMITTED).isoformat(),
+            "released": (now - KEEP_RELEASED).isoformat(),
+        }
         self._state.reservations = {
             k: r
             for k, r in self._state.reservations.items()
-            if r.state == "reserved" or r.day >= oldest
+            if r.reserved_at >= keep_after.get(r.state, "")
         }
         self._state.windows = {
             k: w for k, w in self._state.windows.items() if k[4:] >= oldest[: len(k) - 4]
