@@ -162,3 +162,71 @@ async def test_ledger_window_resets_next_day(time_skipping_env):
         third = await activities.apply(op("c"))
     assert first.granted and not second.granted and third.granted
     assert first.day != third.day
+
+
+async def test_ledger_keeps_its_runs_short_and_forgets_old_settlements(time_skipping_env):
+    """A busy ledger continues as new every MAX_UPDATES_PER_RUN updates (so a worker taking
+    it over replays little, within the 30 s task timeout), and settled reservations older
+    than an hour are not carried into the next run."""
+    import json
+
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.worker import Worker
+
+    from activities.budget import BudgetActivities
+    from workflows.ledger import LEDGER_TASK_TIMEOUT, MAX_UPDATES_PER_RUN
+    from workflows.models import BudgetCall, LedgerOp
+
+    env = time_skipping_env
+    queue = f"ledger-{uuid.uuid4()}"
+    account = f"busy-{uuid.uuid4().hex[:6]}"
+    activities = BudgetActivities(env.client, queue)
+
+    async def burst(prefix: str, count: int) -> None:
+        previous = None
+        for i in range(count):
+            rid = f"{prefix}-{i}"
+            commit = {previous: 0.001} if previous else {}
+            await activities.apply(
+                BudgetCall(
+                    account=account,
+                    op=LedgerOp(
+                        run_id="r",
+                        commit=commit,
+                        reserve_id=rid,
+                        reserve_usd=0.002,
+                        daily_limit_usd=1000.0,
+                    ),
+                )
+            )
+            previous = rid
+
+    async with (
+        build_ledger_worker(env.client, queue),
+        Worker(env.client, task_queue=f"{queue}-x", activities=[activities.apply]),
+    ):
+        await burst("early", MAX_UPDATES_PER_RUN + 5)
+        await env.sleep(timedelta(hours=2))
+        await burst("late", MAX_UPDATES_PER_RUN + 5)
+        wid = ledger_workflow_id(account)
+        inputs, run_id = [], ""  # newest first, walking the continue-as-new chain back
+        while True:
+            handle = env.client.get_workflow_handle(wid, run_id=run_id or None)
+            history = await handle.fetch_history()
+            # At most five events per update (a workflow task each when they come one by one).
+            assert len(history.events) <= 5 * MAX_UPDATES_PER_RUN + 20
+            first = history.events[0]
+            assert first.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED
+            attrs = first.workflow_execution_started_event_attributes
+            assert attrs.workflow_task_timeout.ToTimedelta() == LEDGER_TASK_TIMEOUT
+            inputs.append(json.loads(attrs.input.payloads[0].data))
+            run_id = attrs.continued_execution_run_id
+            if not run_id:
+                break
+    assert len(inputs) >= 3
+    kept = inputs[0]["reservations"]
+    early = {rid: r["state"] for rid, r in kept.items() if rid.startswith("early-")}
+    # Committed two hours ago: forgotten. The last one was never settled: it expired after an
+    # hour (released) and is kept for a day in case its run still commits.
+    assert early == {f"early-{MAX_UPDATES_PER_RUN + 4}": "released"}, early
+    assert sum(rid.startswith("late-") for rid in kept) > 0
