@@ -167,6 +167,14 @@ def _s(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f} s"
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is below it, as the README shows it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def markdown(results: Path) -> str:
     m = machine()
     lines = [
@@ -278,16 +286,16 @@ def markdown(results: Path) -> str:
             )
         lines += [
             "",
-            "A SIGKILLed worker's in-flight call is retried only when its start-to-close timeout "
-            "expires (15 s for the demo tools, 120 s for a model call); heartbeats or shorter "
-            "timeouts shorten it.",
+            "A call in flight on a SIGKILLed worker is retried when Temporal notices it is gone: "
+            "after its heartbeat timeout (tools heartbeat every second; 5 s for a tool whose "
+            "timeout is longer, 10 s for a model call), or its start-to-close timeout if that is "
+            "shorter (the `sigkill 3s` row: a tool with a 3 s timeout). `sigkill 15s` is the "
+            "demo's tools (15 s timeout, 5 s heartbeat timeout).",
             "",
         ]
     images = sorted(p.name for p in results.glob("*.png"))
     if images:
-        lines.append(
-            "Plots: " + ", ".join(f"`{results.as_posix().rstrip('/')}/{name}`" for name in images)
-        )
+        lines.append("Plots: " + ", ".join(f"`{_shown(results)}/{name}`" for name in images))
     return "\n".join(lines)
 
 
