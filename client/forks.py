@@ -86,6 +86,7 @@ from workflows.models import (
     Provider,
     SideEffect,
     Usage,
+    model_path,
 )
 
 SPINE_FORKED_FROM = SearchAttributeKey.for_keyword("SpineForkedFrom")
@@ -676,18 +677,11 @@ def _check_runnable(point: Checkpoint, request: AgentWorkflowInput) -> None:
     """What the workflow would stop on at once, refused here instead (same rules)."""
     spec, wid, step = point.spec, point.workflow_id, point.step
     choice = request.model
-    provider = choice.provider if choice else spec.default_provider
-    name = choice.name if choice and choice.name else None
-    if name is None:
-        name = (
-            spec.default_model
-            if provider == spec.default_provider
-            else spec.default_models.get(provider)
-        )
+    path = model_path(choice, spec)
+    provider, name = path[0]
     if not name:
         raise ForkRefused(f"no model name given and the policy has no default for {provider!r}")
-    models = [name] + [f.rpartition(":")[2] for f in (choice.fallback if choice else [])]
-    for model in models:
+    for _, model in path:
         if model not in spec.prices:
             raise ForkRefused(
                 f"model {model!r} has no price in the policy run {wid!r} pinned "

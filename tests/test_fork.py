@@ -227,19 +227,23 @@ async def test_bulk_replay_lists_then_forks_parked_and_failed_runs(
             return (await client.count_workflows(wanted)).count == 3
 
         await eventually(listed, what="three runs in visibility with their final status")
-        code, out, err = await spine(
-            client,
-            task_queue,
-            "replay",
-            "--query",
-            query,
-            "--from-step",
-            "3",
-            "--dry-run",
-            "--json",
-        )
-        assert code == 0, err
-        rows = {r["workflow_id"]: r for r in json.loads(out)["runs"]}
+
+        async def replay_dry_run() -> list[dict]:
+            code, out, err = await spine(
+                client,
+                task_queue,
+                "replay",
+                "--query",
+                query,
+                "--from-step",
+                "3",
+                "--dry-run",
+                "--json",
+            )
+            assert code == 0, err
+            return json.loads(out)["runs"]
+
+        rows = {r["workflow_id"]: r for r in await replay_dry_run()}
         assert {k: r["action"] for k, r in rows.items()} == {
             failed.id: "fork",
             done.id: "skip",
@@ -271,19 +275,7 @@ async def test_bulk_replay_lists_then_forks_parked_and_failed_runs(
             return (await client.count_workflows(wanted)).count == 2
 
         await eventually(linked, what="both forks listed under SpineForkedFrom")
-        code, out, err = await spine(
-            client,
-            task_queue,
-            "replay",
-            "--query",
-            query,
-            "--from-step",
-            "3",
-            "--dry-run",
-            "--json",
-        )
-        assert code == 0, err
-        again = [r for r in json.loads(out)["runs"] if r["workflow_id"] in forks]
+        again = [r for r in await replay_dry_run() if r["workflow_id"] in forks]
         assert [r["action"] for r in again] == ["skip", "skip"]
         assert all("already forked" in r["reason"] for r in again)
     assert [r.status for r in results] == ["completed", "completed"], [r.reason for r in results]

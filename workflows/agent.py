@@ -76,6 +76,7 @@ with workflow.unsafe.imports_passed_through():
         RunStatus,
         SideEffect,
         Usage,
+        model_path,
         rate_limited_queue,
     )
 
@@ -357,21 +358,10 @@ class AgentWorkflow:
 
     def _model_path(self, spec: AgentSpec) -> list[tuple[str, str]]:
         """(provider, model) for the run's model, then each fallback that has a price."""
-        choice = self._request.model
-        provider = choice.provider if choice else spec.default_provider
-        name = choice.name if choice and choice.name else None
-        if name is None:
-            name = (
-                spec.default_model
-                if provider == spec.default_provider
-                else spec.default_models.get(provider)
-            )
+        path = model_path(self._request.model, spec)
+        provider, name = path[0]
         if not name:
             raise _Stop("failed", f"no model name given and no default for provider {provider!r}")
-        path = [(provider, name)]
-        for entry in choice.fallback if choice else []:
-            fb_provider, _, fb_name = entry.rpartition(":")
-            path.append((fb_provider or provider, fb_name))
         for _, model in path:
             if model not in spec.prices:
                 raise _Stop(

@@ -36,6 +36,27 @@ class ModelChoice(BaseModel):
     )
 
 
+def model_path(choice: ModelChoice | None, spec: AgentSpec) -> list[tuple[str, str]]:
+    """(provider, model) for a run's model, then each of its fallbacks, as the run will try them.
+
+    The first model's name is ``""`` when the request names none and the policy has no default
+    for its provider; the caller refuses that (and models with no price) in its own words.
+    """
+    provider = choice.provider if choice else spec.default_provider
+    name = choice.name if choice and choice.name else None
+    if name is None:
+        name = (
+            spec.default_model
+            if provider == spec.default_provider
+            else spec.default_models.get(provider)
+        )
+    path = [(provider, name or "")]
+    for entry in choice.fallback if choice else []:
+        fb_provider, _, fb_name = entry.rpartition(":")
+        path.append((fb_provider or provider, fb_name))
+    return path
+
+
 class Limits(BaseModel):
     """Per-run limits; they can only tighten what the policy allows."""
 
