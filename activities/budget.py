@@ -8,6 +8,8 @@ import random
 import time
 from datetime import timedelta
 
+from spine.activities.errors import DependencyUnavailable, SpineError
+from spine.workflows.ledger import LEDGER_TASK_TIMEOUT, BudgetLedger
 from temporalio import activity
 from temporalio.client import (
     Client,
@@ -18,9 +20,8 @@ from temporalio.client import (
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.errors import DependencyUnavailable, SpineError
-from workflows.ledger import LEDGER_TASK_TIMEOUT, BudgetLedger
-from workflows.models import BudgetCall, LedgerAnswer, LedgerState, ledger_workflow_id
+from spine.contract import ledger_workflow_id
+from spine.payloads import BudgetCall, LedgerAnswer, LedgerState
 
 LEDGER_RPC_TIMEOUT = timedelta(seconds=5)
 #: How long to keep knocking when the ledger has too many updates in flight (it allows ten).

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from activities.tools import ToolDefinition
+from spine.activities.tools import ToolDefinition
 
 LOCK_FORMAT = 1
 DEFAULT_LOCK_PATH = Path("tools.lock.json")

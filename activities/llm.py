@@ -11,17 +11,22 @@ import json
 import random
 from collections.abc import Awaitable, Callable, Mapping
 
-from temporalio import activity
-
-from activities.breakers import Breakers
-from activities.errors import (
+from spine.activities.breakers import Breakers
+from spine.activities.errors import (
     AuditWriteFailed,
     DependencyUnavailable,
     ModelRequestRejected,
     SpineError,
 )
-from activities.heartbeat import heartbeating
-from activities.models import (
+from spine.activities.heartbeat import heartbeating
+from spine.activities.providers.base import ModelProvider
+from spine.activities.tools import Registry
+from spine.activities.transcript import TranscriptStore
+from spine.guardrails.policy import Policy
+from temporalio import activity
+
+from spine.contract import ScriptTurn, TokenUsage
+from spine.payloads import (
     AgentSpec,
     AuditBatch,
     ChatMessage,
@@ -29,14 +34,8 @@ from activities.models import (
     ModelCallResult,
     ProviderRequest,
     ResolveAgentInput,
-    ScriptTurn,
-    TokenUsage,
     ToolCall,
 )
-from activities.providers.base import ModelProvider
-from activities.tools import Registry
-from activities.transcript import TranscriptStore
-from guardrails.policy import Policy
 
 
 def scripted_response(turn: ScriptTurn, step: int, model: str = "scripted") -> ModelCallResult:

@@ -52,16 +52,14 @@ from mcp.types import (
     Tool,
 )
 from pydantic import BaseModel
-
-from activities.errors import (
+from spine.activities.errors import (
     DependencyUnavailable,
     SpineError,
     ToolFailed,
     ToolInputInvalid,
     classify_http,
 )
-from activities.models import JsonObject
-from activities.tools import (
+from spine.activities.tools import (
     TOOL_NAME,
     JsonArguments,
     Risk,
@@ -70,6 +68,8 @@ from activities.tools import (
     ToolDefinitionError,
     json_schema_model,
 )
+
+from spine.contract import JsonObject
 
 T = TypeVar("T")
 

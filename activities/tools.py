@@ -30,10 +30,8 @@ from typing import ClassVar, Literal, Protocol, TypeVar, get_args
 import httpx
 import jsonschema
 from pydantic import BaseModel, RootModel, ValidationError, model_validator
-from temporalio import activity
-
-from activities.breakers import Breakers
-from activities.errors import (
+from spine.activities.breakers import Breakers
+from spine.activities.errors import (
     SpineError,
     ToolFailed,
     ToolInputInvalid,
@@ -41,10 +39,12 @@ from activities.errors import (
     UnknownTool,
     classify_http,
 )
-from activities.heartbeat import heartbeating
-from activities.models import (
+from spine.activities.heartbeat import heartbeating
+from temporalio import activity
+
+from spine.contract import JsonObject
+from spine.payloads import (
     CompensationInput,
-    JsonObject,
     ToolCallInput,
     ToolCallResult,
     ToolDescriptor,
@@ -58,7 +58,7 @@ Risk = Literal["low", "medium", "high"]
 """How much harm a wrong call can do; recorded in the lock file, shown to reviewers."""
 
 #: Seconds between tool heartbeats; the workflow sets a heartbeat timeout on tools whose
-#: start-to-close timeout is longer than ``workflows.agent.TOOL_HEARTBEAT_TIMEOUT``.
+#: start-to-close timeout is longer than ``spine.workflows.agent.TOOL_HEARTBEAT_TIMEOUT``.
 TOOL_HEARTBEAT_EVERY_S = 1.0
 #: A local activity runs inside the workflow task, so a local tool must be quick.
 MAX_LOCAL_TIMEOUT_S = 10.0

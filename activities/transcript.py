@@ -18,8 +18,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from activities.errors import TranscriptUnavailable
-from activities.models import EMPTY_DIGEST, ChatMessage, chain_digest
+from spine.activities.errors import TranscriptUnavailable
+
+from spine.payloads import EMPTY_DIGEST, ChatMessage, chain_digest
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transcript (

@@ -16,9 +16,8 @@ from __future__ import annotations
 import random
 
 from pydantic import BaseModel, Field
-
-from activities.tools import AgentDefinition, Registry, ToolContext, tool
-from demo.agent import API_KEY, lookup_order
+from spine.activities.tools import AgentDefinition, Registry, ToolContext, tool
+from spine.demo.agent import API_KEY, lookup_order
 
 DOC_BYTES = 20_000
 _WORDS = (
@@ -81,7 +80,7 @@ BENCH_AGENT = AgentDefinition(
 
 
 def register(registry: Registry) -> None:
-    """Add `bench-agent` and its tools (``demo.agent`` must be registered first)."""
+    """Add `bench-agent` and its tools (``spine.demo.agent`` must be registered first)."""
     registry.add_tool(read_doc)
     registry.add_tool(lookup_order_3s)
     registry.add_tool(lookup_order_open)

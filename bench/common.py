@@ -28,14 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import tomli_w
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
-
-from activities.models import ScriptTurn
-from bench.agents import BENCH_TOOLS
-from client.testing import (
-    SEARCH_ATTRIBUTES,
+from spine.client.testing import (
     DemoService,
     VaultDev,
     binary,
@@ -45,8 +38,13 @@ from client.testing import (
     start_worker_process,
     stop_worker_process,
 )
-from guardrails.policy import DEFAULT_POLICY_PATH
-from workflows.models import AgentRequest, Limits, ModelChoice
+from spine.guardrails.policy import DEFAULT_POLICY_PATH
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from bench.agents import BENCH_TOOLS
+from spine.contract import SEARCH_ATTRIBUTES, AgentRequest, Limits, ModelChoice, ScriptTurn
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent

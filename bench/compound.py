@@ -32,6 +32,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from spine.client.runs import get_state, start_run
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
@@ -54,8 +55,7 @@ from bench.common import (
 )
 from bench.naive_agent import run_agent
 from bench.scripts import refund_script
-from client.runs import get_state, start_run
-from workflows.models import AgentResult
+from spine.contract import AgentResult
 
 FAIL_RATE = 0.15
 RETRY_TRIES = 3

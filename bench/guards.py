@@ -16,17 +16,17 @@ import statistics
 import time
 
 import jsonschema
+from spine.activities.budget import BudgetActivities
+from spine.activities.tools import SecretRef
+from spine.client.testing import start_vault_dev, temporal_dev_server
+from spine.demo.agent import issue_refund
+from spine.guardrails.approvals import approval_rule, tainted_args
+from spine.guardrails.policy import load_policy
+from spine.guardrails.secrets import VaultSecrets
 from temporalio.worker import Worker
 
-from activities.budget import BudgetActivities
-from activities.tools import SecretRef
-from client.testing import start_vault_dev, temporal_dev_server
-from demo.agent import issue_refund
-from guardrails.approvals import approval_rule, tainted_args
-from guardrails.policy import load_policy
-from guardrails.secrets import VaultSecrets
-from worker import build_ledger_worker
-from workflows.models import BudgetCall, LedgerOp
+from spine.payloads import BudgetCall, LedgerOp
+from spine.worker import build_ledger_worker
 
 
 def workflow_side(calls: int) -> float:

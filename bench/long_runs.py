@@ -24,20 +24,19 @@ import tomllib
 import uuid
 from pathlib import Path
 
+from spine.client.runs import start_run
+from spine.guardrails.policy import DEFAULT_POLICY_PATH
+from spine.guardrails.secrets import VaultSecrets
 from temporalio.api.enums.v1 import EventType
-from temporalio.common import SearchAttributeKey
 
-from activities.models import ScriptToolCall, ScriptTurn
 from bench.common import bench_policy, bench_stack, parser, spine_request, write_results
-from client.runs import start_run
-from guardrails.policy import DEFAULT_POLICY_PATH
-from guardrails.secrets import VaultSecrets
-from worker import WorkerConfig, build_worker
+from spine.contract import SA_STEPS, ScriptToolCall, ScriptTurn
+from spine.worker import WorkerConfig, build_worker
 
 WARN_EVENTS = 10_240
 WARN_BYTES = 10 * 1024 * 1024
 BUCKETS = 10
-STEPS = SearchAttributeKey.for_int("SpineSteps")
+STEPS = SA_STEPS
 
 
 def script(steps: int) -> list[ScriptTurn]:

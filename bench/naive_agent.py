@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import httpx
 
-from activities.models import ScriptToolCall, ScriptTurn
 from bench.scripts import refund_script
+from spine.contract import ScriptToolCall, ScriptTurn
 
 
 class Transient(Exception):

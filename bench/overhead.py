@@ -29,17 +29,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from spine.client.runs import start_run
+from spine.guardrails.policy import load_policy
+from spine.guardrails.secrets import VaultSecrets
+from spine.observability.telemetry import telemetry_from_env
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from bench.bare import BareInput, BareLoop, bare_lookup, bare_model
 from bench.common import bench_policy, bench_stack, parser, spine_request, write_results
-from client.runs import start_run
-from guardrails.policy import load_policy
-from guardrails.secrets import VaultSecrets
-from guardrails.telemetry import telemetry_from_env
+from spine.worker import WorkerConfig, build_worker
 from tests.helpers import call, turn
-from worker import WorkerConfig, build_worker
 
 SPINE_QUEUE = "bench-spine"
 BARE_QUEUE = "bench-bare"
@@ -106,7 +106,7 @@ async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: P
             task_queue=SPINE_QUEUE,
             state_dir=tmp / "state",
             policy_path=policy,
-            agent_modules=("demo.agent", "bench.agents"),
+            agent_modules=("spine.demo.agent", "bench.agents"),
             settings={"SPINE_DEMO_URL": stack.service.url},
             secrets=VaultSecrets(stack.vault.url, token=stack.vault.token),
             providers={},

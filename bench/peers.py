@@ -27,6 +27,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from spine.client.runs import start_run
+from spine.guardrails.secrets import VaultSecrets
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.converter import DataConverter
@@ -44,10 +46,8 @@ from bench.common import (
 )
 from bench.scripts import call as script_call
 from bench.scripts import refund_script, turn
-from client.runs import start_run
-from guardrails.secrets import VaultSecrets
-from worker import WorkerConfig, build_worker
-from workflows.models import AgentResult
+from spine.contract import AgentResult
+from spine.worker import WorkerConfig, build_worker
 
 HISTORY_LIMIT_BYTES = 50 * 1024 * 1024
 HISTORY_WARN_BYTES = 10 * 1024 * 1024
@@ -202,7 +202,7 @@ async def _with_workers(stack: Stack, tmp: Path, body: Callable[[list[Arm]], Awa
         task_queue=spine_queue,
         state_dir=tmp / "state",
         policy_path=bench_policy(tmp),
-        agent_modules=("demo.agent", "bench.agents"),
+        agent_modules=("spine.demo.agent", "bench.agents"),
         settings={"SPINE_DEMO_URL": stack.service.url},
         secrets=VaultSecrets(stack.vault.url, token=stack.vault.token),
         providers={},

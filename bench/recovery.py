@@ -27,6 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
+from spine.client.runs import start_run
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowHandle
 
@@ -43,7 +44,6 @@ from bench.common import (
     write_results,
 )
 from bench.scripts import call, turn
-from client.runs import start_run
 
 LATENCY_MS = 1000
 KINDS = {"sigkill 15s": "lookup_order", "sigkill 3s": "lookup_order_3s", "restart": "lookup_order"}

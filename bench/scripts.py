@@ -6,7 +6,7 @@ so it stays free of Temporal and the rest of Spine.
 
 from __future__ import annotations
 
-from activities.models import ScriptToolCall, ScriptTurn, TokenUsage
+from spine.contract import ScriptToolCall, ScriptTurn, TokenUsage
 
 #: Refund per run: at most 100.00 and proposed with confidence 0.9, so no approval is needed,
 #: and small enough that a duplicate still fits in the order's 250.00 (so it shows up).

@@ -1,6 +1,6 @@
-"""Client side of Spine: typed helpers (`client.runs`), the `spine` command and the demo."""
+"""Client side of Spine: typed helpers (`spine.client.runs`), the `spine` command and the demo."""
 
-from client.runs import (
+from spine.client.runs import (
     RunHandle,
     SpineClientError,
     TemporalUnreachable,

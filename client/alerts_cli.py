@@ -26,7 +26,7 @@ Schedule ``spine-alerts``, which starts `SpineAlertsWorkflow` on the Spine task 
 registering that workflow and the ``spine.alerts_check`` activity runs the check.
 ``spine alerts unschedule`` deletes it.
 
-This module does not import ``client.cli`` (which adds `alerts` to the ``spine`` group).
+This module does not import ``spine.client.cli`` (which adds `alerts` to the ``spine`` group).
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ from pathlib import Path
 from typing import Literal
 
 import click
+from spine.activities.errors import SpineError
+from spine.client.audit_cli import open_store
+from spine.client.runs import SpineClientError, connect
+from spine.client.slo_cli import parse_since
+from spine.guardrails.policy import Policy, PolicyError, load_policy
+from spine.observability.alerts import Alert, AlertEngine, AlertsCheckInput, AlertsCheckResult
+from spine.observability.audit import AuditStore, store_from_env
+from spine.workflows.alerts import ALERTS_SCHEDULE_ID, ALERTS_WORKFLOW_TYPE
 from temporalio.client import (
     Client,
     Schedule,
@@ -55,15 +63,7 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.errors import SpineError
-from client.audit_cli import open_store
-from client.runs import SpineClientError, connect
-from client.slo_cli import parse_since
-from guardrails.alerts import Alert, AlertEngine, AlertsCheckInput, AlertsCheckResult
-from guardrails.audit import AuditStore, store_from_env
-from guardrails.policy import Policy, PolicyError, load_policy
-from workflows.alerts import ALERTS_SCHEDULE_ID, ALERTS_WORKFLOW_TYPE
-from workflows.models import DEFAULT_TASK_QUEUE
+from spine.contract import DEFAULT_TASK_QUEUE
 
 EXIT_ALERTS = 3
 """Exit status of `spine alerts check` when new alerts fired."""

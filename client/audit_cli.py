@@ -20,7 +20,8 @@ run_outcome        status, reason, steps, usd
 alert              message or reason
 =================  ===========================================================================
 
-This module does not import ``client.cli`` (which adds `audit` to the ``spine`` group), so there
+This module does not import ``spine.client.cli`` (which adds `audit` to the ``spine`` group), so
+there
 is no import cycle.
 """
 
@@ -35,10 +36,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
-
-from activities.errors import SpineError
-from client.runs import SpineClientError
-from guardrails.audit import AuditStore, StoredEntry, VerifyResult, store_from_env, verify
+from spine.activities.errors import SpineError
+from spine.client.runs import SpineClientError
+from spine.observability.audit import AuditStore, StoredEntry, VerifyResult, store_from_env, verify
 
 T = TypeVar("T")
 

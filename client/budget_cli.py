@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import click
+from spine.client.runs import SpineClientError, connect
 from temporalio.service import RPCError
 
-from client.runs import SpineClientError, connect
-from workflows.models import BudgetView, ledger_workflow_id
+from spine.contract import ledger_workflow_id
+from spine.payloads import BudgetView
 
 
 @click.group("budget")
@@ -19,7 +20,7 @@ def budget() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(account: str, as_json: bool) -> None:
     """Show ACCOUNT's committed and reserved spend per day and month."""
-    from client.cli import _echo_json, _run_async
+    from spine.client.cli import _echo_json, _run_async
 
     view = _run_async(_show(account))
     if as_json:

@@ -16,10 +16,7 @@ from typing import Literal, TypeVar, get_args
 
 import click
 from pydantic import TypeAdapter, ValidationError
-from temporalio.client import WorkflowExecutionStatus
-
-from activities.models import ScriptTurn
-from client.runs import (
+from spine.client.runs import (
     RunHandle,
     SpineClientError,
     connect,
@@ -34,7 +31,9 @@ from client.runs import (
     watch,
     web_ui_url,
 )
-from workflows.models import (
+from temporalio.client import WorkflowExecutionStatus
+
+from spine.contract import (
     AgentRequest,
     AgentResult,
     ApprovalDecision,
@@ -42,7 +41,8 @@ from workflows.models import (
     ModelChoice,
     OperatorCommand,
     Provider,
-    RunState,
+    ScriptTurn,
+    StateView,
     Usage,
 )
 
@@ -51,7 +51,7 @@ _PROVIDERS: dict[str, Provider] = {p: p for p in get_args(Provider)}
 T = TypeVar("T")
 
 
-# --- output helpers (also used by `client.demo`) ---------------------------------------------
+# --- output helpers (also used by `spine.client.demo`) -------------------------------------
 
 
 def compact(value: object) -> str:
@@ -59,7 +59,7 @@ def compact(value: object) -> str:
     return json.dumps(value, separators=(", ", ": "), default=str)
 
 
-def state_line(state: RunState) -> str:
+def state_line(state: StateView) -> str:
     """One progress line: `step 3  awaiting_approval  approval ap-1 issue_refund {...}: why`."""
     line = f"step {state.step}  {state.status}"
     if state.pending_approvals:
@@ -223,11 +223,9 @@ def cli() -> None:
 @cli.command("worker")
 def worker_cmd() -> None:
     """Run a Spine worker (the same as `python worker.py`)."""
-    try:
-        import worker  # lazily: it pulls in every activity and provider SDK
-    except ImportError as e:
-        raise SpineClientError(f"cannot load the worker (worker.py): {e}") from e
-    worker.main()
+    from spine.worker import main  # lazily: it pulls in every activity and provider SDK
+
+    main()
 
 
 @cli.command("run")
@@ -342,7 +340,7 @@ async def _status(workflow_id: str, as_json: bool) -> None:
     desc = await describe(handle)
     wf_status = desc.status.name if desc.status is not None else "UNKNOWN"
     url = web_ui_url(desc.id, desc.run_id, client.namespace)
-    state: RunState | None = None
+    state: StateView | None = None
     result: AgentResult | None = None
     error: str | None = None
     if desc.status == WorkflowExecutionStatus.RUNNING:
@@ -473,14 +471,14 @@ async def _operate(workflow_id: str, command: OperatorCommand, as_json: bool) ->
 
 
 def _register_subcommands() -> None:
-    from client.alerts_cli import alerts
-    from client.audit_cli import audit
-    from client.budget_cli import budget
-    from client.codec_cli import codec_server
-    from client.replay_cli import replay
-    from client.slo_cli import slo
-    from client.tools_cli import tools
-    from client.trace_cli import trace
+    from spine.client.alerts_cli import alerts
+    from spine.client.audit_cli import audit
+    from spine.client.budget_cli import budget
+    from spine.client.codec_cli import codec_server
+    from spine.client.replay_cli import replay
+    from spine.client.slo_cli import slo
+    from spine.client.tools_cli import tools
+    from spine.client.trace_cli import trace
 
     for command in (alerts, audit, budget, codec_server, replay, slo, tools, trace):
         cli.add_command(command)
@@ -496,7 +494,7 @@ def demo_cmd(ctx: click.Context) -> None:
 
     One refund needs approval; the demo approves it itself and says so.
     """
-    from client.demo import run_demo  # lazily: it imports the worker
+    from spine.client.demo import run_demo  # lazily: it imports the worker
 
     result = _run_async(run_demo(click.echo))
     if result.status != "completed":

@@ -30,9 +30,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from google.protobuf import json_format
-from temporalio.api.common.v1 import Payload, Payloads
-
-from guardrails.codec import (
+from spine.guardrails.codec import (
     KEY_ENV,
     KEYS_ENV,
     VAULT_PATH_ENV,
@@ -41,6 +39,7 @@ from guardrails.codec import (
     EncryptionCodec,
     codec_from_env,
 )
+from temporalio.api.common.v1 import Payload, Payloads
 
 log = logging.getLogger("spine.codec_server")
 

@@ -11,10 +11,8 @@ import random
 from collections.abc import Callable
 
 import httpx
-
-from activities.models import ScriptToolCall, ScriptTurn, TokenUsage
-from client.cli import compact, result_lines, state_line
-from client.runs import (
+from spine.client.cli import compact, result_lines, state_line
+from spine.client.runs import (
     SpineClientError,
     TemporalUnreachable,
     connect,
@@ -25,7 +23,16 @@ from client.runs import (
     watch,
     web_ui_url,
 )
-from workflows.models import AgentRequest, AgentResult, ApprovalDecision, ModelChoice
+
+from spine.contract import (
+    AgentRequest,
+    AgentResult,
+    ApprovalDecision,
+    ModelChoice,
+    ScriptToolCall,
+    ScriptTurn,
+    TokenUsage,
+)
 
 DEMO_AGENT = "refund-agent"
 DEMO_USER = "alice"
@@ -140,9 +147,10 @@ async def run_demo(
     await _check_service()
     queue = task_queue()
     try:
-        import worker  # lazily: it pulls in every activity and provider SDK
-        from guardrails.policy import load_policy
-        from guardrails.telemetry import telemetry_from_env
+        from spine.guardrails.policy import load_policy
+        from spine.observability.telemetry import telemetry_from_env
+
+        import spine.worker as worker  # lazily: it pulls in every activity and provider SDK
 
         config = worker.WorkerConfig.from_env()
         policy = load_policy(config.policy_path)

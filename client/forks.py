@@ -4,7 +4,8 @@
 done. A fork is a new `AgentWorkflow` run that starts from that state and goes on with step N+1.
 Nothing of steps 1..N runs again: the checkpoint is rebuilt from the original's event history
 (the `spine.model_call` inputs and results and the `tool.*` results, step by step, across
-continue-as-new) into a :class:`~workflows.models.Carry`, the same state a run hands itself when
+continue-as-new) into a :class:`~spine.workflows.state.RunState`, the same state a run hands
+itself when
 it continues as new, and passed as ``AgentWorkflowInput.carry``. It holds:
 
 - the transcript up to the checkpoint (see below);
@@ -46,51 +47,41 @@ from typing import TypeVar, get_args
 from uuid import uuid4
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from spine.activities.tools import Registry
+from spine.client.runs import RunHandle, SpineClientError, describe, get_run
+from spine.workflows.state import AgentWorkflowInput, BudgetCarry, Carry, model_path
 from temporalio.api.common.v1 import Payloads
 from temporalio.api.enums.v1 import RetryState
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.models import (
+from spine.contract import (
+    SA_ACCOUNT,
+    SA_AGENT,
+    SA_FORKED_FROM,
+    SA_STATUS,
+    WORKFLOW_TYPE,
+    AgentResult,
+    Provider,
+    ScriptTurn,
+    SideEffect,
+    Usage,
+)
+from spine.payloads import (
     EMPTY_DIGEST,
     AgentSpec,
     ChatMessage,
     ModelCallInput,
     ModelCallResult,
-    ScriptTurn,
     ToolCallInput,
     ToolCallResult,
     chain_digest,
 )
-from activities.tools import Registry
-from client.runs import (
-    SPINE_ACCOUNT,
-    SPINE_AGENT,
-    SPINE_STATUS,
-    RunHandle,
-    SpineClientError,
-    describe,
-    get_run,
-)
-from workflows.models import (
-    WORKFLOW_TYPE,
-    AgentResult,
-    AgentWorkflowInput,
-    BudgetCarry,
-    Carry,
-    Provider,
-    SideEffect,
-    Usage,
-    model_path,
-)
-
-SPINE_FORKED_FROM = SearchAttributeKey.for_keyword("SpineForkedFrom")
-"""Keyword search attribute on a fork: the workflow id it was forked from (when registered)."""
 
 #: Largest transcript prefix (JSON bytes) a fork carries in its input.
 MAX_CARRIED_BYTES = 1_000_000
@@ -184,7 +175,7 @@ async def load_history(client: Client, workflow_id: str) -> RunHistory:
     desc = await describe(handle)
     first = desc.raw_description.workflow_execution_info.first_run_id or desc.run_id
     memo = await desc.memo()
-    status = desc.typed_search_attributes.get(SPINE_STATUS) or (
+    status = desc.typed_search_attributes.get(SA_STATUS) or (
         desc.status.name.lower() if desc.status else "unknown"
     )
     segments: list[_Segment] = []
@@ -300,7 +291,7 @@ async def checkpoint(history: RunHistory, step: int, converter: DataConverter) -
         ForkRefused: the run has no such finished step, a side effect up to the step was undone,
             or the history cannot be read back consistently.
     """
-    from workflows.agent import UNTRUSTED_KEEP  # lazily: the workflow module is heavier
+    from spine.workflows.agent import UNTRUSTED_KEEP  # lazily: the workflow module is heavier
 
     wid = history.workflow_id
     if step < 0:
@@ -731,9 +722,9 @@ def current_registry() -> Registry:
     Raises:
         SpineClientError: the agent modules cannot be loaded.
     """
-    from worker import load_registry  # lazily: it imports every activity
+    from spine.worker import load_registry  # lazily: it imports every activity
 
-    spec = os.environ.get("SPINE_AGENTS") or "demo.agent"
+    spec = os.environ.get("SPINE_AGENTS") or "spine.demo.agent"
     modules = tuple(m.strip() for m in spec.split(",") if m.strip())
     try:
         return load_registry(modules)
@@ -823,7 +814,7 @@ async def forked_from_registered(client: Client) -> bool:
         )
     except RPCError:
         return False  # not allowed to ask (e.g. Temporal Cloud API keys): the memo still links
-    return SPINE_FORKED_FROM.name in found.custom_attributes
+    return SA_FORKED_FROM.name in found.custom_attributes
 
 
 async def start_fork(
@@ -838,12 +829,12 @@ async def start_fork(
     pairs = []
     if os.environ.get("SPINE_SEARCH_ATTRIBUTES", "1").lower() not in ("0", "false"):
         pairs = [
-            SearchAttributePair(SPINE_AGENT, request.agent),
-            SearchAttributePair(SPINE_ACCOUNT, request.account),
-            SearchAttributePair(SPINE_STATUS, "running"),
+            SearchAttributePair(SA_AGENT, request.agent),
+            SearchAttributePair(SA_ACCOUNT, request.account),
+            SearchAttributePair(SA_STATUS, "running"),
         ]
         if link_attribute:
-            pairs.append(SearchAttributePair(SPINE_FORKED_FROM, plan.point.workflow_id))
+            pairs.append(SearchAttributePair(SA_FORKED_FROM, plan.point.workflow_id))
     origin = plan.point
     try:
         return await client.start_workflow(
@@ -908,7 +899,7 @@ async def find_runs(client: Client, query: str) -> list[Candidate]:
                 continue
             if execution.id in seen:
                 continue
-            spine = execution.typed_search_attributes.get(SPINE_STATUS)
+            spine = execution.typed_search_attributes.get(SA_STATUS)
             state = execution.status.name.lower() if execution.status else "unknown"
             if execution.status in _CLOSED_BADLY:
                 status, eligible = state, True
@@ -924,7 +915,7 @@ async def find_runs(client: Client, query: str) -> list[Candidate]:
 
 async def existing_forks(client: Client, workflow_id: str) -> list[str]:
     """Ids of runs forked from `workflow_id` (needs `SpineForkedFrom`; visibility may lag)."""
-    query = f"{SPINE_FORKED_FROM.name} = '{workflow_id}'"
+    query = f"{SA_FORKED_FROM.name} = '{workflow_id}'"
     try:
         return sorted({w.id async for w in client.list_workflows(query)})
     except RPCError as e:

@@ -5,7 +5,8 @@
 
 The new run carries RUN's state at the end of step N (transcript, completed side effects with
 their compensations and idempotency keys, spend, pinned tool versions) and goes on with step N+1;
-see :mod:`client.forks`. It is linked to RUN by the memo ``forked_from`` and, where registered,
+see :mod:`spine.client.forks`. It is linked to RUN by the memo ``forked_from`` and, where
+registered,
 the search attribute ``SpineForkedFrom``. With ``--query``, every matching run that is parked or
 ended without completing is forked the same way, except runs already forked (found through
 ``SpineForkedFrom``), so running it again does not fork twice; ``--dry-run`` lists what would
@@ -21,8 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import click
-
-from client.forks import (
+from spine.client.forks import (
     ForkPlan,
     current_registry,
     existing_forks,
@@ -32,7 +32,7 @@ from client.forks import (
     plan_fork,
     start_fork,
 )
-from client.runs import SpineClientError, connect, task_queue, web_ui_url
+from spine.client.runs import SpineClientError, connect, task_queue, web_ui_url
 
 
 @click.command("replay")
@@ -75,7 +75,7 @@ def replay(
     if the new run fails), their spend counts, and the tool versions RUN pinned must still be
     served. The new run's memo `forked_from` names RUN and the step.
     """
-    from client.cli import _run_async  # lazily: client.cli registers this command
+    from spine.client.cli import _run_async  # lazily: client.cli registers this command
 
     if (run is None) == (query is None):
         raise click.UsageError("give either RUN or --query (not both)")
@@ -114,7 +114,7 @@ async def _single(
     wait: bool,
     as_json: bool,
 ) -> int:
-    from client.cli import _echo_json, follow
+    from spine.client.cli import _echo_json, follow
 
     registry = current_registry()
     client = await connect()
@@ -151,7 +151,7 @@ async def _single(
 async def _bulk(
     query: str, step: int, changes: Mapping[str, str], dry_run: bool, as_json: bool
 ) -> int:
-    from client.cli import _echo_json
+    from spine.client.cli import _echo_json
 
     registry = current_registry()
     client = await connect()

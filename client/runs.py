@@ -1,7 +1,7 @@
 """Typed helpers to start, watch and steer Spine runs from outside the workflow.
 
 Everything here speaks the contract's names (workflow type `AgentWorkflow`, query `state`, update
-`decide`, signals `approval` and `operator`) and the pydantic models of `workflows.models`, and
+`decide`, signals `approval` and `operator`) and the pydantic models of `spine.contract`, and
 turns the failures a user can cause or fix into a one-line `SpineClientError`::
 
     SpineClientError            a clear, one-line reason; the CLI prints it and exits 1
@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from uuid import uuid4
 
+from spine.guardrails.codec import CodecConfigError, data_converter_from_env
 from temporalio.client import (
     Client,
     WorkflowExecutionDescription,
@@ -28,31 +29,30 @@ from temporalio.client import (
     WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
 )
-from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.converter import DataConverter
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import ApplicationError, FailureError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from guardrails.codec import CodecConfigError, data_converter_from_env
-from workflows.models import (
+from spine.contract import (
     DEFAULT_TASK_QUEUE,
+    SA_ACCOUNT,
+    SA_AGENT,
+    SA_STATUS,
     WORKFLOW_TYPE,
     AgentRequest,
     AgentResult,
     ApprovalDecision,
     DecisionAck,
     OperatorCommand,
-    RunState,
+    StateView,
 )
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_UI_URL = "http://localhost:8233"
 
-SPINE_AGENT = SearchAttributeKey.for_keyword("SpineAgent")
-SPINE_ACCOUNT = SearchAttributeKey.for_keyword("SpineAccount")
-SPINE_STATUS = SearchAttributeKey.for_keyword("SpineStatus")
 
 # A running workflow answers a query only through a worker; without one the server would keep the
 # caller waiting, so the wait is bounded and turned into advice.
@@ -98,7 +98,7 @@ async def connect(
     `TEMPORAL_PROFILE`, the config file, TLS and API-key settings); `address` and `namespace`
     override them. Defaults: `localhost:7233`, namespace `default`. Payloads are encrypted when
     `SPINE_CODEC_KEYS`, `SPINE_CODEC_KEY` or `SPINE_CODEC_VAULT_PATH` is set (see
-    `guardrails.codec`); `data_converter` overrides that choice. Workers built on this client
+    `spine.guardrails.codec`); `data_converter` overrides that choice. Workers built on this client
     use its converter.
 
     Raises:
@@ -210,9 +210,9 @@ def _search_attributes(request: AgentRequest) -> TypedSearchAttributes | None:
         return None
     return TypedSearchAttributes(
         [
-            SearchAttributePair(SPINE_AGENT, request.agent),
-            SearchAttributePair(SPINE_ACCOUNT, request.account),
-            SearchAttributePair(SPINE_STATUS, "running"),
+            SearchAttributePair(SA_AGENT, request.agent),
+            SearchAttributePair(SA_ACCOUNT, request.account),
+            SearchAttributePair(SA_STATUS, "running"),
         ]
     )
 
@@ -258,11 +258,11 @@ async def describe(handle: RunHandle) -> WorkflowExecutionDescription:
         return await handle.describe()
 
 
-async def get_state(handle: RunHandle) -> RunState:
+async def get_state(handle: RunHandle) -> StateView:
     """The run's current `state` query answer (needs a worker polling its task queue)."""
     with _rpc_errors(handle, "state query"):
         try:
-            return await handle.query("state", result_type=RunState, rpc_timeout=QUERY_TIMEOUT)
+            return await handle.query("state", result_type=StateView, rpc_timeout=QUERY_TIMEOUT)
         except (WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
             raise SpineClientError(f"state query on run {handle.id!r} failed: {e}") from e
 
@@ -318,7 +318,7 @@ async def wait_result(handle: RunHandle) -> AgentResult:
             ) from e
 
 
-async def watch(handle: RunHandle, *, interval: float = 0.5) -> AsyncIterator[RunState]:
+async def watch(handle: RunHandle, *, interval: float = 0.5) -> AsyncIterator[StateView]:
     """Poll the `state` query and yield each state whose status, step or approvals changed.
 
     Stops once the workflow has closed; then call `wait_result` for the outcome.

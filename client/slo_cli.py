@@ -26,16 +26,11 @@ from datetime import UTC, datetime, timedelta
 
 import click
 from pydantic import BaseModel
+from spine.client.runs import SpineClientError, connect
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
-from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError
 
-from client.runs import SpineClientError, connect
-from workflows.models import WORKFLOW_TYPE, AgentResult
-
-SA_STATUS = SearchAttributeKey.for_keyword("SpineStatus")
-SA_COST = SearchAttributeKey.for_float("SpineCostUSD")
-SA_STEPS = SearchAttributeKey.for_int("SpineSteps")
+from spine.contract import SA_COST, SA_STATUS, SA_STEPS, WORKFLOW_TYPE, AgentResult
 
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

@@ -22,19 +22,11 @@ from pathlib import Path
 
 import httpx
 import hvac
-from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 
-SEARCH_ATTRIBUTES = (
-    SearchAttributeKey.for_keyword("SpineAgent"),
-    SearchAttributeKey.for_keyword("SpineAccount"),
-    SearchAttributeKey.for_keyword("SpineStatus"),
-    SearchAttributeKey.for_float("SpineCostUSD"),
-    SearchAttributeKey.for_int("SpineSteps"),
-    SearchAttributeKey.for_keyword("SpineForkedFrom"),
-)
+from spine.contract import SEARCH_ATTRIBUTES
 
 
 def binary(name: str) -> str:
@@ -81,7 +73,8 @@ async def temporal_dev_server(
     `db_file` persists its state in SQLite; with the same `db_file` and `port`, a second server
     takes over where a stopped one left off (a free port is picked when `port` is None).
     `data_converter` is the one of the environment's client, e.g.
-    `guardrails.codec.encrypted_data_converter(...)` for encrypted payloads. With `ui_port` the
+    `spine.guardrails.codec.encrypted_data_converter(...)` for encrypted payloads. With `ui_port`
+    the
     server also serves its Web UI there (``http://127.0.0.1:<ui_port>``).
     """
     env = await WorkflowEnvironment.start_local(
@@ -211,14 +204,14 @@ class DemoService:
 
 
 def start_demo_service(db_path: Path, api_key: str | None = None) -> DemoService:
-    """Start the demo business service (``python -m demo``) on a free port."""
+    """Start the demo business service (``python -m spine.demo``) on a free port."""
     port = free_port()
     api_key = api_key or secrets.token_hex(16)
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "demo",
+            "spine.demo",
             "--host",
             "127.0.0.1",
             "--port",
@@ -303,7 +296,7 @@ def start_worker_process(
             ``SPINE_TASK_QUEUE``, ``VAULT_ADDR`` and ``VAULT_TOKEN`` (or the AppRole ids),
             ``SPINE_DEMO_URL``, ``SPINE_STATE_DIR`` and so on (see `WorkerConfig.from_env`).
         log_file: Where the worker's stdout and stderr (its log) are appended; inherited if None.
-        cwd: Directory holding ``worker.py``; without one there, ``python -m worker`` is run.
+        cwd: Directory holding ``worker.py``; without one there, ``python -m spine.worker`` is run.
         timeout: Seconds to wait for it to poll both its workflow and its activity task queue.
 
     Raises:
@@ -316,7 +309,7 @@ def start_worker_process(
     if (cwd / "worker.py").exists():
         command = [sys.executable, "worker.py"]
     else:
-        command = [sys.executable, "-m", "worker"]
+        command = [sys.executable, "-m", "spine.worker"]
     log = open(log_file, "ab") if log_file else None
     try:
         process = subprocess.Popen(
@@ -391,24 +384,27 @@ from collections.abc import Sequence  # noqa: E402
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar  # noqa: E402
 
 from pydantic import BaseModel  # noqa: E402
+from spine.client.runs import RunHandle, start_run  # noqa: E402
 from temporalio.api.common.v1 import Payloads  # noqa: E402
 from temporalio.api.history.v1 import HistoryEvent  # noqa: E402
 from temporalio.client import Client  # noqa: E402
 
-from activities.models import ScriptToolCall, ScriptTurn, TokenUsage, ToolCallInput  # noqa: E402
-from client.runs import RunHandle, start_run  # noqa: E402
-from workflows.models import (  # noqa: E402
+from spine.contract import (  # noqa: E402
     AgentRequest,
     AgentResult,
     ApprovalDecision,
     Limits,
     ModelChoice,
+    ScriptToolCall,
+    ScriptTurn,
     SideEffect,
+    TokenUsage,
     Usage,
 )
+from spine.payloads import ToolCallInput  # noqa: E402
 
 if TYPE_CHECKING:
-    from worker import SpineWorker  # noqa: E402  # imported lazily at run time: it is heavy
+    from spine.worker import SpineWorker  # noqa: E402  # imported lazily at run time: it is heavy
 
 T_Model = TypeVar("T_Model", bound=BaseModel)
 
@@ -495,7 +491,7 @@ async def spine_worker(client: Client, **config: object) -> AsyncIterator[SpineW
     (``worker.task_queue`` tells which), a temporary ``state_dir``, and no real model providers
     (``providers={}``: the scripted model only).
     """
-    from worker import WorkerConfig, build_worker  # lazily: it imports every activity
+    from spine.worker import WorkerConfig, build_worker  # lazily: it imports every activity
 
     with tempfile.TemporaryDirectory(prefix="spine-test-") as tmp:
         options: dict[str, object] = {
@@ -509,7 +505,7 @@ async def spine_worker(client: Client, **config: object) -> AsyncIterator[SpineW
             async with built:
                 yield built
         finally:
-            mcp = sys.modules.get("activities.mcp")  # loaded only if an agent uses MCP tools
+            mcp = sys.modules.get("spine.activities.mcp")  # loaded only if an agent uses MCP tools
             if mcp is not None:
                 await mcp.close_mcp_sessions()  # MCP servers the run started stop with it
 

@@ -1,9 +1,9 @@
 """`spine tools check` and `spine tools lock`: keep tool contracts versioned.
 
 Both build the registry a worker would serve (agent modules from ``--agents``, else
-``SPINE_AGENTS``, else ``demo.agent``) and compare it with the lock file (``--lock``, else
+``SPINE_AGENTS``, else ``spine.demo.agent``) and compare it with the lock file (``--lock``, else
 ``SPINE_TOOLS_LOCK``, else ``tools.lock.json`` in the current directory). The rules are in
-:mod:`activities.contracts`.
+:mod:`spine.activities.contracts`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import os
 from pathlib import Path
 
 import click
-
-from activities.contracts import DEFAULT_LOCK_PATH, Change, LockError, check_lock, load_lock
-from activities.contracts import write_lock as _write_lock
-from activities.tools import Registry, ToolDefinitionError
+from spine.activities.contracts import DEFAULT_LOCK_PATH, Change, LockError, check_lock, load_lock
+from spine.activities.contracts import write_lock as _write_lock
+from spine.activities.tools import Registry, ToolDefinitionError
 
 
 def _registry(agents: str | None) -> Registry:
-    from worker import load_registry  # lazily: it imports every activity
+    from spine.worker import load_registry  # lazily: it imports every activity
 
-    spec = agents or os.environ.get("SPINE_AGENTS") or "demo.agent"
+    spec = agents or os.environ.get("SPINE_AGENTS") or "spine.demo.agent"
     modules = tuple(m.strip() for m in spec.split(",") if m.strip())
     try:
         return load_registry(modules)

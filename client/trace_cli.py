@@ -1,7 +1,8 @@
 """`spine trace RUN`: a run's spans from the local trace file, as a tree.
 
 The worker writes one span per line to the trace file when no OTLP endpoint is configured (see
-`guardrails.telemetry`). A run's trace is found through the `spine.run.id` attribute (the workflow
+`spine.observability.telemetry`). A run's trace is found through the `spine.run.id` attribute
+(the workflow
 id) that every Spine span carries; each span is shown with its start offset, duration, tokens and
 cost, followed by totals. The run's own `invoke_agent` span is written when the run closes, so for
 a run still in progress its children are shown without it.
@@ -17,7 +18,7 @@ from pathlib import Path
 import click
 
 SpanRecord = dict[str, object]
-"""One line of the trace file (see `guardrails.telemetry.span_record`)."""
+"""One line of the trace file (see `spine.observability.telemetry.span_record`)."""
 
 RUN_ATTRIBUTES = ("spine.run.id", "gen_ai.conversation.id")
 
@@ -222,7 +223,9 @@ def _nested(spans: list[SpanRecord]) -> list[dict[str, object]]:
 def trace(run: str, path: Path | None, as_json: bool) -> None:
     """Show RUN's trace (a workflow id): spans as a tree with durations, tokens and cost."""
     if path is None:
-        from guardrails.telemetry import default_trace_file  # lazily: it loads OpenTelemetry
+        from spine.observability.telemetry import (
+            default_trace_file,  # lazily: it loads OpenTelemetry
+        )
 
         path = default_trace_file(os.environ)
     if not path.exists():

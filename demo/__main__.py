@@ -1,4 +1,4 @@
-"""Run the demo business service: ``python -m demo --host 127.0.0.1 --port 8400 --db PATH``."""
+"""The demo business service: ``python -m spine.demo --host 127.0.0.1 --port 8400 --db PATH``."""
 
 import argparse
 import os
@@ -6,13 +6,12 @@ import sys
 from pathlib import Path
 
 import uvicorn
-
-from demo.service import DB_ENV, DEFAULT_DB, create_app
+from spine.demo.service import DB_ENV, DEFAULT_DB, create_app
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and serve until interrupted; the API key comes from the environment."""
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m spine.demo", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8400)
     parser.add_argument(

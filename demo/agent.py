@@ -7,9 +7,7 @@ Every tool reads the service's API key from Vault (KV v2 ``secret/spine/<account
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
-
-from activities.models import CompensationInput
-from activities.tools import (
+from spine.activities.tools import (
     AgentDefinition,
     Registry,
     SecretRef,
@@ -17,6 +15,8 @@ from activities.tools import (
     raise_for_status,
     tool,
 )
+
+from spine.payloads import CompensationInput
 
 API_KEY = SecretRef(name="api_key", path="spine/{account}", key="api_key")
 ORDER_ID = Field(pattern=r"^o-\d{4}$", description="Order id, e.g. o-1001")

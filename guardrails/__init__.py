@@ -1,5 +1,6 @@
-"""Spine's control plane: policy, approvals and secrets.
+"""Spine's control plane: policy, allowlists, approvals, budgets, saga, parking, secrets, codec.
 
-`policy` and `approvals` are pure and deterministic, so workflow code may use them; `secrets`
-does I/O and runs only in activities.
+The workflow-side guards are pure and deterministic, so workflow code may use them; `secrets`
+and `codec` do I/O and run only on the worker or the client. Observation (audit, telemetry,
+metrics, alerts) lives in `spine.observability`.
 """

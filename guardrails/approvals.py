@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from activities.models import ApprovalRule
+from spine.payloads import ApprovalRule
 
 
 def approval_rule(

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from activities.models import ApprovalRule, BudgetRules
+from spine.payloads import ApprovalRule, BudgetRules
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("policy.toml")
 

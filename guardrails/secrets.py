@@ -15,9 +15,8 @@ from collections.abc import Mapping, Sequence
 import hvac
 import hvac.exceptions
 import requests
-
-from activities.errors import SecretMissing, SecretsUnavailable
-from activities.tools import SecretRef
+from spine.activities.errors import SecretMissing, SecretsUnavailable
+from spine.activities.tools import SecretRef
 
 log = logging.getLogger(__name__)
 

@@ -8,19 +8,19 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
-
-from client.testing import (
+from spine.client.testing import (
     DemoService,
     VaultDev,
     demo_stack,
     temporal_dev_server,
     temporal_time_skipping,
 )
-from guardrails.secrets import VaultSecrets
-from worker import WorkerConfig, build_worker
+from spine.guardrails.secrets import VaultSecrets
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from spine.worker import WorkerConfig, build_worker
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,16 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from activities.models import ScriptToolCall, ScriptTurn, TokenUsage
-from client.runs import RunHandle, get_state
-from workflows.models import AgentRequest, ModelChoice, RunState
+from spine.client.runs import RunHandle, get_state
+
+from spine.contract import (
+    AgentRequest,
+    ModelChoice,
+    ScriptToolCall,
+    ScriptTurn,
+    StateView,
+    TokenUsage,
+)
 
 
 def call(name: str, **args: object) -> ScriptToolCall:
@@ -58,9 +65,9 @@ async def eventually(
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
 
 
-async def wait_for_status(handle: RunHandle, status: str, timeout: float = 60.0) -> RunState:
+async def wait_for_status(handle: RunHandle, status: str, timeout: float = 60.0) -> StateView:
     """Poll the `state` query until the run reports `status`."""
-    seen: list[RunState] = []
+    seen: list[StateView] = []
 
     async def check() -> bool:
         seen.append(await get_state(handle))
@@ -71,11 +78,12 @@ async def wait_for_status(handle: RunHandle, status: str, timeout: float = 60.0)
 
 
 async def approve_first_pending(
-    handle: RunHandle, state: RunState, *, by: str = "bob", role: str = "supervisor"
+    handle: RunHandle, state: StateView, *, by: str = "bob", role: str = "supervisor"
 ) -> None:
     """Approve the run's first pending approval through the `decide` update."""
-    from client.runs import decide
-    from workflows.models import ApprovalDecision
+    from spine.client.runs import decide
+
+    from spine.contract import ApprovalDecision
 
     await decide(
         handle,
@@ -95,8 +103,7 @@ def policy_file(
     import tomllib
 
     import tomli_w
-
-    from guardrails.policy import DEFAULT_POLICY_PATH
+    from spine.guardrails.policy import DEFAULT_POLICY_PATH
 
     data = tomllib.loads(DEFAULT_POLICY_PATH.read_text())
     data["runtime"].update(runtime or {})

@@ -21,17 +21,23 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from spine.client.demo import build_demo_request
+from spine.client.forks import current_registry, plan_fork, start_fork
+from spine.client.runs import RunHandle, decide, signal_operator, start_run, wait_result
+from spine.client.testing import DemoService, VaultDev, demo_stack, temporal_dev_server
+from spine.guardrails.secrets import VaultSecrets
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from activities.models import ScriptTurn
-from client.demo import build_demo_request
-from client.forks import current_registry, plan_fork, start_fork
-from client.runs import RunHandle, decide, signal_operator, start_run, wait_result
-from client.testing import DemoService, VaultDev, demo_stack, temporal_dev_server
-from guardrails.secrets import VaultSecrets
+from spine.contract import (
+    AgentRequest,
+    AgentResult,
+    ApprovalDecision,
+    Limits,
+    OperatorCommand,
+    ScriptTurn,
+)
 from tests.helpers import call, policy_file, scripted_request, turn, wait_for_status
-from workflows.models import AgentRequest, AgentResult, ApprovalDecision, Limits, OperatorCommand
 
 HISTORIES = Path(__file__).parent / "histories"
 IDENTITY = "spine-history-recorder"  # not pid@host: the files are committed
@@ -187,7 +193,7 @@ def _clear(out: Path, names: list[str]) -> None:
 
 async def record(out: Path = HISTORIES, only: list[str] | None = None) -> list[Path]:
     """Run the scenarios (all, or `only`) and write their histories to `out`."""
-    from worker import WorkerConfig, build_worker  # lazily: it imports every activity
+    from spine.worker import WorkerConfig, build_worker  # lazily: it imports every activity
 
     names = only or list(SCENARIOS)
     _clear(out, names)

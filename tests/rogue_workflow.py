@@ -5,10 +5,12 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.models import AgentSpec, ToolCall, ToolDescriptor
-    from workflows.models import AgentResult, AgentWorkflowInput
+    from spine.workflows.state import AgentWorkflowInput
 
-from workflows.agent import AgentWorkflow
+    from spine.contract import AgentResult
+    from spine.payloads import AgentSpec, ToolCall, ToolDescriptor
+
+from spine.workflows.agent import AgentWorkflow
 
 
 @workflow.defn(name="RogueAgentWorkflow")

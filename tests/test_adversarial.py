@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import uuid
 
+from spine.client.runs import (
+    SpineClientError,
+    decide,
+    get_state,
+    signal_approval,
+    start_run,
+    wait_result,
+)
+from spine.client.testing import DemoService
 from temporalio.api.enums.v1 import EventType
 
-from client.runs import SpineClientError, decide, get_state, signal_approval, start_run, wait_result
-from client.testing import DemoService
+from spine.contract import ApprovalDecision
 from tests.helpers import call, policy_file, scripted_request, turn, wait_for_status
-from workflows.models import ApprovalDecision
 
 
 def _decision(approval_id: str, *, role: str = "supervisor", decision: str = "approve"):
@@ -22,8 +29,8 @@ async def _history(handle) -> list:
 
 async def _audit(worker_config, handle) -> list:
     """The run's audit entries, read from the worker's audit store."""
-    from client.audit_cli import chain_entries
-    from guardrails.audit import SQLiteAuditStore
+    from spine.client.audit_cli import chain_entries
+    from spine.observability.audit import SQLiteAuditStore
 
     store = SQLiteAuditStore(worker_config.state_dir / "audit.db", read_only=True)
     try:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from client.demo import build_demo_request
-from client.runs import decide, get_state, start_run, wait_result
-from client.testing import DemoService
+from spine.client.demo import build_demo_request
+from spine.client.runs import decide, get_state, start_run, wait_result
+from spine.client.testing import DemoService
+
+from spine.contract import ApprovalDecision
 from tests.helpers import call, scripted_request, turn, wait_for_status
-from workflows.models import ApprovalDecision
 
 
 async def test_demo_run_completes_with_one_approval(

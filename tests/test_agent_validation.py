@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from activities.models import ScriptToolCall
-from client.runs import start_run, wait_result
-from client.testing import DemoService
+from spine.client.runs import start_run, wait_result
+from spine.client.testing import DemoService
+
+from spine.contract import ScriptToolCall
 from tests.helpers import call, scripted_request, turn
 
 

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from temporalio.client import Client, ScheduleActionExecutionStartWorkflow
-from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
-
-from activities.models import AuditBatch, AuditEntry, AuditKind, digest
-from client.alerts_cli import alerts, create_schedule, delete_schedule
-from client.cli import _SpineGroup
-from client.runs import start_run, wait_result
-from guardrails.alerts import (
+from spine.client.alerts_cli import alerts, create_schedule, delete_schedule
+from spine.client.cli import _SpineGroup
+from spine.client.runs import start_run, wait_result
+from spine.guardrails.policy import Alerts, PolicyError, load_policy
+from spine.observability.alerts import (
     AlertActivities,
     AlertEngine,
     AlertsCheckResult,
@@ -32,11 +28,15 @@ from guardrails.alerts import (
     load_records,
     total_variation,
 )
-from guardrails.audit import SQLiteAuditStore, StoredEntry, verify
-from guardrails.policy import Alerts, PolicyError, load_policy
+from spine.observability.audit import SQLiteAuditStore, StoredEntry, verify
+from spine.workflows.alerts import SpineAlertsWorkflow
+from temporalio.client import Client, ScheduleActionExecutionStartWorkflow
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from spine.payloads import AuditBatch, AuditEntry, AuditKind, digest
+from spine.worker import PASSTHROUGH_MODULES
 from tests.helpers import call, eventually, policy_file, scripted_request, turn
-from worker import PASSTHROUGH_MODULES
-from workflows.alerts import SpineAlertsWorkflow
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 Call = tuple[str, dict[str, object]]

@@ -14,12 +14,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
-
-from activities.models import AuditBatch, AuditEntry, digest
-from client.audit_cli import audit
-from guardrails.audit import (
+from spine.client.audit_cli import audit
+from spine.observability.audit import (
     GENESIS_HASH,
     AuditActivities,
     AuditBatchInvalid,
@@ -30,6 +26,10 @@ from guardrails.audit import (
     store_from_env,
     verify,
 )
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from spine.payloads import AuditBatch, AuditEntry, digest
 
 RUN = "refund-agent-0001"
 

@@ -8,14 +8,14 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from spine.activities.errors import DependencyUnavailable
+from spine.client.demo import build_demo_request
+from spine.client.runs import start_run, wait_result
+from spine.client.testing import DemoService
+from spine.observability.audit import SQLiteAuditStore
 from temporalio.api.enums.v1 import EventType
 
-from activities.errors import DependencyUnavailable
-from activities.models import AuditBatch
-from client.demo import build_demo_request
-from client.runs import start_run, wait_result
-from client.testing import DemoService
-from guardrails.audit import SQLiteAuditStore
+from spine.payloads import AuditBatch
 from tests.helpers import (
     approve_first_pending,
     call,

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from spine.activities.errors import DependencyUnavailable
+from spine.client.testing import free_port
+from spine.observability.audit import AuditConflict, AuditGap, PostgresAuditStore, verify
 
-from activities.errors import DependencyUnavailable
-from activities.models import AuditEntry
-from client.testing import free_port
-from guardrails.audit import AuditConflict, AuditGap, PostgresAuditStore, verify
+from spine.payloads import AuditEntry
 from tests.test_audit import batch, one_error_line, spine_audit, story
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install psycopg)")

@@ -10,18 +10,17 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from spine.activities.breakers import Breakers
+from spine.activities.tools import ToolRunner
+from spine.client.runs import describe, get_state, signal_operator, start_run, wait_result
+from spine.client.testing import DemoService, VaultDev
+from spine.guardrails.secrets import VaultSecrets
 from temporalio.exceptions import ApplicationError
 
-from activities.breakers import Breakers
-from activities.models import ToolCallInput, ToolCallResult
-from activities.tools import ToolRunner
-from client.runs import describe, get_state, signal_operator, start_run, wait_result
-from client.testing import DemoService, VaultDev
-from guardrails.secrets import VaultSecrets
+from spine.contract import SA_STATUS, OperatorCommand
+from spine.payloads import ToolCallInput, ToolCallResult
+from spine.worker import load_registry
 from tests.helpers import call, eventually, policy_file, scripted_request, turn, wait_for_status
-from worker import load_registry
-from workflows.agent import SA_STATUS
-from workflows.models import OperatorCommand
 
 DEPENDENCY = "demo-service"
 
@@ -43,7 +42,7 @@ async def runner_and_breakers(
     breakers = Breakers(threshold=3, reset_s=1.0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0)) as http:
         runner = ToolRunner(
-            load_registry(("demo.agent",)),
+            load_registry(("spine.demo.agent",)),
             VaultSecrets(vault.url, token=vault.token),
             http,
             {"SPINE_DEMO_URL": service.url},

@@ -6,12 +6,13 @@ import asyncio
 import uuid
 from datetime import timedelta
 
+from spine.client.runs import decide, get_state, start_run, wait_result
 from temporalio.client import WorkflowHandle
 
-from client.runs import decide, get_state, start_run, wait_result
+from spine.contract import ApprovalDecision, Limits, ledger_workflow_id
+from spine.payloads import BudgetView
+from spine.worker import build_ledger_worker
 from tests.helpers import call, eventually, policy_file, scripted_request, turn
-from worker import build_ledger_worker
-from workflows.models import ApprovalDecision, BudgetView, Limits, ledger_workflow_id
 
 TURN_USD = (1000 * 1.00 + 100 * 4.00) / 1_000_000  # scripted price: 1.00 in / 4.00 out per 1M
 
@@ -135,10 +136,10 @@ async def test_run_degrades_then_asks_then_stops(
 
 async def test_ledger_window_resets_next_day(time_skipping_env):
     """A day's exhausted budget is available again the next (skipped-to) day."""
+    from spine.activities.budget import BudgetActivities
     from temporalio.worker import Worker
 
-    from activities.budget import BudgetActivities
-    from workflows.models import BudgetCall, LedgerOp
+    from spine.payloads import BudgetCall, LedgerOp
 
     env = time_skipping_env
     queue = f"ledger-{uuid.uuid4()}"
@@ -170,12 +171,12 @@ async def test_ledger_keeps_its_runs_short_and_forgets_old_settlements(time_skip
     than an hour are not carried into the next run."""
     import json
 
+    from spine.activities.budget import BudgetActivities
+    from spine.workflows.ledger import LEDGER_TASK_TIMEOUT, MAX_UPDATES_PER_RUN
     from temporalio.api.enums.v1 import EventType
     from temporalio.worker import Worker
 
-    from activities.budget import BudgetActivities
-    from workflows.ledger import LEDGER_TASK_TIMEOUT, MAX_UPDATES_PER_RUN
-    from workflows.models import BudgetCall, LedgerOp
+    from spine.payloads import BudgetCall, LedgerOp
 
     env = time_skipping_env
     queue = f"ledger-{uuid.uuid4()}"

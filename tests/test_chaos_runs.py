@@ -6,11 +6,11 @@ import asyncio
 import time
 
 import pytest
+from spine.client.demo import build_demo_request
+from spine.client.runs import RunHandle, SpineClientError, decide, get_state, start_run, wait_result
+from spine.client.testing import DemoService
 
-from client.demo import build_demo_request
-from client.runs import RunHandle, SpineClientError, decide, get_state, start_run, wait_result
-from client.testing import DemoService
-from workflows.models import AgentResult, ApprovalDecision
+from spine.contract import AgentResult, ApprovalDecision
 
 RUNS = 50
 FIRST_ORDER = 1300

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from client.demo import build_demo_request
-from client.runs import web_ui_url
+from spine.client.demo import build_demo_request
+from spine.client.runs import web_ui_url
 
 
 def _spine_command() -> list[str]:

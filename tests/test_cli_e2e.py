@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from client.runs import get_run, wait_result
+from spine.client.runs import get_run, wait_result
+
 from tests.helpers import call, turn, wait_for_status
 
 SPINE = str(Path(sys.executable).parent / "spine")

@@ -16,18 +16,10 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from google.protobuf import json_format
-from temporalio.api.common.v1 import Payload, Payloads
-from temporalio.api.enums.v1 import EventType
-from temporalio.api.history.v1 import HistoryEvent
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
-
-from activities.models import ScriptTurn
-from client.codec_cli import codec_server
-from client.runs import SpineClientError, connect, get_run, start_run, wait_result
-from client.testing import REPO_ROOT, DemoService, VaultDev, binary, free_port, wait_until
-from guardrails.codec import (
+from spine.client.codec_cli import codec_server
+from spine.client.runs import SpineClientError, connect, get_run, start_run, wait_result
+from spine.client.testing import REPO_ROOT, DemoService, VaultDev, binary, free_port, wait_until
+from spine.guardrails.codec import (
     ENCODING,
     KEY_ID_METADATA,
     CodecConfigError,
@@ -39,9 +31,16 @@ from guardrails.codec import (
     encrypted_data_converter,
     parse_keys,
 )
+from temporalio.api.common.v1 import Payload, Payloads
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
+
+from spine.contract import AgentRequest, ScriptTurn
+from spine.worker import WorkerConfig, build_worker
 from tests.helpers import call, scripted_request, turn
-from worker import WorkerConfig, build_worker
-from workflows.models import AgentRequest
 
 UI_ORIGIN = "http://localhost:8233"
 CODEC_ENV = ("SPINE_CODEC_KEYS", "SPINE_CODEC_KEY", "SPINE_CODEC_VAULT_PATH")
@@ -111,7 +110,15 @@ def codec_url(keys: dict[str, bytes]) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if k not in CODEC_ENV}
     env["SPINE_CODEC_KEYS"] = _spec(keys, "key-b", "key-a")
     process = subprocess.Popen(
-        [sys.executable, "-m", "client.codec_cli", "--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "spine.client.codec_cli",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         cwd=REPO_ROOT,
         env=env,
         stderr=subprocess.DEVNULL,

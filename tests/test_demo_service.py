@@ -32,12 +32,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """`python -m demo` in a subprocess on a free port, with its own database and key."""
+    """`python -m spine.demo` in a subprocess on a free port, with its own database and key."""
     port, api_key = _free_port(), secrets.token_urlsafe(16)
     db = tmp_path_factory.mktemp("demo") / "demo.db"
     log = db.with_suffix(".log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "demo", "--port", str(port), "--db", str(db)],
+        [sys.executable, "-m", "spine.demo", "--port", str(port), "--db", str(db)],
         cwd=REPO,
         env={**os.environ, "SPINE_DEMO_API_KEY": api_key},
         stdout=log,

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from activities.models import ScriptToolCall, ScriptTurn, TokenUsage
-from client.runs import decide
-from client.testing import (
+from spine.client.runs import decide
+from spine.client.testing import (
     assert_approvals_asked,
     assert_side_effects,
     assert_spend_at_most,
@@ -18,10 +16,11 @@ from client.testing import (
     spine_worker,
     start_scripted_run,
 )
-from client.tools_cli import tools
+from spine.client.tools_cli import tools
+
 from examples.notes_agent.store import SummaryStore
+from spine.contract import ApprovalDecision, ScriptToolCall, ScriptTurn, TokenUsage
 from tests.helpers import wait_for_status
-from workflows.models import ApprovalDecision
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "notes_agent"
 #: An account with no budget in the policy, so other tests' spending on "acme" does not count.

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from spine.client.cli import cli
+from spine.client.forks import apply_changes, checkpoint, load_history
+from spine.client.runs import get_run, start_run, wait_result
+from spine.client.testing import REPO_ROOT
 
-from client.cli import cli
-from client.forks import SPINE_FORKED_FROM, apply_changes, checkpoint, load_history
-from client.runs import get_run, start_run, wait_result
-from client.testing import REPO_ROOT
+from spine.contract import SA_FORKED_FROM, AgentResult, Limits
 from tests.helpers import (
     call,
     eventually,
@@ -23,7 +24,6 @@ from tests.helpers import (
     turn,
     wait_for_status,
 )
-from workflows.models import AgentResult, Limits
 
 SPINE = str(Path(sys.executable).parent / "spine")
 TOKENS = (2000, 100)  # 0.0024 USD per scripted turn
@@ -114,7 +114,7 @@ async def test_fork_continues_without_redoing_side_effects(
         "run_id": handle.result_run_id,
         "step": 3,
     }
-    assert described.typed_search_attributes.get(SPINE_FORKED_FROM) == handle.id
+    assert described.typed_search_attributes.get(SA_FORKED_FROM) == handle.id
     assert result.path[0].startswith(f"step 3: forked from {handle.id}")
 
 

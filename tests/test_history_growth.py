@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from client.runs import start_run, wait_result
+from spine.client.runs import start_run, wait_result
+
 from tests.helpers import call, policy_file, scripted_request, turn
 
 STEPS = 200

@@ -24,21 +24,27 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field
-from temporalio.exceptions import ApplicationError
-
-from activities.contracts import build_lock
-from activities.errors import DependencyUnavailable
-from activities.mcp import McpClientPool, McpServerConfig, close_mcp_sessions, mcp_tools, run_sync
-from activities.models import ToolCallInput
-from activities.tools import AgentDefinition, Registry, ToolDefinitionError, ToolRunner
-from client.testing import (
+from spine.activities.contracts import build_lock
+from spine.activities.errors import DependencyUnavailable
+from spine.activities.mcp import (
+    McpClientPool,
+    McpServerConfig,
+    close_mcp_sessions,
+    mcp_tools,
+    run_sync,
+)
+from spine.activities.tools import AgentDefinition, Registry, ToolDefinitionError, ToolRunner
+from spine.client.testing import (
     assert_tools_called,
     free_port,
     script,
     start_scripted_run,
     wait_until,
 )
-from guardrails.secrets import NoSecrets
+from spine.guardrails.secrets import NoSecrets
+from temporalio.exceptions import ApplicationError
+
+from spine.payloads import ToolCallInput
 from tests.helpers import eventually
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from client.testing import DemoService
+from spine.client.testing import DemoService
+
+from spine.contract import AgentResult
+from spine.worker import build_worker
 from tests.helpers import call, scripted_request, turn
 from tests.rogue_workflow import RogueAgentWorkflow
-from worker import build_worker
-from workflows.models import AgentResult
 
 
 async def test_interceptor_refuses_what_the_loop_let_through(

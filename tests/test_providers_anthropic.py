@@ -8,8 +8,7 @@ from datetime import timedelta
 
 import anthropic
 import pytest
-
-from activities.errors import (
+from spine.activities.errors import (
     AuthenticationFailed,
     ContentRefused,
     ContextOverflow,
@@ -17,8 +16,9 @@ from activities.errors import (
     ModelRequestRejected,
     RateLimited,
 )
-from activities.models import ChatMessage, ProviderRequest, ToolCall, ToolSchema
-from activities.providers import AnthropicProvider, ModelProvider, anthropic_provider_from_env
+from spine.activities.providers import AnthropicProvider, ModelProvider, anthropic_provider_from_env
+
+from spine.payloads import ChatMessage, ProviderRequest, ToolCall, ToolSchema
 from tests.fakes.llm_server import FAKE_ANTHROPIC_KEY, FakeLLMServer, FakeToolCall
 
 LOOKUP = ToolSchema(

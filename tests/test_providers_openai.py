@@ -10,8 +10,7 @@ from datetime import timedelta
 
 import openai
 import pytest
-
-from activities.errors import (
+from spine.activities.errors import (
     AuthenticationFailed,
     ContentRefused,
     ContextOverflow,
@@ -19,9 +18,10 @@ from activities.errors import (
     ModelRequestRejected,
     RateLimited,
 )
-from activities.models import ChatMessage, ProviderRequest, ToolCall, ToolSchema
-from activities.providers import ModelProvider, OpenAIProvider, openai_provider_from_env
-from activities.providers.openai import TOOL_ERROR_PREFIX
+from spine.activities.providers import ModelProvider, OpenAIProvider, openai_provider_from_env
+from spine.activities.providers.openai import TOOL_ERROR_PREFIX
+
+from spine.payloads import ChatMessage, ProviderRequest, ToolCall, ToolSchema
 from tests.fakes.llm_server import FAKE_OPENAI_KEY, FakeLLMServer, FakeToolCall
 
 LOOKUP = ToolSchema(

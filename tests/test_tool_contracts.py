@@ -14,8 +14,7 @@ from typing import Literal
 import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel, Field
-
-from activities.contracts import (
+from spine.activities.contracts import (
     ChangeKind,
     build_lock,
     check_lock,
@@ -23,7 +22,7 @@ from activities.contracts import (
     dumps_lock,
     load_lock,
 )
-from activities.tools import (
+from spine.activities.tools import (
     AgentDefinition,
     Registry,
     ToolContext,
@@ -31,7 +30,7 @@ from activities.tools import (
     ToolDefinitionError,
     tool,
 )
-from client.tools_cli import tools
+from spine.client.tools_cli import tools
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +111,7 @@ def write_lock(path: Path, *definitions: ToolDefinition) -> Path:
 def test_check_passes_on_committed_lock() -> None:
     """`spine tools check` passes for the demo tools against the committed tools.lock.json."""
     code, out, err = run_cli(
-        "check", "--agents", "demo.agent", "--lock", str(REPO_ROOT / "tools.lock.json")
+        "check", "--agents", "spine.demo.agent", "--lock", str(REPO_ROOT / "tools.lock.json")
     )
     assert code == 0, err
     assert "ok: tool contracts match" in out and "out of date" not in out
@@ -121,9 +120,9 @@ def test_check_passes_on_committed_lock() -> None:
 def test_lock_is_deterministic(tmp_path: Path) -> None:
     """`spine tools lock` writes the committed lock byte for byte, every time."""
     target = tmp_path / "tools.lock.json"
-    assert run_cli("lock", "--agents", "demo.agent", "--lock", str(target))[0] == 0
+    assert run_cli("lock", "--agents", "spine.demo.agent", "--lock", str(target))[0] == 0
     first = target.read_bytes()
-    assert run_cli("lock", "--agents", "demo.agent", "--lock", str(target))[0] == 0
+    assert run_cli("lock", "--agents", "spine.demo.agent", "--lock", str(target))[0] == 0
     assert target.read_bytes() == first == (REPO_ROOT / "tools.lock.json").read_bytes()
 
 
@@ -206,7 +205,9 @@ def test_check_reports_definition_errors_in_one_line(agent_module) -> None:
 
 def test_check_without_lock_file_fails(tmp_path: Path) -> None:
     """Checking against a lock file that does not exist fails and says how to create one."""
-    code, _, err = run_cli("check", "--agents", "demo.agent", "--lock", str(tmp_path / "x.json"))
+    code, _, err = run_cli(
+        "check", "--agents", "spine.demo.agent", "--lock", str(tmp_path / "x.json")
+    )
     assert code == 1 and "create it with `spine tools lock`" in err
 
 

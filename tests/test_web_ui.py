@@ -22,14 +22,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from spine.client.demo import build_demo_request
+from spine.client.runs import decide, start_run, wait_result, web_ui_url
+from spine.client.testing import DemoService, VaultDev, free_port, temporal_dev_server
+from spine.guardrails.secrets import VaultSecrets
 from temporalio.testing import WorkflowEnvironment
 
-from client.demo import build_demo_request
-from client.runs import decide, start_run, wait_result, web_ui_url
-from client.testing import DemoService, VaultDev, free_port, temporal_dev_server
-from guardrails.secrets import VaultSecrets
+from spine.contract import ApprovalDecision
 from tests.helpers import wait_for_status
-from workflows.models import ApprovalDecision
 
 playwright_api = pytest.importorskip(
     "playwright.async_api", reason="playwright is not installed: pip install -e '.[dev]'"
@@ -77,7 +77,7 @@ async def test_demo_run_reads_like_a_story_in_the_web_ui(
     """The run's page lists model turns and tool calls by summary, and the run's summary."""
     env, ui_port, chromium = ui_env
     vault, service = stack
-    from worker import WorkerConfig, build_worker  # lazily: it imports every activity
+    from spine.worker import WorkerConfig, build_worker  # lazily: it imports every activity
 
     with tempfile.TemporaryDirectory(prefix="spine-ui-") as tmp:
         config = WorkerConfig(

@@ -19,19 +19,19 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowHistory
-
-from client.runs import get_run, get_state, start_run, wait_result
-from client.testing import (
+from spine.client.runs import get_run, get_state, start_run, wait_result
+from spine.client.testing import (
     DemoService,
     VaultDev,
     binary,
     start_worker_process,
     stop_worker_process,
 )
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHistory
+
+from spine.contract import AgentResult, RunStatus
 from tests.helpers import call, eventually, scripted_request, turn
-from workflows.models import AgentResult, RunStatus
 
 STATUSES = set(get_args(RunStatus))
 

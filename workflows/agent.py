@@ -18,13 +18,12 @@ import json
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
+from temporalio.common import RetryPolicy, SearchAttributePair
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 
 with workflow.unsafe.imports_passed_through():
     import jsonschema
-
-    from activities.errors import (
+    from spine.activities.errors import (
         NON_RETRYABLE_TYPES,
         AuditWriteFailed,
         ContentRefused,
@@ -37,15 +36,40 @@ with workflow.unsafe.imports_passed_through():
         TranscriptUnavailable,
         UnknownTool,
     )
-    from activities.models import (
+    from spine.guardrails.approvals import approval_rule, tainted_args
+    from spine.observability.metrics import record_approval_requested, record_policy_refusal
+    from spine.workflows.state import AgentWorkflowInput, BudgetCarry, Carry, model_path
+
+    from spine.contract import (
+        SA_ACCOUNT,
+        SA_AGENT,
+        SA_COST,
+        SA_STATUS,
+        SA_STEPS,
+        WORKFLOW_TYPE,
+        AgentResult,
+        ApprovalDecision,
+        DecisionAck,
+        OperatorCommand,
+        PendingApproval,
+        RunStatus,
+        SideEffect,
+        StateView,
+        Usage,
+        rate_limited_queue,
+    )
+    from spine.payloads import (
         EMPTY_DIGEST,
         AgentSpec,
         ApprovalRule,
         AuditBatch,
         AuditEntry,
         AuditKind,
+        BudgetCall,
         ChatMessage,
         CompensationInput,
+        LedgerAnswer,
+        LedgerOp,
         ModelCallInput,
         ModelCallResult,
         ResolveAgentInput,
@@ -57,34 +81,7 @@ with workflow.unsafe.imports_passed_through():
         chain_digest,
         digest,
     )
-    from guardrails.approvals import approval_rule, tainted_args
-    from guardrails.metrics import record_approval_requested, record_policy_refusal
-    from workflows.models import (
-        WORKFLOW_TYPE,
-        AgentResult,
-        AgentWorkflowInput,
-        ApprovalDecision,
-        BudgetCall,
-        BudgetCarry,
-        Carry,
-        DecisionAck,
-        LedgerAnswer,
-        LedgerOp,
-        OperatorCommand,
-        PendingApproval,
-        RunState,
-        RunStatus,
-        SideEffect,
-        Usage,
-        model_path,
-        rate_limited_queue,
-    )
 
-SA_AGENT = SearchAttributeKey.for_keyword("SpineAgent")
-SA_ACCOUNT = SearchAttributeKey.for_keyword("SpineAccount")
-SA_STATUS = SearchAttributeKey.for_keyword("SpineStatus")
-SA_COST = SearchAttributeKey.for_float("SpineCostUSD")
-SA_STEPS = SearchAttributeKey.for_int("SpineSteps")
 #: Step and cost search attributes are refreshed at most this often (status: at once).
 SA_PROGRESS_EVERY = timedelta(seconds=2)
 
@@ -209,8 +206,8 @@ class AgentWorkflow:
     # ---------------------------------------------------------------- queries, signals, updates
 
     @workflow.query(name="state")
-    def state(self) -> RunState:
-        return RunState(
+    def state(self) -> StateView:
+        return StateView(
             status=self._status,
             step=self._step,
             pending_approvals=[a for k, a in self._approvals.items() if k not in self._decisions],

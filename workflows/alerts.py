@@ -13,7 +13,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from guardrails.alerts import AlertsCheckInput, AlertsCheckResult
+    from spine.observability.alerts import AlertsCheckInput, AlertsCheckResult
 
 ALERTS_WORKFLOW_TYPE = "SpineAlertsWorkflow"
 ALERTS_SCHEDULE_ID = "spine-alerts"

@@ -18,8 +18,8 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.models import (
-        LEDGER_WORKFLOW_TYPE,
+    from spine.contract import LEDGER_WORKFLOW_TYPE
+    from spine.payloads import (
         BudgetView,
         BudgetWindowView,
         LedgerAnswer,

@@ -2,12 +2,12 @@
 
 Adapters take an injected SDK client built with `max_retries=0` (Temporal owns retries), send
 exactly one request per `complete()` call with `timeout=request.timeout_s`, and raise only
-`activities.errors.SpineError` subclasses::
+`spine.activities.errors.SpineError` subclasses::
 
     provider = openai_provider_from_env()          # OPENAI_API_KEY, OPENAI_BASE_URL
     response = await provider.complete(request)    # ProviderRequest -> ProviderResponse
 
-The SDK modules are imported on first use, so `activities.providers.base` (the protocol)
+The SDK modules are imported on first use, so `spine.activities.providers.base` (the protocol)
 stays cheap to import.
 """
 
@@ -16,15 +16,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from activities.providers.base import MissingCredentialsProvider, ModelProvider
+from spine.activities.providers.base import MissingCredentialsProvider, ModelProvider
 
 if TYPE_CHECKING:
-    from activities.providers.anthropic import (
+    from spine.activities.providers.anthropic import (
         AnthropicProvider,
         anthropic_provider_from_env,
         classify_anthropic_error,
     )
-    from activities.providers.openai import (
+    from spine.activities.providers.openai import (
         OpenAIProvider,
         classify_openai_error,
         openai_provider_from_env,

@@ -16,27 +16,16 @@ from anthropic.types import (
     ToolResultBlockParam,
     ToolUseBlockParam,
 )
-
-from activities.errors import (
-    ContentRefused,
-    DependencyUnavailable,
-    SpineError,
-    classify_http,
-)
-from activities.models import (
-    ChatMessage,
-    ProviderRequest,
-    ProviderResponse,
-    TokenUsage,
-    ToolCall,
-    ToolSchema,
-)
-from activities.providers.base import (
+from spine.activities.errors import ContentRefused, DependencyUnavailable, SpineError, classify_http
+from spine.activities.providers.base import (
     MissingCredentialsProvider,
     ModelProvider,
     mentions_context_overflow,
     parse_tool_arguments,
 )
+
+from spine.contract import TokenUsage
+from spine.payloads import ChatMessage, ProviderRequest, ProviderResponse, ToolCall, ToolSchema
 
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 API_KEY_ENV = "ANTHROPIC_API_KEY"

@@ -7,8 +7,10 @@ import re
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from activities.errors import AuthenticationFailed
-from activities.models import JsonObject, ProviderRequest, ProviderResponse
+from spine.activities.errors import AuthenticationFailed
+
+from spine.contract import JsonObject
+from spine.payloads import ProviderRequest, ProviderResponse
 
 # Phrases providers use when a prompt no longer fits: OpenAI ("maximum context length",
 # code "context_length_exceeded"), Anthropic ("prompt is too long", "exceed context limit"),
@@ -24,7 +26,7 @@ _CONTEXT_OVERFLOW = re.compile(
 class ModelProvider(Protocol):
     """One chat model API behind Spine's provider-neutral request and response.
 
-    Implementations raise `activities.errors.SpineError` subclasses, never SDK exceptions.
+    Implementations raise `spine.activities.errors.SpineError` subclasses, never SDK exceptions.
     """
 
     name: str

@@ -18,27 +18,16 @@ from openai.types.chat import (
     ChatCompletionToolMessageParam,
     ChatCompletionUserMessageParam,
 )
-
-from activities.errors import (
-    ContentRefused,
-    DependencyUnavailable,
-    SpineError,
-    classify_http,
-)
-from activities.models import (
-    ChatMessage,
-    ProviderRequest,
-    ProviderResponse,
-    TokenUsage,
-    ToolCall,
-    ToolSchema,
-)
-from activities.providers.base import (
+from spine.activities.errors import ContentRefused, DependencyUnavailable, SpineError, classify_http
+from spine.activities.providers.base import (
     MissingCredentialsProvider,
     ModelProvider,
     mentions_context_overflow,
     parse_tool_arguments,
 )
+
+from spine.contract import TokenUsage
+from spine.payloads import ChatMessage, ProviderRequest, ProviderResponse, ToolCall, ToolSchema
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 API_KEY_ENV = "OPENAI_API_KEY"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from activities.tools import Registry
-from demo import agent as demo
+from spine.activities.tools import Registry
+from spine.demo import agent as demo
 
 lookup_order_v2 = replace(demo.lookup_order, version=2)
 

@@ -1,4 +1,9 @@
-"""Payloads that cross the activity boundary. Stdlib and pydantic only: safe in the sandbox."""
+"""What crosses between the workflow and its activities: model and tool calls, the pinned agent
+spec, audit entries and the budget ledger's messages. Stdlib and pydantic only (plus
+:mod:`spine.contract`), so workflow code imports it through the sandbox (a passthrough module).
+
+User-facing payloads (request, result, decisions) are in :mod:`spine.contract`.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-JsonObject = dict[str, object]
-
-
-class TokenUsage(BaseModel):
-    """Tokens reported by the provider for one call."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
+from spine.contract import JsonObject, ScriptTurn, TokenUsage
 
 
 class ToolCall(BaseModel):
@@ -74,30 +72,6 @@ class ToolRef(BaseModel):
 
     name: str
     version: int
-
-
-class ScriptToolCall(BaseModel):
-    name: str
-    args: JsonObject = Field(default_factory=dict)
-    raw_args: str | None = Field(
-        default=None, description="Argument text as a model would emit it; overrides `args`."
-    )
-
-
-class ScriptTurn(BaseModel):
-    """One turn of the scripted model (see CONTRACT.md)."""
-
-    text: str | None = None
-    tool_calls: list[ScriptToolCall] = Field(default_factory=list)
-    confidence: float | None = None
-    usage: TokenUsage | None = None
-    error: Literal["transient", "terminal"] | None = Field(
-        default=None,
-        description=(
-            "Make the scripted model fail this turn on the run's own model: transient (every "
-            "attempt fails) or terminal. Fallback models answer the turn normally."
-        ),
-    )
 
 
 class ModelCallInput(BaseModel):
@@ -313,3 +287,79 @@ class BudgetRules(BaseModel):
     cheaper_models: dict[str, str] = Field(default_factory=dict)
     daily_usd: float | None = None
     monthly_usd: float | None = None
+
+
+# ----------------------------------------------------------------------------- budget ledger
+
+
+class Reservation(BaseModel):
+    reservation_id: str
+    run_id: str
+    amount_usd: float
+    day: str
+    month: str
+    state: Literal["reserved", "committed", "released"] = "reserved"
+    actual_usd: float = 0.0
+    reserved_at: str = ""
+
+
+class WindowTotals(BaseModel):
+    committed_usd: float = 0.0
+    reserved_usd: float = 0.0
+
+
+class LedgerState(BaseModel):
+    """The ledger's whole state; carried across continue-as-new."""
+
+    account: str
+    reservations: dict[str, Reservation] = Field(default_factory=dict)
+    windows: dict[str, WindowTotals] = Field(default_factory=dict)
+    overspend_usd: float = 0.0
+
+
+class LedgerOp(BaseModel):
+    """One atomic ledger operation: settle earlier reservations, then maybe reserve anew.
+
+    Settling and reserving in one update keeps a run to one ledger call per model turn.
+    """
+
+    run_id: str
+    commit: dict[str, float] = Field(default_factory=dict, description="reservation -> actual")
+    release: list[str] = Field(default_factory=list)
+    reserve_id: str | None = None
+    reserve_usd: float = 0.0
+    daily_limit_usd: float | None = None
+    monthly_limit_usd: float | None = None
+
+
+class BudgetCall(BaseModel):
+    """Input of the `spine.budget_apply` activity."""
+
+    account: str
+    op: LedgerOp
+
+
+class LedgerAnswer(BaseModel):
+    granted: bool
+    reason: str = ""
+    day: str
+    month: str
+    day_committed_usd: float
+    day_reserved_usd: float
+    month_committed_usd: float
+    used_fraction: float = Field(
+        description="Largest share of a limit that is committed or reserved, this call included."
+    )
+
+
+class BudgetWindowView(BaseModel):
+    window: str
+    committed_usd: float
+    reserved_usd: float
+
+
+class BudgetView(BaseModel):
+    account: str
+    windows: list[BudgetWindowView]
+    open_reservations: int
+    overspend_usd: float

@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel
+from spine.activities.errors import DependencyUnavailable, SpineError, TerminalError, TransientError
 from temporalio import activity
 
-from activities.errors import DependencyUnavailable, SpineError, TerminalError, TransientError
-from activities.models import AuditBatch, AuditEntry, JsonObject
+from spine.contract import JsonObject
+from spine.payloads import AuditBatch, AuditEntry
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool

@@ -52,12 +52,13 @@ from typing import Literal
 
 import httpx
 from pydantic import BaseModel, Field, ValidationError
+from spine.activities.errors import DependencyUnavailable, SpineError
+from spine.guardrails.policy import AlertRule, Alerts, Policy
+from spine.observability.audit import AuditConflict, AuditStore, SQLiteAuditStore
 from temporalio import activity
 
-from activities.errors import DependencyUnavailable, SpineError
-from activities.models import AuditBatch, AuditEntry, JsonObject
-from guardrails.audit import AuditConflict, AuditStore, SQLiteAuditStore
-from guardrails.policy import AlertRule, Alerts, Policy
+from spine.contract import JsonObject
+from spine.payloads import AuditBatch, AuditEntry
 
 log = logging.getLogger("spine.alerts")
 

@@ -54,6 +54,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
+from spine.observability import metrics
 from temporalio import activity, workflow
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.opentelemetry import (
@@ -83,8 +84,7 @@ from temporalio.worker import (
 )
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from guardrails import metrics
-from workflows.models import WORKFLOW_TYPE
+from spine.contract import WORKFLOW_TYPE
 
 log = logging.getLogger("spine.telemetry")
 

@@ -1,0 +1,240 @@
+"""Spine's user-facing contract in code: names and payloads a user types and scripts against.
+
+``docs/contract.md`` is the prose; this module is the one definition of every name in it: the
+workflow type and task queue, the query, signals and update, the activity names, the search
+attributes, and the pydantic models of the request, the result, the `state` query and the
+decisions people send. Stdlib, pydantic and ``temporalio.common`` only, so workflow code imports
+it through the sandbox (it is a passthrough module).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.common import SearchAttributeKey
+
+JsonObject = dict[str, object]
+
+# ----------------------------------------------------------------------------------- names
+
+WORKFLOW_TYPE = "AgentWorkflow"
+DEFAULT_TASK_QUEUE = "spine-agents"
+QUERY_STATE = "state"
+SIGNAL_APPROVAL = "approval"
+UPDATE_DECIDE = "decide"
+SIGNAL_OPERATOR = "operator"
+
+#: Activities every Spine worker serves (tools are ``tool.<name>``, see :func:`tool_activity`).
+ACTIVITY_RESOLVE_AGENT = "spine.resolve_agent"
+ACTIVITY_MODEL_CALL = "spine.model_call"
+ACTIVITY_BUDGET_APPLY = "spine.budget_apply"
+ACTIVITY_AUDIT_APPEND = "spine.audit_append"
+ACTIVITY_ALERTS_CHECK = "spine.alerts_check"
+TOOL_ACTIVITY_PREFIX = "tool."
+
+LEDGER_WORKFLOW_TYPE = "SpineBudgetLedger"
+DEFAULT_LEDGER_TASK_QUEUE = "spine-ledger"
+
+
+def tool_activity(tool: str) -> str:
+    """The activity name of a tool: ``tool.<name>``, so history reads like the story."""
+    return f"{TOOL_ACTIVITY_PREFIX}{tool}"
+
+
+def tool_of(activity_name: str) -> str | None:
+    """The tool an activity name runs, or None when it is not a tool activity."""
+    if activity_name.startswith(TOOL_ACTIVITY_PREFIX):
+        return activity_name[len(TOOL_ACTIVITY_PREFIX) :]
+    return None
+
+
+def rate_limited_queue(task_queue: str, group: str) -> str:
+    """The task queue of a rate-limited tool group: the server enforces its rate fleet-wide."""
+    return f"{task_queue}--rl-{group}"
+
+
+def ledger_workflow_id(account: str) -> str:
+    """The workflow id of an account's budget ledger."""
+    return f"spine-budget-{account}"
+
+
+# ------------------------------------------------------------------------ search attributes
+
+SA_AGENT = SearchAttributeKey.for_keyword("SpineAgent")
+SA_ACCOUNT = SearchAttributeKey.for_keyword("SpineAccount")
+SA_STATUS = SearchAttributeKey.for_keyword("SpineStatus")
+SA_COST = SearchAttributeKey.for_float("SpineCostUSD")
+SA_STEPS = SearchAttributeKey.for_int("SpineSteps")
+SA_FORKED_FROM = SearchAttributeKey.for_keyword("SpineForkedFrom")
+"""On a fork: the workflow id it was forked from."""
+
+#: Every search attribute Spine uses; register them in each namespace Spine runs in.
+SEARCH_ATTRIBUTES = (SA_AGENT, SA_ACCOUNT, SA_STATUS, SA_COST, SA_STEPS, SA_FORKED_FROM)
+
+# ---------------------------------------------------------------------------------- request
+
+RunStatus = Literal[
+    "running", "awaiting_approval", "parked", "completed", "failed", "compensated", "rejected"
+]
+Provider = Literal["openai", "anthropic", "scripted"]
+
+
+class TokenUsage(BaseModel):
+    """Tokens reported by the provider for one call."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class ScriptToolCall(BaseModel):
+    """A tool call in a scripted turn."""
+
+    name: str
+    args: JsonObject = Field(default_factory=dict)
+    raw_args: str | None = Field(
+        default=None, description="Argument text as a model would emit it; overrides `args`."
+    )
+
+
+class ScriptTurn(BaseModel):
+    """One turn of the scripted model (docs/contract.md)."""
+
+    text: str | None = None
+    tool_calls: list[ScriptToolCall] = Field(default_factory=list)
+    confidence: float | None = None
+    usage: TokenUsage | None = None
+    error: Literal["transient", "terminal"] | None = Field(
+        default=None,
+        description=(
+            "Make the scripted model fail this turn on the run's own model: transient (every "
+            "attempt fails) or terminal. Fallback models answer the turn normally."
+        ),
+    )
+
+
+class ModelChoice(BaseModel):
+    """Which model answers. `script` is used by the scripted provider only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Provider = "scripted"
+    name: str | None = None
+    fallback: list[str] = Field(default_factory=list)
+    script: list[ScriptTurn] = Field(default_factory=list)
+    fail_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Scripted model only: transient failure rate."
+    )
+
+
+class Limits(BaseModel):
+    """Per-run limits; they can only tighten what the policy allows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int | None = Field(default=None, ge=1)
+    max_usd: float | None = Field(default=None, ge=0)
+
+
+class AgentRequest(BaseModel):
+    """Input of `AgentWorkflow` (docs/contract.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str
+    goal: str
+    user: str
+    role: str
+    account: str
+    model: ModelChoice | None = None
+    limits: Limits | None = None
+
+
+# ------------------------------------------------------------------------- state and result
+
+
+class Usage(BaseModel):
+    """Tokens and cost of a run so far."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd: float = 0.0
+
+
+class PendingApproval(BaseModel):
+    """A tool call (or budget continuation) waiting for a person."""
+
+    approval_id: str
+    tool: str
+    args: JsonObject
+    reason: str
+
+
+class SideEffect(BaseModel):
+    """A side effect that completed, with what undoes it."""
+
+    step: int
+    call_id: str
+    tool: str
+    args: JsonObject
+    output: JsonObject
+    idempotency_key: str
+    compensation: str | None = None
+    compensated: bool = False
+
+
+class StateView(BaseModel):
+    """Answer of the `state` query."""
+
+    status: RunStatus
+    step: int
+    pending_approvals: list[PendingApproval] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    reason: str | None = None
+    agent: str = ""
+    last_tool: str | None = None
+    retries: int = 0
+    path: list[str] = Field(default_factory=list)
+
+
+class AgentResult(BaseModel):
+    """Result of `AgentWorkflow` (docs/contract.md)."""
+
+    status: RunStatus
+    output: str | None
+    steps: int
+    usage: Usage
+    side_effects: list[SideEffect]
+    reason: str | None = None
+    retries: int = 0
+    path: list[str] = Field(default_factory=list)
+
+
+# ------------------------------------------------------------------------ people's decisions
+
+
+class ApprovalDecision(BaseModel):
+    """Payload of the `approval` signal and the `decide` update."""
+
+    approval_id: str
+    decision: Literal["approve", "reject"]
+    by: str
+    role: str
+    reason: str = ""
+
+
+class OperatorCommand(BaseModel):
+    """Payload of the `operator` signal for a parked run."""
+
+    action: Literal["retry", "skip", "compensate", "abort"]
+    by: str
+    role: str
+    reason: str = ""
+
+
+class DecisionAck(BaseModel):
+    """What the `decide` update returns."""
+
+    approval_id: str
+    decision: Literal["approve", "reject"]
+    status: RunStatus
