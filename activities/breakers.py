@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
+
 from spine.activities.errors import (
     DependencyUnavailable,
     NeedsHuman,

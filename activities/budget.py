@@ -8,8 +8,6 @@ import random
 import time
 from datetime import timedelta
 
-from spine.activities.errors import DependencyUnavailable, SpineError
-from spine.workflows.ledger import LEDGER_TASK_TIMEOUT, BudgetLedger
 from temporalio import activity
 from temporalio.client import (
     Client,
@@ -20,8 +18,10 @@ from temporalio.client import (
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from spine.contract import ledger_workflow_id
+from spine.activities.errors import DependencyUnavailable, SpineError
+from spine.contract import ACTIVITY_BUDGET_APPLY, ledger_workflow_id
 from spine.payloads import BudgetCall, LedgerAnswer, LedgerState
+from spine.workflows.ledger import LEDGER_TASK_TIMEOUT, BudgetLedger
 
 LEDGER_RPC_TIMEOUT = timedelta(seconds=5)
 #: How long to keep knocking when the ledger has too many updates in flight (it allows ten).
@@ -33,7 +33,7 @@ class BudgetActivities:
         self.client = client
         self.ledger_task_queue = ledger_task_queue
 
-    @activity.defn(name="spine.budget_apply")
+    @activity.defn(name=ACTIVITY_BUDGET_APPLY)
     async def apply(self, call: BudgetCall) -> LedgerAnswer:
         """Settle and reserve on the ledger, starting it if this is the account's first call."""
         try:

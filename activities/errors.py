@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping
 from datetime import timedelta
 
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 
 class SpineError(Exception):
@@ -151,6 +151,26 @@ NON_RETRYABLE_TYPES: list[str] = [
     )
 ]
 
+#: What the agent loop does with a call that failed for good, by error type. The model made a
+#: mistake it can correct: it is told, and the run goes on.
+MODEL_CORRECTABLE: frozenset[str] = frozenset(
+    cls.__name__ for cls in (ToolInputInvalid, ToolFailed, PolicyDenied)
+)
+#: Retrying or waiting will not help: the run ends (and compensates). Everything else that is
+#: left after retries and alternate paths (a dependency that stays down, a secret that is
+#: missing, an unexpected exception) parks the run for an operator.
+TERMINAL: frozenset[str] = frozenset(
+    cls.__name__
+    for cls in (
+        ModelRequestRejected,
+        ContextOverflow,
+        ContentRefused,
+        ToolOutputInvalid,
+        UnknownTool,
+        TranscriptUnavailable,
+    )
+)
+
 MAX_RETRY_AFTER_S = 300.0
 
 
@@ -203,3 +223,14 @@ def classify_http(
     if context_overflow:
         return ContextOverflow(f"context overflow (HTTP {status}): {message}")
     return ModelRequestRejected(f"request rejected (HTTP {status}): {message}")
+
+
+def failure_text(err: BaseException) -> tuple[str, str]:
+    """(type, message) of the innermost failure behind an activity or child-workflow error:
+    the Spine error type (e.g. ``DependencyUnavailable``) and its one-line message."""
+    cause: BaseException | None = err
+    while isinstance(cause, ActivityError | ChildWorkflowError) and cause.cause is not None:
+        cause = cause.cause
+    if isinstance(cause, ApplicationError):
+        return cause.type or "ApplicationError", cause.message
+    return type(cause).__name__, str(cause)

@@ -1,8 +1,10 @@
 """Heartbeats while an activity is in flight, so a worker that dies is noticed in seconds.
 
 Without them Temporal retries a call that was running on a SIGKILLed worker only when its
-start-to-close timeout expires; with them, when the heartbeat timeout does (the workflow sets
-it: see ``MODEL_HEARTBEAT_TIMEOUT`` and ``TOOL_HEARTBEAT_TIMEOUT`` in ``workflows/agent.py``).
+start-to-close timeout expires; with them, when its heartbeat timeout does. The workflow sets the
+heartbeat timeout when it schedules the call; the activity reads it from
+``activity.info().heartbeat_timeout`` and beats :data:`BEATS_PER_TIMEOUT` times per timeout, so the
+two never drift apart. A call scheduled without one (a local activity, a short tool) does not beat.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from collections.abc import AsyncIterator
 
 from temporalio import activity
 
+#: Heartbeats per heartbeat timeout: a few may be lost or throttled before the server gives up.
+BEATS_PER_TIMEOUT = 5
+
 
 async def _beat(every_s: float) -> None:
     while True:
@@ -22,9 +27,13 @@ async def _beat(every_s: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def heartbeating(every_s: float) -> AsyncIterator[None]:
-    """Heartbeat every `every_s` seconds until the block ends (the SDK throttles the RPCs)."""
-    beating = asyncio.create_task(_beat(every_s))
+async def heartbeating() -> AsyncIterator[None]:
+    """Heartbeat until the block ends, as often as the call's heartbeat timeout asks."""
+    timeout = activity.info().heartbeat_timeout
+    if not timeout:
+        yield
+        return
+    beating = asyncio.create_task(_beat(timeout.total_seconds() / BEATS_PER_TIMEOUT))
     try:
         yield
     finally:

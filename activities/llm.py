@@ -11,6 +11,8 @@ import json
 import random
 from collections.abc import Awaitable, Callable, Mapping
 
+from temporalio import activity
+
 from spine.activities.breakers import Breakers
 from spine.activities.errors import (
     AuditWriteFailed,
@@ -22,10 +24,8 @@ from spine.activities.heartbeat import heartbeating
 from spine.activities.providers.base import ModelProvider
 from spine.activities.tools import Registry
 from spine.activities.transcript import TranscriptStore
+from spine.contract import ACTIVITY_MODEL_CALL, ACTIVITY_RESOLVE_AGENT, ScriptTurn, TokenUsage
 from spine.guardrails.policy import Policy
-from temporalio import activity
-
-from spine.contract import ScriptTurn, TokenUsage
 from spine.payloads import (
     AgentSpec,
     AuditBatch,
@@ -63,10 +63,6 @@ def scripted_response(turn: ScriptTurn, step: int, model: str = "scripted") -> M
     )
 
 
-#: Seconds between model-call heartbeats (the workflow's heartbeat timeout is 10 s).
-HEARTBEAT_EVERY_S = 2.0
-
-
 async def _scripted(call: ModelCallInput, turn: ScriptTurn) -> ModelCallResult:
     """The scripted model, with its fault switches (randomness is fine in an activity)."""
     scripted_error = turn.error if call.fallback_index == 0 else None
@@ -102,7 +98,7 @@ class ModelActivities:
         self.search_attributes = search_attributes
         self.breakers = breakers or Breakers()
 
-    @activity.defn(name="spine.resolve_agent")
+    @activity.defn(name=ACTIVITY_RESOLVE_AGENT)
     async def resolve_agent(self, request: ResolveAgentInput) -> AgentSpec:
         """Pin the agent's tools and the policy slice that applies to this run."""
         try:
@@ -144,11 +140,11 @@ class ModelActivities:
             search_attributes=self.search_attributes,
         )
 
-    @activity.defn(name="spine.model_call")
+    @activity.defn(name=ACTIVITY_MODEL_CALL)
     async def model_call(self, call: ModelCallInput) -> ModelCallResult:
         """One model turn."""
         try:
-            async with heartbeating(HEARTBEAT_EVERY_S):
+            async with heartbeating():
                 result = await self._model_call(call)
         except SpineError as err:
             raise err.to_application_error() from None  # message says it all; chains overflow

@@ -52,6 +52,7 @@ from mcp.types import (
     Tool,
 )
 from pydantic import BaseModel
+
 from spine.activities.errors import (
     DependencyUnavailable,
     SpineError,
@@ -68,7 +69,6 @@ from spine.activities.tools import (
     ToolDefinitionError,
     json_schema_model,
 )
-
 from spine.contract import JsonObject
 
 T = TypeVar("T")

@@ -30,6 +30,8 @@ from typing import ClassVar, Literal, Protocol, TypeVar, get_args
 import httpx
 import jsonschema
 from pydantic import BaseModel, RootModel, ValidationError, model_validator
+from temporalio import activity
+
 from spine.activities.breakers import Breakers
 from spine.activities.errors import (
     SpineError,
@@ -40,9 +42,7 @@ from spine.activities.errors import (
     classify_http,
 )
 from spine.activities.heartbeat import heartbeating
-from temporalio import activity
-
-from spine.contract import JsonObject
+from spine.contract import JsonObject, tool_activity
 from spine.payloads import (
     CompensationInput,
     ToolCallInput,
@@ -57,9 +57,6 @@ REDACTED = "[redacted]"
 Risk = Literal["low", "medium", "high"]
 """How much harm a wrong call can do; recorded in the lock file, shown to reviewers."""
 
-#: Seconds between tool heartbeats; the workflow sets a heartbeat timeout on tools whose
-#: start-to-close timeout is longer than ``spine.workflows.agent.TOOL_HEARTBEAT_TIMEOUT``.
-TOOL_HEARTBEAT_EVERY_S = 1.0
 #: A local activity runs inside the workflow task, so a local tool must be quick.
 MAX_LOCAL_TIMEOUT_S = 10.0
 #: Tool names the providers accept (OpenAI and Anthropic share this rule).
@@ -612,11 +609,9 @@ def make_tool_activities(runner: ToolRunner) -> list[Callable[..., Awaitable[Too
     for tool_name in runner.registry.tool_names:
 
         async def run_tool(call: ToolCallInput) -> ToolCallResult:
-            if activity.info().is_local:
-                return await runner.run(call, attempt=activity.info().attempt)
-            async with heartbeating(TOOL_HEARTBEAT_EVERY_S):
+            async with heartbeating():
                 return await runner.run(call, attempt=activity.info().attempt)
 
         run_tool.__name__ = f"tool_{tool_name}"
-        activities.append(activity.defn(name=f"tool.{tool_name}")(run_tool))
+        activities.append(activity.defn(name=tool_activity(tool_name))(run_tool))
     return activities

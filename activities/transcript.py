@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from spine.activities.errors import TranscriptUnavailable
-
 from spine.payloads import EMPTY_DIGEST, ChatMessage, chain_digest
 
 _SCHEMA = """

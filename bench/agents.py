@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 
 from pydantic import BaseModel, Field
+
 from spine.activities.tools import AgentDefinition, Registry, ToolContext, tool
 from spine.demo.agent import API_KEY, lookup_order
 

@@ -28,6 +28,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import tomli_w
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from bench.agents import BENCH_TOOLS
 from spine.client.testing import (
     DemoService,
     VaultDev,
@@ -38,13 +43,15 @@ from spine.client.testing import (
     start_worker_process,
     stop_worker_process,
 )
+from spine.contract import (
+    ACTIVITY_MODEL_CALL,
+    SEARCH_ATTRIBUTES,
+    AgentRequest,
+    Limits,
+    ModelChoice,
+    ScriptTurn,
+)
 from spine.guardrails.policy import DEFAULT_POLICY_PATH
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
-
-from bench.agents import BENCH_TOOLS
-from spine.contract import SEARCH_ATTRIBUTES, AgentRequest, Limits, ModelChoice, ScriptTurn
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -467,7 +474,7 @@ async def history_of_chain(client: Client, workflow_id: str) -> list[dict[str, o
             events += 1
             size += event.ByteSize()
             attrs = event.activity_task_scheduled_event_attributes
-            if attrs.activity_type.name == "spine.model_call":
+            if attrs.activity_type.name == ACTIVITY_MODEL_CALL:
                 step_bytes.append(0)
             if step_bytes:
                 step_bytes[-1] += event.ByteSize()

@@ -32,7 +32,6 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from spine.client.runs import get_state, start_run
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
@@ -55,7 +54,8 @@ from bench.common import (
 )
 from bench.naive_agent import run_agent
 from bench.scripts import refund_script
-from spine.contract import AgentResult
+from spine.client.runs import get_state, start_run
+from spine.contract import ACTIVITY_MODEL_CALL, AgentResult
 
 FAIL_RATE = 0.15
 RETRY_TRIES = 3
@@ -284,7 +284,7 @@ async def _inject_faults(
 
 
 def _kind(activity_type: str | None) -> str:
-    return "model" if activity_type == "spine.model_call" else "tool"
+    return "model" if activity_type == ACTIVITY_MODEL_CALL else "tool"
 
 
 async def _activity_profile(client: Client, workflow_id: str) -> dict[str, dict[str, float]]:

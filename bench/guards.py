@@ -16,6 +16,8 @@ import statistics
 import time
 
 import jsonschema
+from temporalio.worker import Worker
+
 from spine.activities.budget import BudgetActivities
 from spine.activities.tools import SecretRef
 from spine.client.testing import start_vault_dev, temporal_dev_server
@@ -23,8 +25,6 @@ from spine.demo.agent import issue_refund
 from spine.guardrails.approvals import approval_rule, tainted_args
 from spine.guardrails.policy import load_policy
 from spine.guardrails.secrets import VaultSecrets
-from temporalio.worker import Worker
-
 from spine.payloads import BudgetCall, LedgerOp
 from spine.worker import build_ledger_worker
 

@@ -24,13 +24,13 @@ import tomllib
 import uuid
 from pathlib import Path
 
-from spine.client.runs import start_run
-from spine.guardrails.policy import DEFAULT_POLICY_PATH
-from spine.guardrails.secrets import VaultSecrets
 from temporalio.api.enums.v1 import EventType
 
 from bench.common import bench_policy, bench_stack, parser, spine_request, write_results
-from spine.contract import SA_STEPS, ScriptToolCall, ScriptTurn
+from spine.client.runs import start_run
+from spine.contract import ACTIVITY_MODEL_CALL, SA_STEPS, ScriptToolCall, ScriptTurn
+from spine.guardrails.policy import DEFAULT_POLICY_PATH
+from spine.guardrails.secrets import VaultSecrets
 from spine.worker import WorkerConfig, build_worker
 
 WARN_EVENTS = 10_240
@@ -69,7 +69,7 @@ async def chain(client, workflow_id: str) -> list[dict[str, object]]:
             attrs = event.activity_task_scheduled_event_attributes
             if (
                 event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-                and attrs.activity_type.name == "spine.model_call"
+                and attrs.activity_type.name == ACTIVITY_MODEL_CALL
             ):
                 steps.append(0)
             if steps:

@@ -29,15 +29,15 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from spine.client.runs import start_run
-from spine.guardrails.policy import load_policy
-from spine.guardrails.secrets import VaultSecrets
-from spine.observability.telemetry import telemetry_from_env
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from bench.bare import BareInput, BareLoop, bare_lookup, bare_model
 from bench.common import bench_policy, bench_stack, parser, spine_request, write_results
+from spine.client.runs import start_run
+from spine.guardrails.policy import load_policy
+from spine.guardrails.secrets import VaultSecrets
+from spine.observability.telemetry import telemetry_from_env
 from spine.worker import WorkerConfig, build_worker
 from tests.helpers import call, turn
 

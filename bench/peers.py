@@ -27,8 +27,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from spine.client.runs import start_run
-from spine.guardrails.secrets import VaultSecrets
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.converter import DataConverter
@@ -46,7 +44,9 @@ from bench.common import (
 )
 from bench.scripts import call as script_call
 from bench.scripts import refund_script, turn
+from spine.client.runs import start_run
 from spine.contract import AgentResult
+from spine.guardrails.secrets import VaultSecrets
 from spine.worker import WorkerConfig, build_worker
 
 HISTORY_LIMIT_BYTES = 50 * 1024 * 1024

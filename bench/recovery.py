@@ -27,7 +27,6 @@ import time
 import uuid
 from pathlib import Path
 
-from spine.client.runs import start_run
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowHandle
 
@@ -44,6 +43,8 @@ from bench.common import (
     write_results,
 )
 from bench.scripts import call, turn
+from spine.client.runs import start_run
+from spine.contract import tool_activity
 
 LATENCY_MS = 1000
 KINDS = {"sigkill 15s": "lookup_order", "sigkill 3s": "lookup_order_3s", "restart": "lookup_order"}
@@ -72,7 +73,7 @@ async def _tool_in_flight(
         described = await client.get_workflow_handle(workflow_id).describe()
         for pending in described.raw_description.pending_activities:
             if (
-                pending.activity_type.name == f"tool.{tool}"
+                pending.activity_type.name == tool_activity(tool)
                 and pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
                 and pending.attempt == 1
             ):

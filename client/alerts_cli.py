@@ -41,14 +41,6 @@ from pathlib import Path
 from typing import Literal
 
 import click
-from spine.activities.errors import SpineError
-from spine.client.audit_cli import open_store
-from spine.client.runs import SpineClientError, connect
-from spine.client.slo_cli import parse_since
-from spine.guardrails.policy import Policy, PolicyError, load_policy
-from spine.observability.alerts import Alert, AlertEngine, AlertsCheckInput, AlertsCheckResult
-from spine.observability.audit import AuditStore, store_from_env
-from spine.workflows.alerts import ALERTS_SCHEDULE_ID, ALERTS_WORKFLOW_TYPE
 from temporalio.client import (
     Client,
     Schedule,
@@ -63,7 +55,15 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
+from spine.activities.errors import SpineError
+from spine.client.audit_cli import open_store
+from spine.client.runs import SpineClientError, connect
+from spine.client.slo_cli import parse_since
 from spine.contract import DEFAULT_TASK_QUEUE
+from spine.guardrails.policy import Policy, PolicyError, load_policy
+from spine.observability.alerts import Alert, AlertEngine, AlertsCheckInput, AlertsCheckResult
+from spine.observability.audit import AuditStore, store_from_env
+from spine.workflows.alerts import ALERTS_SCHEDULE_ID, ALERTS_WORKFLOW_TYPE
 
 EXIT_ALERTS = 3
 """Exit status of `spine alerts check` when new alerts fired."""

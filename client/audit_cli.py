@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
+
 from spine.activities.errors import SpineError
 from spine.client.runs import SpineClientError
 from spine.observability.audit import AuditStore, StoredEntry, VerifyResult, store_from_env, verify

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import click
-from spine.client.runs import SpineClientError, connect
 from temporalio.service import RPCError
 
+from spine.client.runs import SpineClientError, connect
 from spine.contract import ledger_workflow_id
 from spine.payloads import BudgetView
 

@@ -16,6 +16,8 @@ from typing import Literal, TypeVar, get_args
 
 import click
 from pydantic import TypeAdapter, ValidationError
+from temporalio.client import WorkflowExecutionStatus
+
 from spine.client.runs import (
     RunHandle,
     SpineClientError,
@@ -31,8 +33,6 @@ from spine.client.runs import (
     watch,
     web_ui_url,
 )
-from temporalio.client import WorkflowExecutionStatus
-
 from spine.contract import (
     AgentRequest,
     AgentResult,

@@ -30,6 +30,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from google.protobuf import json_format
+from temporalio.api.common.v1 import Payload, Payloads
+
 from spine.guardrails.codec import (
     KEY_ENV,
     KEYS_ENV,
@@ -39,7 +41,6 @@ from spine.guardrails.codec import (
     EncryptionCodec,
     codec_from_env,
 )
-from temporalio.api.common.v1 import Payload, Payloads
 
 log = logging.getLogger("spine.codec_server")
 

@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable
 
 import httpx
+
 from spine.client.cli import compact, result_lines, state_line
 from spine.client.runs import (
     SpineClientError,
@@ -23,7 +24,6 @@ from spine.client.runs import (
     watch,
     web_ui_url,
 )
-
 from spine.contract import (
     AgentRequest,
     AgentResult,
@@ -147,10 +147,9 @@ async def run_demo(
     await _check_service()
     queue = task_queue()
     try:
+        import spine.worker as worker  # lazily: it pulls in every activity and provider SDK
         from spine.guardrails.policy import load_policy
         from spine.observability.telemetry import telemetry_from_env
-
-        import spine.worker as worker  # lazily: it pulls in every activity and provider SDK
 
         config = worker.WorkerConfig.from_env()
         policy = load_policy(config.policy_path)

@@ -47,9 +47,6 @@ from typing import TypeVar, get_args
 from uuid import uuid4
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from spine.activities.tools import Registry
-from spine.client.runs import RunHandle, SpineClientError, describe, get_run
-from spine.workflows.state import AgentWorkflowInput, BudgetCarry, Carry, model_path
 from temporalio.api.common.v1 import Payloads
 from temporalio.api.enums.v1 import RetryState
 from temporalio.api.history.v1 import HistoryEvent
@@ -60,7 +57,11 @@ from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from spine.activities.tools import Registry
+from spine.client.runs import RunHandle, SpineClientError, describe, get_run
 from spine.contract import (
+    ACTIVITY_MODEL_CALL,
+    ACTIVITY_RESOLVE_AGENT,
     SA_ACCOUNT,
     SA_AGENT,
     SA_FORKED_FROM,
@@ -69,9 +70,9 @@ from spine.contract import (
     AgentResult,
     Provider,
     ScriptTurn,
-    SideEffect,
-    Usage,
+    tool_of,
 )
+from spine.guardrails.budget import price
 from spine.payloads import (
     EMPTY_DIGEST,
     AgentSpec,
@@ -82,6 +83,17 @@ from spine.payloads import (
     ToolCallResult,
     chain_digest,
 )
+from spine.workflows.state import (
+    SKIPPED_PREFIX,
+    AgentWorkflowInput,
+    BudgetState,
+    RunState,
+    apply_model_turn,
+    apply_refusal,
+    apply_retries,
+    apply_tool_result,
+)
+from spine.workflows.turns import model_path
 
 #: Largest transcript prefix (JSON bytes) a fork carries in its input.
 MAX_CARRIED_BYTES = 1_000_000
@@ -261,8 +273,8 @@ class _Calls:
 
     turns: dict[int, _Turn] = field(default_factory=dict)
     tools: dict[tuple[int, str], tuple[ToolCallInput, ToolCallResult]] = field(default_factory=dict)
-    #: (step, failed attempts as the workflow counts them) per model or tool call.
-    retries: list[tuple[int, int]] = field(default_factory=list)
+    #: (step, failed attempts as the workflow counts them) per call that failed for good.
+    failures: list[tuple[int, int]] = field(default_factory=list)
     #: Idempotency keys of side effects a compensation undid.
     undone: set[str] = field(default_factory=set)
 
@@ -275,24 +287,26 @@ class Checkpoint:
     run_id: str
     step: int
     request: AgentWorkflowInput
-    carry: Carry
+    carry: RunState
     status: str = ""
     """The original's status when the checkpoint was read (see `RunHistory.status`)."""
 
     @property
     def spec(self) -> AgentSpec:
-        return self.carry.spec
+        return self.carry.agent
 
 
 async def checkpoint(history: RunHistory, step: int, converter: DataConverter) -> Checkpoint:
     """Rebuild the state of `history`'s run at the end of `step` (0: before the first step).
 
+    The state is folded from the history through the same transitions the workflow applied
+    (:mod:`spine.workflows.state`), then rebased: the fork carries the transcript in its input
+    and starts its own audit chain and ledger reservations.
+
     Raises:
         ForkRefused: the run has no such finished step, a side effect up to the step was undone,
             or the history cannot be read back consistently.
     """
-    from spine.workflows.agent import UNTRUSTED_KEEP  # lazily: the workflow module is heavier
-
     wid = history.workflow_id
     if step < 0:
         raise ForkRefused(f"--from-step must be 0 or more, not {step}")
@@ -316,88 +330,105 @@ async def checkpoint(history: RunHistory, step: int, converter: DataConverter) -
         raise ForkRefused(
             f"step {step} of run {wid!r} is the model's final answer; fork from an earlier step"
         )
-
-    carried = segment.input.carry
-    usage = carried.usage.model_copy() if carried else Usage()
-    effects = [e.model_copy(deep=True) for e in carried.side_effects] if carried else []
-    untrusted = carried.untrusted_text if carried else ""
-    invalid = carried.invalid_calls if carried else 0
-    retries = carried.retries if carried else 0
-    last_input_tokens = carried.budget.last_input_tokens if carried else 0
     prefix = _prefix(history, segment, spec, calls, step)
-    by_name = {t.name: t for t in spec.tools}
-    for k in range(segment.first_step + 1, step + 1):
-        turn = calls.turns[k]
-        usage = _charge(usage, turn, spec)
-        last_input_tokens = turn.result.usage.input_tokens
-        answers = prefix[
-            turn.answer_at + 1 : turn.answer_at + 1 + len(turn.result.message.tool_calls)
-        ]
-        invalid += sum(
-            1 for m in answers if m.is_error and not (m.content or "").startswith(_SKIPPED_PREFIX)
-        )
-        heard = {m.tool_call_id: m for m in answers}
-        for call in turn.result.message.tool_calls:
-            done = calls.tools.get((k, call.id))
-            if done is None:
-                # A local (read-only) tool leaves its result in a marker, not an activity
-                # event; what the model heard is the output, as the workflow wrote it down.
-                said = heard.get(call.id)
-                descriptor = by_name.get(call.name)
-                if said and not said.is_error and descriptor and descriptor.untrusted_output:
-                    untrusted = (untrusted + "\n" + (said.content or ""))[-UNTRUSTED_KEEP:]
-                continue
-            used, output = done
-            descriptor = by_name.get(used.tool)
-            if descriptor is None:
-                raise ForkRefused(f"run {wid!r} called tool {used.tool!r}, which its spec lacks")
-            if descriptor.side_effects:
-                effects.append(
-                    SideEffect(
-                        step=k,
-                        call_id=call.id,
-                        tool=used.tool,
-                        args=used.args,
-                        output=output.output,
-                        idempotency_key=used.idempotency_key or "",
-                        compensation=descriptor.compensation,
-                    )
-                )
-            if descriptor.untrusted_output:
-                text = json.dumps(output.output, sort_keys=True)
-                untrusted = (untrusted + "\n" + text)[-UNTRUSTED_KEEP:]
-    retries += sum(n for k, n in calls.retries if segment.first_step < k <= step)
-    for effect in effects:
+    state = fold(wid, segment, spec, calls, prefix, step)
+    for effect in state.side_effects:
         if effect.idempotency_key in calls.undone:
             raise ForkRefused(
                 f"run {wid!r} undid {effect.tool}@step{effect.step} (compensated), so a fork "
                 f"from step {step} would build on something that no longer stands; fork from "
                 f"step {effect.step - 1} instead"
             )
-
     request = segment.input.model_copy(deep=True)
     request.carry = None
     if request.model is not None and request.model.script:
+        carried = segment.input.carry
         start = (carried.script_pos if carried else 0) + step - segment.first_step
         request.model.script = request.model.script[start:]
-    carry = Carry(
-        step=step,
-        usage=usage,
-        side_effects=effects,
-        transcript_len=0,
-        transcript_digest=EMPTY_DIGEST,
-        pending_messages=prefix,
-        invalid_calls=invalid,
-        script_pos=0,
-        retries=retries,
-        path=[],
-        budget=BudgetCarry(last_input_tokens=last_input_tokens),
-        audit_seq=0,
-        untrusted_text=untrusted,
-        spec=spec,
+    # Rebased: the transcript travels in the input; audit chain and reservations are the fork's.
+    carry = state.model_copy(
+        update={
+            "step": step,
+            "transcript_len": 0,
+            "transcript_digest": EMPTY_DIGEST,
+            "pending_messages": prefix,
+            "script_pos": 0,
+            "path": [],
+            "budget": BudgetState(last_input_tokens=state.budget.last_input_tokens),
+            "audit_seq": 0,
+        }
     )
     run_id = calls.turns[step].run_id if step in calls.turns else segment.run_id
     return Checkpoint(wid, run_id, step, request, carry, status=history.status)
+
+
+def fold(
+    wid: str,
+    segment: _Segment,
+    spec: AgentSpec,
+    calls: _Calls,
+    prefix: list[ChatMessage],
+    step: int,
+) -> RunState:
+    """The run state at the end of `step`, from the segment's start through each recorded turn.
+
+    Each model turn and each tool call's outcome is applied as the workflow applied it; what a
+    call left no activity result for (a refusal, a skip, a local tool) is read from what the
+    model heard next (`prefix`).
+    """
+    state = (
+        segment.input.carry.model_copy(deep=True)
+        if segment.input.carry is not None
+        else RunState(spec=spec)
+    )
+    state.spec = spec
+    by_name = {t.name: t for t in spec.tools}
+    for k in range(segment.first_step + 1, step + 1):
+        turn = calls.turns[k]
+        state.step = k
+        state.transcript_len, state.transcript_digest = turn.call.base_len, turn.call.base_digest
+        state.pending_messages = list(turn.call.new_messages)
+        usage = turn.result.usage
+        usd = price(
+            spec.prices, usage.input_tokens, usage.output_tokens, turn.result.model, turn.call.model
+        )
+        apply_model_turn(state, turn.result, usd or 0.0)
+        heard = {
+            m.tool_call_id: m
+            for m in prefix[
+                turn.answer_at + 1 : turn.answer_at + 1 + len(turn.result.message.tool_calls)
+            ]
+        }
+        for call in turn.result.message.tool_calls:
+            done = calls.tools.get((k, call.id))
+            if done is not None:
+                used, output = done
+                descriptor = by_name.get(used.tool)
+                if descriptor is None:
+                    raise ForkRefused(
+                        f"run {wid!r} called tool {used.tool!r}, which its spec lacks"
+                    )
+                apply_retries(state, output.attempt - 1)
+                apply_tool_result(
+                    state, call, descriptor, used.args, output.output, used.idempotency_key or ""
+                )
+                continue
+            said = heard.get(call.id)
+            if said is None:
+                continue
+            if said.is_error and (said.content or "").startswith(SKIPPED_PREFIX):
+                state.pending_messages.append(said)
+            elif said.is_error:
+                apply_refusal(state, call, said.content or "")
+            elif call.name in by_name:
+                # A local (read-only) tool leaves its result in a marker, not an activity event;
+                # what the model heard is the output, as the workflow wrote it down.
+                output = json.loads(said.content or "{}")
+                apply_tool_result(state, call, by_name[call.name], call.args or {}, output, "")
+    for failed_at, attempts in calls.failures:
+        if segment.first_step < failed_at <= step:
+            apply_retries(state, attempts)
+    return state
 
 
 async def _spec(segment: _Segment, converter: DataConverter, wid: str) -> AgentSpec:
@@ -405,7 +436,7 @@ async def _spec(segment: _Segment, converter: DataConverter, wid: str) -> AgentS
     if segment.input.carry is not None:
         return segment.input.carry.spec
     for act in segment.activities:
-        if act.kind == "spine.resolve_agent" and act.result is not None:
+        if act.kind == ACTIVITY_RESOLVE_AGENT and act.result is not None:
             return await _decode(converter, act.result, AgentSpec)
     raise ForkRefused(f"run {wid!r} never resolved its agent, so there is nothing to carry")
 
@@ -416,13 +447,13 @@ async def _decode_calls(history: RunHistory, converter: DataConverter, spec: Age
     calls = _Calls()
     for segment in history.segments:
         for act in segment.activities:
-            if act.kind == "spine.model_call":
+            if act.kind == ACTIVITY_MODEL_CALL:
                 call = await _decode(converter, act.input, ModelCallInput)
                 step = call.step
                 if act.result is not None:
                     result = await _decode(converter, act.result, ModelCallResult)
                     calls.turns[step] = _Turn(step, act.run_id, call, result)
-            elif act.kind.startswith("tool."):
+            elif tool_of(act.kind) is not None:
                 used = await _decode(converter, act.input, ToolCallInput)
                 if used.tool in compensation_tools:
                     if act.result is not None and used.idempotency_key:
@@ -434,11 +465,11 @@ async def _decode_calls(history: RunHistory, converter: DataConverter, spec: Age
                     calls.tools[(step, used.call_id)] = (used, output)
             else:
                 continue
-            # As `AgentWorkflow` counts: a call that ran out of attempts used its whole cap.
-            if act.result is not None:
-                calls.retries.append((step, act.attempt - 1))
-            elif act.retry_state == RetryState.RETRY_STATE_MAXIMUM_ATTEMPTS_REACHED:
-                calls.retries.append((step, max(act.max_attempts, 1) - 1))
+            # As `AgentWorkflow` counts: a call that ran out of attempts used its whole cap (the
+            # retries of a call that succeeded are in its result's `attempt`).
+            exhausted = act.retry_state == RetryState.RETRY_STATE_MAXIMUM_ATTEMPTS_REACHED
+            if act.result is None and exhausted:
+                calls.failures.append((step, max(act.max_attempts, 1) - 1))
     _check_digests(calls, history.workflow_id)
     return calls
 
@@ -521,21 +552,6 @@ def _known(
     if len(known) != length:
         raise ForkRefused(f"the transcript of run {wid!r} has gaps before step {step}")
     return known
-
-
-def _charge(usage: Usage, turn: _Turn, spec: AgentSpec) -> Usage:
-    """Add one turn's cost exactly as the workflow does (`AgentWorkflow._charge`)."""
-    result = turn.result
-    priced = result.model if result.model in spec.prices else turn.call.model
-    price_in, price_out = spec.prices.get(priced, (0.0, 0.0))
-    usd = (
-        result.usage.input_tokens * price_in + result.usage.output_tokens * price_out
-    ) / 1_000_000
-    return Usage(
-        input_tokens=usage.input_tokens + result.usage.input_tokens,
-        output_tokens=usage.output_tokens + result.usage.output_tokens,
-        usd=round(usage.usd + usd, 8),
-    )
 
 
 # -------------------------------------------------------------------------------- changes

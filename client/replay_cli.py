@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import click
+
 from spine.client.forks import (
     ForkPlan,
     current_registry,

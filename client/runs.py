@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from datetime import timedelta
 from uuid import uuid4
 
-from spine.guardrails.codec import CodecConfigError, data_converter_from_env
 from temporalio.client import (
     Client,
     WorkflowExecutionDescription,
@@ -48,6 +47,7 @@ from spine.contract import (
     OperatorCommand,
     StateView,
 )
+from spine.guardrails.codec import CodecConfigError, data_converter_from_env
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"

@@ -26,10 +26,10 @@ from datetime import UTC, datetime, timedelta
 
 import click
 from pydantic import BaseModel
-from spine.client.runs import SpineClientError, connect
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
+from spine.client.runs import SpineClientError, connect
 from spine.contract import SA_COST, SA_STATUS, SA_STEPS, WORKFLOW_TYPE, AgentResult
 
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")

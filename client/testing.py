@@ -26,7 +26,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 
-from spine.contract import SEARCH_ATTRIBUTES
+from spine.contract import SEARCH_ATTRIBUTES, tool_of
 
 
 def binary(name: str) -> str:
@@ -384,11 +384,11 @@ from collections.abc import Sequence  # noqa: E402
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar  # noqa: E402
 
 from pydantic import BaseModel  # noqa: E402
-from spine.client.runs import RunHandle, start_run  # noqa: E402
 from temporalio.api.common.v1 import Payloads  # noqa: E402
 from temporalio.api.history.v1 import HistoryEvent  # noqa: E402
 from temporalio.client import Client  # noqa: E402
 
+from spine.client.runs import RunHandle, start_run  # noqa: E402
 from spine.contract import (  # noqa: E402
     AgentRequest,
     AgentResult,
@@ -589,8 +589,9 @@ async def tools_called(handle: RunHandle) -> list[str]:
     for event in await _events(handle):
         if event.HasField("activity_task_scheduled_event_attributes"):
             kind = event.activity_task_scheduled_event_attributes.activity_type.name
-            if kind.startswith("tool."):
-                names.append(kind.removeprefix("tool."))
+            tool = tool_of(kind)
+            if tool is not None:
+                names.append(tool)
     return names
 
 

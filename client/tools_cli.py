@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import click
+
 from spine.activities.contracts import DEFAULT_LOCK_PATH, Change, LockError, check_lock, load_lock
 from spine.activities.contracts import write_lock as _write_lock
 from spine.activities.tools import Registry, ToolDefinitionError

@@ -1,18 +1,25 @@
-"""The policy backstop: a workflow outbound interceptor every tool activity start passes through.
+"""The control plane's synchronous backstops: a workflow outbound interceptor on activity starts.
 
-The agent loop already refuses calls the policy does not allow (and tells the model). This
-interceptor enforces the same allowlist one level lower, on the activity start itself, so workflow
-code that skips the loop's checks (a bug, a subclass, a custom agent workflow) still cannot
-schedule a tool its run's role was not granted. It asks the running workflow instance for its
-decision (`tool_denial(name)`), which is computed from the policy slice pinned in history, so
-replay makes the same decision.
+The agent loop already refuses what the policy does not allow (and tells the model), and awaits
+the guards that wait (approvals, ledger reservations, parking). This interceptor enforces two of
+those rules one level lower, on the activity start itself, so workflow code that skips the loop's
+checks (a bug, a subclass, a custom agent workflow) still cannot break them:
 
-Imports only temporalio: it runs inside the workflow sandbox.
+- a ``tool.<name>`` activity starts only if the run's :class:`~spine.guardrails.allowlist.Allowlist`
+  grants it (or it is the compensation or fallback of a granted tool); workflows that expose no
+  guards may not start Spine tools at all;
+- a ``spine.model_call`` of a run whose account has a shared budget starts only while a ledger
+  reservation covers it (:meth:`~spine.guardrails.budget.BudgetGate.may_call_model`).
+
+A workflow exposes its guards as ``self.guards`` (a :class:`RunGuards`); the interceptor depends on
+the guards, never on the workflow class. Decisions are computed from the policy slice pinned in
+history, so replay makes the same ones.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
@@ -26,28 +33,45 @@ from temporalio.worker import (
 )
 from temporalio.workflow import ActivityHandle
 
-TOOL_PREFIX = "tool."
+from spine.activities.errors import PolicyDenied
+from spine.contract import ACTIVITY_MODEL_CALL, tool_of
+from spine.guardrails.allowlist import Allowlist
+from spine.guardrails.approvals import ApprovalDesk
+from spine.guardrails.budget import BudgetGate
 
 
-class PolicyGuarded(Protocol):
-    def tool_denial(self, tool: str) -> str | None:
-        """Why `tool` may not run in this workflow, or None when it may."""
+@dataclass
+class RunGuards:
+    """The guards a Spine run exposes to interceptors (``self.guards`` on the workflow)."""
+
+    approvals: ApprovalDesk
+    allowlist: Allowlist | None = None
+    """Set once the run has resolved its agent; until then every tool is refused."""
+    budget: BudgetGate | None = None
+
+
+def guards_of_current_run() -> RunGuards | None:
+    """The current workflow's guards, or None for a workflow that is not a Spine run."""
+    guards = getattr(workflow.instance(), "guards", None)
+    return guards if isinstance(guards, RunGuards) else None
 
 
 def _check(activity: str) -> None:
-    if not activity.startswith(TOOL_PREFIX):
-        return
-    instance = workflow.instance()
-    deny = getattr(instance, "tool_denial", None)
-    # Workflows that do not declare a policy (not Spine agents) may not start Spine tools.
-    problem = (
-        deny(activity[len(TOOL_PREFIX) :])
-        if deny is not None
-        else f"workflow {workflow.info().workflow_type!r} has no tool policy"
-    )
+    guards = guards_of_current_run()
+    tool = tool_of(activity)
+    problem: str | None = None
+    if tool is not None:
+        if guards is None:
+            problem = f"workflow {workflow.info().workflow_type!r} has no tool policy"
+        elif guards.allowlist is None:
+            problem = "the run's policy is not resolved yet"
+        else:
+            problem = guards.allowlist.denial(tool)
+    elif activity == ACTIVITY_MODEL_CALL and guards is not None and guards.budget is not None:
+        problem = guards.budget.may_call_model()
     if problem:
         workflow.logger.warning("policy interceptor refused %s: %s", activity, problem)
-        raise ApplicationError(f"policy: {problem}", type="PolicyDenied", non_retryable=True)
+        raise ApplicationError(f"policy: {problem}", type=PolicyDenied.__name__, non_retryable=True)
 
 
 class _Outbound(WorkflowOutboundInterceptor):
@@ -66,7 +90,7 @@ class _Inbound(WorkflowInboundInterceptor):
 
 
 class PolicyInterceptor(Interceptor):
-    """Register on the worker: ``Worker(..., interceptors=[PolicyInterceptor()])``."""
+    """Register on the worker (the :class:`~spine.SpinePlugin` does): the policy backstops."""
 
     def workflow_interceptor_class(
         self, input: WorkflowInterceptorClassInput

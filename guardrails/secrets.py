@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import hvac
 import hvac.exceptions
 import requests
+
 from spine.activities.errors import SecretMissing, SecretsUnavailable
 from spine.activities.tools import SecretRef
 

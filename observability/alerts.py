@@ -52,12 +52,12 @@ from typing import Literal
 
 import httpx
 from pydantic import BaseModel, Field, ValidationError
-from spine.activities.errors import DependencyUnavailable, SpineError
-from spine.guardrails.policy import AlertRule, Alerts, Policy
-from spine.observability.audit import AuditConflict, AuditStore, SQLiteAuditStore
 from temporalio import activity
 
-from spine.contract import JsonObject
+from spine.activities.errors import DependencyUnavailable, SpineError
+from spine.contract import ACTIVITY_ALERTS_CHECK, JsonObject
+from spine.guardrails.policy import AlertRule, Alerts, Policy
+from spine.observability.audit import AuditConflict, AuditStore, SQLiteAuditStore
 from spine.payloads import AuditBatch, AuditEntry
 
 log = logging.getLogger("spine.alerts")
@@ -788,7 +788,7 @@ class AlertActivities:
     def __init__(self, engine: AlertEngine) -> None:
         self.engine = engine
 
-    @activity.defn(name="spine.alerts_check")
+    @activity.defn(name=ACTIVITY_ALERTS_CHECK)
     async def check(self, request: AlertsCheckInput) -> AlertsCheckResult:
         """Evaluate the alert rules as of `request.at` and emit what is new."""
         info = activity.info()

@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel
-from spine.activities.errors import DependencyUnavailable, SpineError, TerminalError, TransientError
 from temporalio import activity
 
-from spine.contract import JsonObject
+from spine.activities.errors import DependencyUnavailable, SpineError, TerminalError, TransientError
+from spine.contract import ACTIVITY_AUDIT_APPEND, JsonObject
 from spine.payloads import AuditBatch, AuditEntry
 
 if TYPE_CHECKING:
@@ -753,7 +753,7 @@ class AuditActivities:
     def __init__(self, store: AuditStore) -> None:
         self.store = store
 
-    @activity.defn(name="spine.audit_append")
+    @activity.defn(name=ACTIVITY_AUDIT_APPEND)
     async def append(self, batch: AuditBatch) -> int:
         """Store a batch of audit entries idempotently; return how many were new."""
         try:

@@ -54,7 +54,6 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
-from spine.observability import metrics
 from temporalio import activity, workflow
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.opentelemetry import (
@@ -84,7 +83,11 @@ from temporalio.worker import (
 )
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from spine.contract import WORKFLOW_TYPE
+from spine.contract import ACTIVITY_MODEL_CALL, WORKFLOW_TYPE, tool_of
+from spine.guardrails.budget import price
+from spine.guardrails.interceptor import guards_of_current_run
+from spine.observability import metrics
+from spine.payloads import ToolCallInput
 
 log = logging.getLogger("spine.telemetry")
 
@@ -120,8 +123,6 @@ CONTENT_ATTRIBUTES = frozenset(
     }
 )
 
-MODEL_ACTIVITY = "spine.model_call"
-TOOL_ACTIVITY_PREFIX = "tool."
 _POLICY_HEADER = "spine-policy-decision"
 _FAILED_STATUSES = frozenset({"failed", "compensated"})
 _PAYLOADS = PayloadConverter.default
@@ -290,12 +291,9 @@ def _mark_error(span: Span, err: BaseException) -> None:
 def _cost(
     prices: Mapping[str, tuple[float, float]], input_tokens: int, output_tokens: int, *models: str
 ) -> float | None:
-    """USD for the tokens at the first of `models` with a price, the workflow's formula."""
-    for model in models:
-        if model in prices:
-            price_in, price_out = prices[model]
-            return round((input_tokens * price_in + output_tokens * price_out) / 1_000_000, 8)
-    return None
+    """USD for the tokens, priced as the workflow prices them (:func:`price`)."""
+    usd = price(prices, input_tokens, output_tokens, *models)
+    return None if usd is None else round(usd, 8)
 
 
 def _messages_json(messages: Sequence[object]) -> str:
@@ -359,9 +357,9 @@ class _ActivityInbound(ActivityInboundInterceptor):
 
     async def execute_activity(self, input: ExecuteActivityInput) -> object:
         info = activity.info()
-        if info.activity_type == MODEL_ACTIVITY:
+        if info.activity_type == ACTIVITY_MODEL_CALL:
             return await self._model_call(input, info)
-        if info.activity_type.startswith(TOOL_ACTIVITY_PREFIX):
+        if tool_of(info.activity_type) is not None:
             return await self._tool_call(input, info)
         return await self.next.execute_activity(input)
 
@@ -443,7 +441,7 @@ class _ActivityInbound(ActivityInboundInterceptor):
 
     async def _tool_call(self, input: ExecuteActivityInput, info: activity.Info) -> object:
         call = input.args[0] if input.args else None
-        tool = str(getattr(call, "tool", None) or info.activity_type[len(TOOL_ACTIVITY_PREFIX) :])
+        tool = str(getattr(call, "tool", None) or tool_of(info.activity_type))
         decision = None
         header = input.headers.get(_POLICY_HEADER)
         if header is not None:
@@ -622,18 +620,12 @@ class _WorkflowInbound(WorkflowInboundInterceptor):
             self._on_decision(decision, *before[approval_id])
 
     def _pending(self) -> dict[str, tuple[str, int]]:
-        """Open approvals as {approval_id: (tool, step)}, read through the run's `state` query."""
-        state_fn = getattr(workflow.instance(), "state", None)
-        if state_fn is None:
+        """Open approvals as {approval_id: (tool, step)}, from the run's approval desk."""
+        guards = guards_of_current_run()
+        if guards is None:
             return {}
-        try:
-            state = state_fn()
-        except Exception:  # noqa: BLE001  # not an AgentWorkflow, or not started yet: no approvals
-            return {}
-        step = int(getattr(state, "step", 0) or 0)
-        return {
-            p.approval_id: (p.tool, step) for p in getattr(state, "pending_approvals", None) or []
-        }
+        step = guards.approvals.state.step
+        return {p.approval_id: (p.tool, step) for p in guards.approvals.pending()}
 
     def _on_decision(self, decision: object, tool: str, step: int) -> None:
         verdict = str(getattr(decision, "decision", ""))
@@ -661,12 +653,11 @@ class _WorkflowInbound(WorkflowInboundInterceptor):
         )
         span.end()
 
-    def tool_decision(self, call: object) -> str:
+    def tool_decision(self, call: ToolCallInput) -> str:
         """What the policy said about a tool call the run is about to execute."""
-        if str(getattr(call, "idempotency_key", None) or "").endswith("/undo"):
+        if call.purpose == "compensation":
             return "compensate"  # saga compensation: not a model proposal, no policy check
-        step = int(getattr(call, "step", 0) or 0)
-        verdict = self._decided.get((step, str(getattr(call, "tool", ""))))
+        verdict = self._decided.get((call.step, call.tool))
         return verdict if verdict is not None else "allow"
 
 
@@ -681,8 +672,9 @@ class _WorkflowOutbound(WorkflowOutboundInterceptor):
         if (
             self._inbound.settings.tracing
             and self._inbound.is_agent_run()
-            and input.activity.startswith(TOOL_ACTIVITY_PREFIX)
+            and tool_of(input.activity) is not None
             and input.args
+            and isinstance(input.args[0], ToolCallInput)
         ):
             decision = self._inbound.tool_decision(input.args[0])
             header: Payload = _PAYLOADS.to_payloads([decision])[0]

@@ -124,6 +124,11 @@ class ToolCallInput(BaseModel):
     idempotency_key: str | None = None
     account: str = ""
     user: str = ""
+    purpose: Literal["call", "fallback", "compensation"] = Field(
+        default="call",
+        description="Why the run calls the tool: the model's call, its fallback tool, or the "
+        "saga undoing an earlier call.",
+    )
 
 
 class ToolCallResult(BaseModel):

@@ -57,11 +57,17 @@ PASSTHROUGH_MODULES = (
     "rpds",  # compiled persistent maps used by referencing
     "spine.contract",  # stdlib + pydantic only: the request, result and decision models
     "spine.payloads",  # stdlib + pydantic only: activity inputs and results
-    "spine.workflows.state",  # stdlib + pydantic only: the run state
-    "spine.activities.errors",  # stdlib + temporalio only
-    "spine.guardrails.approvals",  # pure functions over the models
-    "spine.guardrails.interceptor",  # temporalio only; the policy backstop on activity starts
+    "spine.workflows.state",  # stdlib + pydantic only: the run state and its transitions
+    "spine.activities.errors",  # stdlib + temporalio only: the error taxonomy
+    "spine.guardrails.hooks",  # stdlib only: what guards need from the run
+    "spine.guardrails.allowlist",  # pure: the one allowlist (loop and interceptor share it)
+    "spine.guardrails.approvals",  # pure: approval rules and the approval desk
+    "spine.guardrails.budget",  # pure: prices, limits, reservations
+    "spine.guardrails.parking",  # pure: operator commands and the retry budget
+    "spine.guardrails.saga",  # pure: compensation order
+    "spine.guardrails.interceptor",  # temporalio only; the backstops, and RunGuards they read
     "spine.observability.metrics",  # stdlib + temporalio only: replay-aware metric helpers
+    "spine.observability.trail",  # pure: the run's queue of audit entries
 )
 
 

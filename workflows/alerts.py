@@ -13,6 +13,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
+    from spine.contract import ACTIVITY_ALERTS_CHECK
     from spine.observability.alerts import AlertsCheckInput, AlertsCheckResult
 
 ALERTS_WORKFLOW_TYPE = "SpineAlertsWorkflow"
@@ -26,7 +27,7 @@ class SpineAlertsWorkflow:
         # Pin "now" in the input so every retry of the activity judges the same window.
         request = request.model_copy(update={"at": request.at or workflow.now()})
         return await workflow.execute_activity(
-            "spine.alerts_check",
+            ACTIVITY_ALERTS_CHECK,
             request,
             result_type=AlertsCheckResult,
             start_to_close_timeout=timedelta(minutes=5),

@@ -1,55 +1,66 @@
-"""A run's state: what `AgentWorkflow` holds and carries across continue-as-new."""
+"""A run's state, in one model, and the deterministic steps that change it.
+
+:class:`RunState` is everything a run knows besides its transcript (which lives in the transcript
+store and is referenced by length and digest): the pinned agent spec, the step, usage and spend,
+completed side effects, the run's side of the account ledger, the untrusted text seen (taint),
+retries used and the path taken. It *is* the continue-as-new carry: a run hands its state to the
+next run of its chain unchanged.
+
+The ``apply_*`` functions are the only way the state changes when something happens (a model
+turn was answered, a tool call finished or was refused, a compensation ran). They are
+deterministic, do no I/O and call no Temporal API, so three readers share them:
+
+- :class:`~spine.workflows.agent.AgentWorkflow`, as the run happens;
+- :mod:`spine.client.forks` (``spine replay``), folding a recorded history up to a step;
+- the unit tests, with no server at all.
+
+Stdlib and pydantic only (plus Spine's models): a sandbox passthrough module.
+"""
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel, Field
 
-from spine.contract import AgentRequest, ModelChoice, SideEffect, Usage
-from spine.payloads import AgentSpec, ChatMessage
+from spine.contract import AgentRequest, RunStatus, SideEffect, Usage
+from spine.payloads import (
+    EMPTY_DIGEST,
+    AgentSpec,
+    ChatMessage,
+    ModelCallResult,
+    ToolCall,
+    ToolDescriptor,
+    chain_digest,
+)
 
 
-def model_path(choice: ModelChoice | None, spec: AgentSpec) -> list[tuple[str, str]]:
-    """(provider, model) for a run's model, then each of its fallbacks, as the run will try them.
+class StopRun(Exception):  # noqa: N818  # control flow, not an error: the run ends
+    """Unwinds the loop so the run finishes with `status` and `reason` (raised by guards too).
 
-    The first model's name is ``""`` when the request names none and the policy has no default
-    for its provider; the caller refuses that (and models with no price) in its own words.
+    Args:
+        keep_status: Keep `failed` even when compensation succeeds (budget exhausted, abort).
+        compensate: Undo completed side effects (unless the status is `completed`).
     """
-    provider = choice.provider if choice else spec.default_provider
-    name = choice.name if choice and choice.name else None
-    if name is None:
-        name = (
-            spec.default_model
-            if provider == spec.default_provider
-            else spec.default_models.get(provider)
-        )
-    path = [(provider, name or "")]
-    for entry in choice.fallback if choice else []:
-        fb_provider, _, fb_name = entry.rpartition(":")
-        path.append((fb_provider or provider, fb_name))
-    return path
+
+    def __init__(
+        self,
+        status: RunStatus,
+        reason: str,
+        output: str | None = None,
+        *,
+        keep_status: bool = False,
+        compensate: bool = True,
+    ) -> None:
+        super().__init__(reason)
+        self.status: RunStatus = status
+        self.reason = reason
+        self.output = output
+        self.keep_status = keep_status
+        self.compensate = compensate
 
 
-class Carry(BaseModel):
-    """State carried across continue-as-new. Everything but the transcript, which stays in the
-    transcript store and is referenced by length and digest."""
-
-    step: int
-    usage: Usage
-    side_effects: list[SideEffect]
-    transcript_len: int
-    transcript_digest: str
-    pending_messages: list[ChatMessage]
-    invalid_calls: int = 0
-    script_pos: int = 0
-    retries: int = 0
-    path: list[str] = Field(default_factory=list)
-    budget: BudgetCarry = Field(default_factory=lambda: BudgetCarry())
-    audit_seq: int = 0
-    untrusted_text: str = ""
-    spec: AgentSpec
-
-
-class BudgetCarry(BaseModel):
+class BudgetState(BaseModel):
     """The run's side of the account ledger: what to settle next and how far it has degraded."""
 
     to_commit: dict[str, float] = Field(default_factory=dict)
@@ -63,7 +74,143 @@ class BudgetCarry(BaseModel):
     block_spent_usd: float = 0.0
 
 
-class AgentWorkflowInput(AgentRequest):
-    """What the workflow actually receives: the request plus, after continue-as-new, `carry`."""
+class RunState(BaseModel):
+    """A run's state; carried across continue-as-new and rebuilt by forks."""
 
-    carry: Carry | None = None
+    step: int = 0
+    usage: Usage = Field(default_factory=Usage)
+    side_effects: list[SideEffect] = Field(default_factory=list)
+    transcript_len: int = 0
+    transcript_digest: str = EMPTY_DIGEST
+    pending_messages: list[ChatMessage] = Field(
+        default_factory=list,
+        description="Messages not yet in the transcript store: they go with the next model call.",
+    )
+    invalid_calls: int = 0
+    script_pos: int = 0
+    retries: int = 0
+    path: list[str] = Field(default_factory=list)
+    budget: BudgetState = Field(default_factory=BudgetState)
+    audit_seq: int = 0
+    untrusted_text: str = ""
+    spec: AgentSpec | None = Field(
+        default=None, description="The agent and policy slice pinned at the run's start."
+    )
+
+    @property
+    def agent(self) -> AgentSpec:
+        """The pinned spec; only asked for once the run has resolved its agent."""
+        if self.spec is None:
+            raise RuntimeError("the run's agent is not resolved yet")
+        return self.spec
+
+
+class AgentWorkflowInput(AgentRequest):
+    """What the workflow receives: the request, plus `carry` after continue-as-new or in a fork."""
+
+    carry: RunState | None = None
+
+
+#: How much untrusted tool output (characters) a run remembers for taint checks.
+UNTRUSTED_KEEP = 16_000
+#: What a skipped call tells the model; a skip is an operator's choice, not the model's mistake.
+SKIPPED_PREFIX = "error: skipped by operator"
+
+
+def begin(state: RunState, goal: str) -> None:
+    """A new run's first messages: the agent's instructions and the user's goal."""
+    if state.transcript_len == 0 and not state.pending_messages:
+        state.pending_messages = [
+            ChatMessage(role="system", content=state.agent.instructions),
+            ChatMessage(role="user", content=goal),
+        ]
+
+
+def apply_model_turn(state: RunState, result: ModelCallResult, usd: float) -> None:
+    """The model answered: the messages it was sent are now stored, its answer is pending.
+
+    `usd` is the turn's price (:func:`spine.guardrails.budget.turn_cost`).
+    """
+    for message in state.pending_messages:
+        state.transcript_digest = chain_digest(state.transcript_digest, message)
+    state.transcript_len += len(state.pending_messages)
+    state.pending_messages = [result.message]
+    state.retries += result.attempt - 1
+    state.usage = Usage(
+        input_tokens=state.usage.input_tokens + result.usage.input_tokens,
+        output_tokens=state.usage.output_tokens + result.usage.output_tokens,
+        usd=round(state.usage.usd + usd, 8),
+    )
+    state.budget.last_input_tokens = result.usage.input_tokens
+    if state.budget.block_id is not None:
+        state.budget.block_spent_usd += usd
+
+
+def apply_tool_result(
+    state: RunState,
+    call: ToolCall,
+    tool: ToolDescriptor,
+    args: dict[str, object],
+    output: dict[str, object],
+    key: str,
+) -> ChatMessage:
+    """A tool call finished with `output` (from `tool`, the one called or its fallback).
+
+    A side effect is recorded with what undoes it; outside content is remembered for taint
+    checks. Returns the message the model will read.
+    """
+    content = json.dumps(output, sort_keys=True)
+    if tool.untrusted_output:
+        # Remember outside content, so a risky call that copies from it is caught.
+        state.untrusted_text = (state.untrusted_text + "\n" + content)[-UNTRUSTED_KEEP:]
+    if tool.side_effects:
+        state.side_effects.append(
+            SideEffect(
+                step=state.step,
+                call_id=call.id,
+                tool=tool.name,
+                args=args,
+                output=output,
+                idempotency_key=key,
+                compensation=tool.compensation,
+            )
+        )
+    message = ChatMessage(role="tool", tool_call_id=call.id, name=call.name, content=content)
+    state.pending_messages.append(message)
+    return message
+
+
+def apply_refusal(state: RunState, call: ToolCall, text: str) -> ChatMessage:
+    """A tool call was refused (not allowed, invalid, or it failed in a way the model can fix).
+
+    Counts against the run's allowance of invalid calls; returns what the model will read.
+    """
+    state.invalid_calls += 1
+    return _tell_model(state, call, text)
+
+
+def apply_skip(state: RunState, call: ToolCall, by: str, reason: str) -> ChatMessage:
+    """An operator skipped a parked call; the model hears so (not counted as its mistake)."""
+    return _tell_model(state, call, f"{SKIPPED_PREFIX} {by}: {reason or 'no reason given'}")
+
+
+def _tell_model(state: RunState, call: ToolCall, text: str) -> ChatMessage:
+    message = ChatMessage(
+        role="tool", tool_call_id=call.id, name=call.name, content=text, is_error=True
+    )
+    state.pending_messages.append(message)
+    return message
+
+
+def apply_retries(state: RunState, failed_attempts: int) -> None:
+    """Attempts that failed and were retried count against the run's retry budget."""
+    state.retries += max(failed_attempts, 0)
+
+
+def apply_compensated(state: RunState, idempotency_key: str) -> SideEffect | None:
+    """The side effect with `idempotency_key` was undone; returns it (None if unknown)."""
+    for effect in state.side_effects:
+        if effect.idempotency_key == idempotency_key:
+            effect.compensated = True
+            return effect
+    return None

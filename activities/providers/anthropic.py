@@ -16,6 +16,7 @@ from anthropic.types import (
     ToolResultBlockParam,
     ToolUseBlockParam,
 )
+
 from spine.activities.errors import ContentRefused, DependencyUnavailable, SpineError, classify_http
 from spine.activities.providers.base import (
     MissingCredentialsProvider,
@@ -23,7 +24,6 @@ from spine.activities.providers.base import (
     mentions_context_overflow,
     parse_tool_arguments,
 )
-
 from spine.contract import TokenUsage
 from spine.payloads import ChatMessage, ProviderRequest, ProviderResponse, ToolCall, ToolSchema
 

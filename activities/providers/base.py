@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from spine.activities.errors import AuthenticationFailed
-
 from spine.contract import JsonObject
 from spine.payloads import ProviderRequest, ProviderResponse
 

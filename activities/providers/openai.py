@@ -18,6 +18,7 @@ from openai.types.chat import (
     ChatCompletionToolMessageParam,
     ChatCompletionUserMessageParam,
 )
+
 from spine.activities.errors import ContentRefused, DependencyUnavailable, SpineError, classify_http
 from spine.activities.providers.base import (
     MissingCredentialsProvider,
@@ -25,7 +26,6 @@ from spine.activities.providers.base import (
     mentions_context_overflow,
     parse_tool_arguments,
 )
-
 from spine.contract import TokenUsage
 from spine.payloads import ChatMessage, ProviderRequest, ProviderResponse, ToolCall, ToolSchema
 

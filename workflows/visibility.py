@@ -1,0 +1,72 @@
+"""What a run shows the outside while it runs: its status, the reason, its search attributes.
+
+The `state` query reads :class:`Visibility`'s status and reason; lists and the Web UI read the
+search attributes (`SpineAgent`, `SpineAccount`, `SpineStatus`, `SpineSteps`, `SpineCostUSD`).
+Only changed attributes are upserted: a status change at once, step and cost progress at most
+every :data:`PROGRESS_EVERY` of workflow time (each upsert is a history event and a visibility
+write).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+
+from temporalio.common import SearchAttributePair
+
+from spine.contract import SA_ACCOUNT, SA_AGENT, SA_COST, SA_STATUS, SA_STEPS, RunStatus
+from spine.workflows.state import RunState
+
+#: Step and cost search attributes are refreshed at most this often (status: at once).
+PROGRESS_EVERY = timedelta(seconds=2)
+
+
+class Visibility:
+    """A run's status, reason and search attributes."""
+
+    def __init__(
+        self,
+        state: RunState,
+        *,
+        agent: str,
+        account: str,
+        now: Callable[[], datetime],
+        upsert: Callable[[Sequence[SearchAttributePair]], None],
+    ) -> None:
+        self.state = state
+        self.status: RunStatus = "running"
+        self.reason: str | None = None
+        self._agent = agent
+        self._account = account
+        self._now = now
+        self._upsert = upsert
+        self._sent: dict[str, object] = {}
+        self._at: datetime | None = None
+
+    def set(self, status: RunStatus, reason: str | None) -> None:
+        """A new status and reason; search attributes follow a change of status at once."""
+        self.reason = reason
+        if status != self.status:
+            self.status = status
+            self.publish()
+
+    def publish(self, *, progress: bool = False) -> None:
+        """Upsert what changed; with `progress`, at most every :data:`PROGRESS_EVERY`."""
+        spec = self.state.spec
+        if spec is None or not spec.search_attributes:
+            return
+        now = self._now()
+        if progress and self._at is not None and now - self._at < PROGRESS_EVERY:
+            return
+        pairs = [
+            SearchAttributePair(SA_AGENT, self._agent),
+            SearchAttributePair(SA_ACCOUNT, self._account),
+            SearchAttributePair(SA_STATUS, self.status),
+            SearchAttributePair(SA_STEPS, self.state.step),
+            SearchAttributePair(SA_COST, self.state.usage.usd),
+        ]
+        changed = [p for p in pairs if self._sent.get(p.key.name) != p.value]
+        self._at = now
+        if changed:
+            self._upsert(changed)
+            self._sent.update({p.key.name: p.value for p in changed})
