@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import uvicorn
+
 from spine.demo.service import DB_ENV, DEFAULT_DB, create_app
 
 

@@ -7,6 +7,7 @@ Every tool reads the service's API key from Vault (KV v2 ``secret/spine/<account
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
+
 from spine.activities.tools import (
     AgentDefinition,
     Registry,
@@ -15,7 +16,6 @@ from spine.activities.tools import (
     raise_for_status,
     tool,
 )
-
 from spine.payloads import CompensationInput
 
 API_KEY = SecretRef(name="api_key", path="spine/{account}", key="api_key")

@@ -8,6 +8,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
 from spine.client.testing import (
     DemoService,
     VaultDev,
@@ -16,10 +20,6 @@ from spine.client.testing import (
     temporal_time_skipping,
 )
 from spine.guardrails.secrets import VaultSecrets
-from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
-
 from spine.worker import WorkerConfig, build_worker
 
 

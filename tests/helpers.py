@@ -7,7 +7,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 from spine.client.runs import RunHandle, get_state
-
 from spine.contract import (
     AgentRequest,
     ModelChoice,
@@ -82,7 +81,6 @@ async def approve_first_pending(
 ) -> None:
     """Approve the run's first pending approval through the `decide` update."""
     from spine.client.runs import decide
-
     from spine.contract import ApprovalDecision
 
     await decide(
@@ -103,6 +101,7 @@ def policy_file(
     import tomllib
 
     import tomli_w
+
     from spine.guardrails.policy import DEFAULT_POLICY_PATH
 
     data = tomllib.loads(DEFAULT_POLICY_PATH.read_text())

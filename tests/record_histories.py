@@ -21,14 +21,13 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
 from spine.client.demo import build_demo_request
 from spine.client.forks import current_registry, plan_fork, start_fork
 from spine.client.runs import RunHandle, decide, signal_operator, start_run, wait_result
 from spine.client.testing import DemoService, VaultDev, demo_stack, temporal_dev_server
-from spine.guardrails.secrets import VaultSecrets
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-
 from spine.contract import (
     AgentRequest,
     AgentResult,
@@ -37,6 +36,7 @@ from spine.contract import (
     OperatorCommand,
     ScriptTurn,
 )
+from spine.guardrails.secrets import VaultSecrets
 from tests.helpers import call, policy_file, scripted_request, turn, wait_for_status
 
 HISTORIES = Path(__file__).parent / "histories"

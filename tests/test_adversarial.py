@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+from temporalio.api.enums.v1 import EventType
+
 from spine.client.runs import (
     SpineClientError,
     decide,
@@ -13,8 +15,6 @@ from spine.client.runs import (
     wait_result,
 )
 from spine.client.testing import DemoService
-from temporalio.api.enums.v1 import EventType
-
 from spine.contract import ApprovalDecision
 from tests.helpers import call, policy_file, scripted_request, turn, wait_for_status
 

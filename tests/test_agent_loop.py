@@ -5,7 +5,6 @@ from __future__ import annotations
 from spine.client.demo import build_demo_request
 from spine.client.runs import decide, get_state, start_run, wait_result
 from spine.client.testing import DemoService
-
 from spine.contract import ApprovalDecision
 from tests.helpers import call, scripted_request, turn, wait_for_status
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from spine.client.runs import start_run, wait_result
 from spine.client.testing import DemoService
-
 from spine.contract import ScriptToolCall
 from tests.helpers import call, scripted_request, turn
 

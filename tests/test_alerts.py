@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from temporalio.client import Client, ScheduleActionExecutionStartWorkflow
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
 from spine.client.alerts_cli import alerts, create_schedule, delete_schedule
 from spine.client.cli import _SpineGroup
 from spine.client.runs import start_run, wait_result
@@ -29,13 +33,9 @@ from spine.observability.alerts import (
     total_variation,
 )
 from spine.observability.audit import SQLiteAuditStore, StoredEntry, verify
-from spine.workflows.alerts import SpineAlertsWorkflow
-from temporalio.client import Client, ScheduleActionExecutionStartWorkflow
-from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
-
 from spine.payloads import AuditBatch, AuditEntry, AuditKind, digest
 from spine.worker import PASSTHROUGH_MODULES
+from spine.workflows.alerts import SpineAlertsWorkflow
 from tests.helpers import call, eventually, policy_file, scripted_request, turn
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
 from spine.client.audit_cli import audit
 from spine.observability.audit import (
     GENESIS_HASH,
@@ -26,9 +29,6 @@ from spine.observability.audit import (
     store_from_env,
     verify,
 )
-from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
-
 from spine.payloads import AuditBatch, AuditEntry, digest
 
 RUN = "refund-agent-0001"

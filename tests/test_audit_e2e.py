@@ -8,13 +8,13 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from temporalio.api.enums.v1 import EventType
+
 from spine.activities.errors import DependencyUnavailable
 from spine.client.demo import build_demo_request
 from spine.client.runs import start_run, wait_result
 from spine.client.testing import DemoService
 from spine.observability.audit import SQLiteAuditStore
-from temporalio.api.enums.v1 import EventType
-
 from spine.payloads import AuditBatch
 from tests.helpers import (
     approve_first_pending,

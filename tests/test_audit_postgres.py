@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from spine.activities.errors import DependencyUnavailable
 from spine.client.testing import free_port
 from spine.observability.audit import AuditConflict, AuditGap, PostgresAuditStore, verify
-
 from spine.payloads import AuditEntry
 from tests.test_audit import batch, one_error_line, spine_audit, story
 

@@ -10,14 +10,14 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from temporalio.exceptions import ApplicationError
+
 from spine.activities.breakers import Breakers
 from spine.activities.tools import ToolRunner
 from spine.client.runs import describe, get_state, signal_operator, start_run, wait_result
 from spine.client.testing import DemoService, VaultDev
-from spine.guardrails.secrets import VaultSecrets
-from temporalio.exceptions import ApplicationError
-
 from spine.contract import SA_STATUS, OperatorCommand
+from spine.guardrails.secrets import VaultSecrets
 from spine.payloads import ToolCallInput, ToolCallResult
 from spine.worker import load_registry
 from tests.helpers import call, eventually, policy_file, scripted_request, turn, wait_for_status

@@ -6,9 +6,9 @@ import asyncio
 import uuid
 from datetime import timedelta
 
-from spine.client.runs import decide, get_state, start_run, wait_result
 from temporalio.client import WorkflowHandle
 
+from spine.client.runs import decide, get_state, start_run, wait_result
 from spine.contract import ApprovalDecision, Limits, ledger_workflow_id
 from spine.payloads import BudgetView
 from spine.worker import build_ledger_worker
@@ -136,9 +136,9 @@ async def test_run_degrades_then_asks_then_stops(
 
 async def test_ledger_window_resets_next_day(time_skipping_env):
     """A day's exhausted budget is available again the next (skipped-to) day."""
-    from spine.activities.budget import BudgetActivities
     from temporalio.worker import Worker
 
+    from spine.activities.budget import BudgetActivities
     from spine.payloads import BudgetCall, LedgerOp
 
     env = time_skipping_env
@@ -171,12 +171,12 @@ async def test_ledger_keeps_its_runs_short_and_forgets_old_settlements(time_skip
     than an hour are not carried into the next run."""
     import json
 
-    from spine.activities.budget import BudgetActivities
-    from spine.workflows.ledger import LEDGER_TASK_TIMEOUT, MAX_UPDATES_PER_RUN
     from temporalio.api.enums.v1 import EventType
     from temporalio.worker import Worker
 
+    from spine.activities.budget import BudgetActivities
     from spine.payloads import BudgetCall, LedgerOp
+    from spine.workflows.ledger import LEDGER_TASK_TIMEOUT, MAX_UPDATES_PER_RUN
 
     env = time_skipping_env
     queue = f"ledger-{uuid.uuid4()}"

@@ -6,10 +6,10 @@ import asyncio
 import time
 
 import pytest
+
 from spine.client.demo import build_demo_request
 from spine.client.runs import RunHandle, SpineClientError, decide, get_state, start_run, wait_result
 from spine.client.testing import DemoService
-
 from spine.contract import AgentResult, ApprovalDecision
 
 RUNS = 50

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from spine.client.demo import build_demo_request
 from spine.client.runs import web_ui_url
 

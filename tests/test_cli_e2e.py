@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from spine.client.runs import get_run, wait_result
-
 from tests.helpers import call, turn, wait_for_status
 
 SPINE = str(Path(sys.executable).parent / "spine")

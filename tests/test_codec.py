@@ -16,9 +16,17 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from google.protobuf import json_format
+from temporalio.api.common.v1 import Payload, Payloads
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
+
 from spine.client.codec_cli import codec_server
 from spine.client.runs import SpineClientError, connect, get_run, start_run, wait_result
 from spine.client.testing import REPO_ROOT, DemoService, VaultDev, binary, free_port, wait_until
+from spine.contract import AgentRequest, ScriptTurn
 from spine.guardrails.codec import (
     ENCODING,
     KEY_ID_METADATA,
@@ -31,14 +39,6 @@ from spine.guardrails.codec import (
     encrypted_data_converter,
     parse_keys,
 )
-from temporalio.api.common.v1 import Payload, Payloads
-from temporalio.api.enums.v1 import EventType
-from temporalio.api.history.v1 import HistoryEvent
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
-
-from spine.contract import AgentRequest, ScriptTurn
 from spine.worker import WorkerConfig, build_worker
 from tests.helpers import call, scripted_request, turn
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
+from examples.notes_agent.store import SummaryStore
 from spine.client.runs import decide
 from spine.client.testing import (
     assert_approvals_asked,
@@ -17,8 +19,6 @@ from spine.client.testing import (
     start_scripted_run,
 )
 from spine.client.tools_cli import tools
-
-from examples.notes_agent.store import SummaryStore
 from spine.contract import ApprovalDecision, ScriptToolCall, ScriptTurn, TokenUsage
 from tests.helpers import wait_for_status
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from spine.client.cli import cli
 from spine.client.forks import apply_changes, checkpoint, load_history
 from spine.client.runs import get_run, start_run, wait_result
 from spine.client.testing import REPO_ROOT
-
 from spine.contract import SA_FORKED_FROM, AgentResult, Limits
 from tests.helpers import (
     call,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from spine.client.runs import start_run, wait_result
-
 from tests.helpers import call, policy_file, scripted_request, turn
 
 STEPS = 200

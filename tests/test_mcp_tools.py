@@ -24,6 +24,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field
+from temporalio.exceptions import ApplicationError
+
 from spine.activities.contracts import build_lock
 from spine.activities.errors import DependencyUnavailable
 from spine.activities.mcp import (
@@ -42,8 +44,6 @@ from spine.client.testing import (
     wait_until,
 )
 from spine.guardrails.secrets import NoSecrets
-from temporalio.exceptions import ApplicationError
-
 from spine.payloads import ToolCallInput
 from tests.helpers import eventually
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from spine.client.testing import DemoService
-
 from spine.contract import AgentResult
 from spine.worker import build_worker
 from tests.helpers import call, scripted_request, turn

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import anthropic
 import pytest
+
 from spine.activities.errors import (
     AuthenticationFailed,
     ContentRefused,
@@ -17,7 +18,6 @@ from spine.activities.errors import (
     RateLimited,
 )
 from spine.activities.providers import AnthropicProvider, ModelProvider, anthropic_provider_from_env
-
 from spine.payloads import ChatMessage, ProviderRequest, ToolCall, ToolSchema
 from tests.fakes.llm_server import FAKE_ANTHROPIC_KEY, FakeLLMServer, FakeToolCall
 

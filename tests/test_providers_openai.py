@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import openai
 import pytest
+
 from spine.activities.errors import (
     AuthenticationFailed,
     ContentRefused,
@@ -20,7 +21,6 @@ from spine.activities.errors import (
 )
 from spine.activities.providers import ModelProvider, OpenAIProvider, openai_provider_from_env
 from spine.activities.providers.openai import TOOL_ERROR_PREFIX
-
 from spine.payloads import ChatMessage, ProviderRequest, ToolCall, ToolSchema
 from tests.fakes.llm_server import FAKE_OPENAI_KEY, FakeLLMServer, FakeToolCall
 

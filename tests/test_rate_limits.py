@@ -6,9 +6,9 @@ import asyncio
 import tomllib
 
 import tomli_w
-from spine.client.runs import start_run, wait_result
 from temporalio.api.enums.v1 import EventType
 
+from spine.client.runs import start_run, wait_result
 from tests.helpers import call, policy_file, scripted_request, turn
 
 

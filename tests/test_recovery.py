@@ -7,9 +7,9 @@ import subprocess
 import uuid
 
 import pytest
+
 from spine.client.runs import decide, get_state, signal_operator, start_run, wait_result
 from spine.client.testing import DemoService, VaultDev, binary
-
 from spine.contract import SA_STATUS, ApprovalDecision, OperatorCommand
 from tests.helpers import call, policy_file, scripted_request, turn, wait_for_status
 

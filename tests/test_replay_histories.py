@@ -17,15 +17,15 @@ import json
 from pathlib import Path
 
 import pytest
-from spine.guardrails.interceptor import PolicyInterceptor
-from spine.workflows.agent import AgentWorkflow
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 from temporalio.workflow import NondeterminismError
 
+from spine.guardrails.interceptor import PolicyInterceptor
 from spine.worker import PASSTHROUGH_MODULES
+from spine.workflows.agent import AgentWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 FILES = sorted(HISTORIES.glob("*.json"))

@@ -9,16 +9,16 @@ import uuid
 
 import httpx
 from pydantic import BaseModel
+
 from spine.activities.providers import openai_provider_from_env
 from spine.activities.tools import Registry, SecretRef, ToolContext, ToolRunner, tool
 from spine.client.demo import build_demo_request
 from spine.client.runs import decide, start_run, wait_result
 from spine.client.testing import DemoService, VaultDev, binary, start_vault_dev
+from spine.contract import ApprovalDecision, ModelChoice
 from spine.guardrails.policy import load_policy
 from spine.guardrails.secrets import VaultSecrets
 from spine.observability.telemetry import telemetry_from_env
-
-from spine.contract import ApprovalDecision, ModelChoice
 from spine.payloads import ToolCallInput, ToolCallResult
 from tests.fakes.llm_server import FakeLLMServer, FakeToolCall
 from tests.helpers import call, eventually, scripted_request, turn, wait_for_status

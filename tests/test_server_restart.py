@@ -9,11 +9,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from temporalio.client import Client
+
 from spine.client.runs import RunHandle, get_run, get_state, start_run, wait_result
 from spine.client.testing import DemoService, VaultDev, free_port, temporal_dev_server
 from spine.guardrails.secrets import VaultSecrets
-from temporalio.client import Client
-
 from spine.worker import WorkerConfig, build_worker
 from tests.helpers import call, eventually, scripted_request, turn
 

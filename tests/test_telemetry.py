@@ -23,21 +23,21 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from spine.client.runs import RunHandle, decide, get_state, start_run, wait_result
-from spine.client.slo_cli import collect_runs, slo
-from spine.client.testing import free_port
-from spine.client.trace_cli import load_spans, trace
-from spine.guardrails.policy import load_policy
-from spine.observability.telemetry import CONTENT_ATTRIBUTES, Telemetry, telemetry_from_env
-from spine.workflows.agent import AgentWorkflow
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 import spine.worker as worker_module
+from spine.client.runs import RunHandle, decide, get_state, start_run, wait_result
+from spine.client.slo_cli import collect_runs, slo
+from spine.client.testing import free_port
+from spine.client.trace_cli import load_spans, trace
 from spine.contract import ApprovalDecision, ScriptTurn
+from spine.guardrails.policy import load_policy
+from spine.observability.telemetry import CONTENT_ATTRIBUTES, Telemetry, telemetry_from_env
 from spine.worker import PASSTHROUGH_MODULES, WorkerConfig, build_worker
+from spine.workflows.agent import AgentWorkflow
 from tests.helpers import call, eventually, policy_file, scripted_request, turn, wait_for_status
 
 Span = dict[str, object]

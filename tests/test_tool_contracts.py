@@ -14,6 +14,7 @@ from typing import Literal
 import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel, Field
+
 from spine.activities.contracts import (
     ChangeKind,
     build_lock,

@@ -6,12 +6,12 @@ import asyncio
 import sqlite3
 
 import pytest
+from temporalio.api.enums.v1 import EventType
+
 from spine.activities.errors import TranscriptUnavailable
 from spine.activities.transcript import TranscriptStore
 from spine.client.demo import build_demo_request
 from spine.client.runs import start_run, wait_result
-from temporalio.api.enums.v1 import EventType
-
 from spine.payloads import EMPTY_DIGEST, ChatMessage, chain_digest
 from tests.helpers import approve_first_pending, wait_for_status
 

@@ -22,13 +22,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from temporalio.testing import WorkflowEnvironment
+
 from spine.client.demo import build_demo_request
 from spine.client.runs import decide, start_run, wait_result, web_ui_url
 from spine.client.testing import DemoService, VaultDev, free_port, temporal_dev_server
-from spine.guardrails.secrets import VaultSecrets
-from temporalio.testing import WorkflowEnvironment
-
 from spine.contract import ApprovalDecision
+from spine.guardrails.secrets import VaultSecrets
 from tests.helpers import wait_for_status
 
 playwright_api = pytest.importorskip(

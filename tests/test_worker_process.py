@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHistory
+
 from spine.client.runs import get_run, get_state, start_run, wait_result
 from spine.client.testing import (
     DemoService,
@@ -27,9 +30,6 @@ from spine.client.testing import (
     start_worker_process,
     stop_worker_process,
 )
-from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowHistory
-
 from spine.contract import AgentResult, RunStatus
 from tests.helpers import call, eventually, scripted_request, turn
 

@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 from pydantic import BaseModel, Field
-from spine.activities.mcp import McpServerConfig, mcp_tools, run_sync
-from spine.activities.tools import AgentDefinition, Registry, ToolContext, tool
 
 from examples.notes_agent.store import SummaryStore
+from spine.activities.mcp import McpServerConfig, mcp_tools, run_sync
+from spine.activities.tools import AgentDefinition, Registry, ToolContext, tool
 from spine.payloads import CompensationInput
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
