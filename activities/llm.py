@@ -76,6 +76,55 @@ async def _scripted(call: ModelCallInput, turn: ScriptTurn) -> ModelCallResult:
     return scripted_response(turn, call.step, call.model)
 
 
+def build_spec(
+    registry: Registry,
+    policy: Policy,
+    request: ResolveAgentInput,
+    *,
+    search_attributes: bool = True,
+) -> AgentSpec:
+    """The agent as a run pins it: its tools (latest versions, with their compensations) and
+    the slice of `policy` that applies to the request's role and account.
+
+    Raises:
+        UnknownTool: the agent is not registered.
+    """
+    agent = registry.agent(request.agent)
+    agent_policy = policy.agents.get(agent.name)
+    tools = []
+    for name in agent.tools:
+        definition = registry.latest(name)
+        tools.append(definition.descriptor())
+        if definition.compensation:
+            tools.append(registry.latest(definition.compensation).descriptor())
+    return AgentSpec(
+        name=agent.name,
+        instructions=agent.instructions,
+        tools=tools,
+        allowed_tools=policy.allowed_tools(agent.name, request.role),
+        approval_rules=policy.approval_rules(agent.name),
+        default_provider=agent.default_provider,  # type: ignore[arg-type]  # checked at start
+        default_model=agent.default_model,
+        default_models=dict(policy.models.defaults),
+        max_steps=agent_policy.max_steps if agent_policy else 20,
+        max_usd=agent_policy.max_usd if agent_policy else None,
+        max_invalid_tool_calls=policy.runtime.max_invalid_tool_calls,
+        max_tokens=policy.runtime.max_tokens,
+        continue_as_new_after_events=policy.runtime.continue_as_new_after_events,
+        operator_roles=list(policy.runtime.operator_roles),
+        parking_timeout_s=policy.runtime.parking_timeout_s,
+        max_retries_per_run=policy.runtime.max_retries_per_run,
+        model_max_attempts=policy.runtime.model_max_attempts,
+        model_initial_interval_s=policy.runtime.model_initial_interval_s,
+        model_max_interval_s=policy.runtime.model_max_interval_s,
+        budget=policy.budget_rules(request.account),
+        rate_limits=dict(policy.rate_limits),
+        prices=policy.price_table(),
+        policy_version=policy.full_version,
+        search_attributes=search_attributes,
+    )
+
+
 class ModelActivities:
     """Activities that talk to models. Clients are built on the worker and injected."""
 
@@ -102,43 +151,11 @@ class ModelActivities:
     async def resolve_agent(self, request: ResolveAgentInput) -> AgentSpec:
         """Pin the agent's tools and the policy slice that applies to this run."""
         try:
-            agent = self.registry.agent(request.agent)
+            return build_spec(
+                self.registry, self.policy, request, search_attributes=self.search_attributes
+            )
         except SpineError as err:
             raise err.to_application_error() from None  # message says it all; chains overflow
-        policy = self.policy
-        agent_policy = policy.agents.get(agent.name)
-        tools = []
-        for name in agent.tools:
-            definition = self.registry.latest(name)
-            tools.append(definition.descriptor())
-            if definition.compensation:
-                tools.append(self.registry.latest(definition.compensation).descriptor())
-        return AgentSpec(
-            name=agent.name,
-            instructions=agent.instructions,
-            tools=tools,
-            allowed_tools=policy.allowed_tools(agent.name, request.role),
-            approval_rules=policy.approval_rules(agent.name),
-            default_provider=agent.default_provider,  # type: ignore[arg-type]  # checked at start
-            default_model=agent.default_model,
-            default_models=dict(policy.models.defaults),
-            max_steps=agent_policy.max_steps if agent_policy else 20,
-            max_usd=agent_policy.max_usd if agent_policy else None,
-            max_invalid_tool_calls=policy.runtime.max_invalid_tool_calls,
-            max_tokens=policy.runtime.max_tokens,
-            continue_as_new_after_events=policy.runtime.continue_as_new_after_events,
-            operator_roles=list(policy.runtime.operator_roles),
-            parking_timeout_s=policy.runtime.parking_timeout_s,
-            max_retries_per_run=policy.runtime.max_retries_per_run,
-            model_max_attempts=policy.runtime.model_max_attempts,
-            model_initial_interval_s=policy.runtime.model_initial_interval_s,
-            model_max_interval_s=policy.runtime.model_max_interval_s,
-            budget=policy.budget_rules(request.account),
-            rate_limits=dict(policy.rate_limits),
-            prices=policy.price_table(),
-            policy_version=policy.full_version,
-            search_attributes=self.search_attributes,
-        )
 
     @activity.defn(name=ACTIVITY_MODEL_CALL)
     async def model_call(self, call: ModelCallInput) -> ModelCallResult:

@@ -26,7 +26,7 @@ from spine.guardrails.approvals import approval_rule, tainted_args
 from spine.guardrails.policy import load_policy
 from spine.guardrails.secrets import VaultSecrets
 from spine.payloads import BudgetCall, LedgerOp
-from spine.worker import build_ledger_worker
+from spine.plugin import ledger_worker
 
 
 def workflow_side(calls: int) -> float:
@@ -67,7 +67,7 @@ async def activity_side(ledger_calls: int) -> tuple[float, float]:
         queue = "bench-ledger"
         budget = BudgetActivities(env.client, queue)
         async with (
-            build_ledger_worker(env.client, queue),
+            ledger_worker(env.client, queue),
             Worker(env.client, task_queue="bench-none", activities=[budget.apply]),
         ):
             samples = []

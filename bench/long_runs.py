@@ -31,7 +31,7 @@ from spine.client.runs import start_run
 from spine.contract import ACTIVITY_MODEL_CALL, SA_STEPS, ScriptToolCall, ScriptTurn
 from spine.guardrails.policy import DEFAULT_POLICY_PATH
 from spine.guardrails.secrets import VaultSecrets
-from spine.worker import WorkerConfig, build_worker
+from spine.plugin import SpineConfig, build_worker
 
 WARN_EVENTS = 10_240
 WARN_BYTES = 10 * 1024 * 1024
@@ -92,7 +92,7 @@ async def run(steps: int, can_after: int | None) -> dict[str, object]:
     async with bench_stack(tmp) as stack:
         client = stack.server.client
         queue = f"bench-long-{uuid.uuid4().hex[:6]}"
-        config = WorkerConfig(
+        config = SpineConfig(
             task_queue=queue,
             state_dir=tmp / "state",
             policy_path=policy,

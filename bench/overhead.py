@@ -38,7 +38,7 @@ from spine.client.runs import start_run
 from spine.guardrails.policy import load_policy
 from spine.guardrails.secrets import VaultSecrets
 from spine.observability.telemetry import telemetry_from_env
-from spine.worker import WorkerConfig, build_worker
+from spine.plugin import SpineConfig, build_worker
 from tests.helpers import call, turn
 
 SPINE_QUEUE = "bench-spine"
@@ -102,7 +102,7 @@ async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: P
     telemetry = telemetry_from_env({"SPINE_TRACE_FILE": str(tmp / "traces.jsonl")})
     async with bench_stack(tmp) as stack:
         client = stack.server.client
-        config = WorkerConfig(
+        config = SpineConfig(
             task_queue=SPINE_QUEUE,
             state_dir=tmp / "state",
             policy_path=policy,

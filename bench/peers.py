@@ -47,7 +47,7 @@ from bench.scripts import refund_script, turn
 from spine.client.runs import start_run
 from spine.contract import AgentResult
 from spine.guardrails.secrets import VaultSecrets
-from spine.worker import WorkerConfig, build_worker
+from spine.plugin import SpineConfig, build_worker
 
 HISTORY_LIMIT_BYTES = 50 * 1024 * 1024
 HISTORY_WARN_BYTES = 10 * 1024 * 1024
@@ -198,7 +198,7 @@ async def _with_workers(stack: Stack, tmp: Path, body: Callable[[list[Arm]], Awa
     os.environ["BENCH_DEMO_KEY"] = stack.service.api_key
     base = stack.server.client
     spine_queue = f"peer-spine-{uuid.uuid4().hex[:6]}"
-    config = WorkerConfig(
+    config = SpineConfig(
         task_queue=spine_queue,
         state_dir=tmp / "state",
         policy_path=bench_policy(tmp),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from temporalio.service import RPCError
 
+from spine.client.output import echo_json, run_async
 from spine.client.runs import SpineClientError, connect
 from spine.contract import ledger_workflow_id
 from spine.payloads import BudgetView
@@ -20,11 +21,9 @@ def budget() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(account: str, as_json: bool) -> None:
     """Show ACCOUNT's committed and reserved spend per day and month."""
-    from spine.client.cli import _echo_json, _run_async
-
-    view = _run_async(_show(account))
+    view = run_async(_show(account))
     if as_json:
-        _echo_json(view.model_dump(mode="json"))
+        echo_json(view.model_dump(mode="json"))
         return
     click.echo(f"account {view.account}  (ledger {ledger_workflow_id(account)})")
     for w in view.windows:

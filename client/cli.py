@@ -6,20 +6,24 @@ Errors are one line on stderr (`spine: error: ...`) with exit status 2 for bad u
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import Literal, get_args
 
 import click
 from pydantic import TypeAdapter, ValidationError
 from temporalio.client import WorkflowExecutionStatus
 
+from spine.client.alerts_cli import alerts
+from spine.client.audit_cli import audit
+from spine.client.budget_cli import budget
+from spine.client.codec_cli import codec_server
+from spine.client.output import compact, echo_json, follow, result_lines, run_async, usage_text
+from spine.client.replay_cli import replay
 from spine.client.runs import (
-    RunHandle,
     SpineClientError,
     connect,
     decide,
@@ -30,9 +34,11 @@ from spine.client.runs import (
     signal_operator,
     start_run,
     wait_result,
-    watch,
     web_ui_url,
 )
+from spine.client.slo_cli import slo
+from spine.client.tools_cli import tools
+from spine.client.trace_cli import trace
 from spine.contract import (
     AgentRequest,
     AgentResult,
@@ -43,67 +49,10 @@ from spine.contract import (
     Provider,
     ScriptTurn,
     StateView,
-    Usage,
 )
 
 _SCRIPT = TypeAdapter(list[ScriptTurn])
 _PROVIDERS: dict[str, Provider] = {p: p for p in get_args(Provider)}
-T = TypeVar("T")
-
-
-# --- output helpers (also used by `spine.client.demo`) -------------------------------------
-
-
-def compact(value: object) -> str:
-    """Compact one-line JSON for tool arguments and outputs."""
-    return json.dumps(value, separators=(", ", ": "), default=str)
-
-
-def state_line(state: StateView) -> str:
-    """One progress line: `step 3  awaiting_approval  approval ap-1 issue_refund {...}: why`."""
-    line = f"step {state.step}  {state.status}"
-    if state.pending_approvals:
-        line += "  " + "; ".join(
-            f"approval {p.approval_id} {p.tool} {compact(p.args)}: {p.reason}"
-            for p in state.pending_approvals
-        )
-    elif state.status == "running" and state.last_tool:
-        line += f"  {state.last_tool}"
-    elif state.reason:
-        line += f"  {state.reason}"
-    return line
-
-
-def usage_text(usage: Usage) -> str:
-    """`1200 input + 180 output tokens, $0.0042`."""
-    return f"{usage.input_tokens} input + {usage.output_tokens} output tokens, ${usage.usd:.4f}"
-
-
-def result_lines(result: AgentResult) -> list[str]:
-    """A human summary of a run's result, one fact per line."""
-    lines = [
-        f"status    {result.status}",
-        f"output    {result.output if result.output is not None else '-'}",
-        f"steps     {result.steps}",
-        f"usage     {usage_text(result.usage)}",
-    ]
-    if result.reason:
-        lines.append(f"reason    {result.reason}")
-    lines.append(f"side effects ({len(result.side_effects)})")
-    for fx in result.side_effects:
-        undone = "  [compensated]" if fx.compensated else ""
-        lines.append(
-            f"  step {fx.step}  {fx.tool} {compact(fx.args)} -> {compact(fx.output)}{undone}"
-        )
-    return lines
-
-
-def _echo_json(value: object) -> None:
-    click.echo(json.dumps(value, indent=2))
-
-
-def _run_async(coro: Coroutine[object, object, T]) -> T:
-    return asyncio.run(coro)
 
 
 # --- input parsing ---------------------------------------------------------------------------
@@ -282,7 +231,7 @@ def run_cmd(
         )
     except ValidationError as e:
         raise click.UsageError(f"invalid run request: {summarise_validation(e)}") from e
-    ctx.exit(_run_async(_run(request, workflow_id, wait, as_json)))
+    ctx.exit(run_async(_run(request, workflow_id, wait, as_json)))
 
 
 async def _run(request: AgentRequest, workflow_id: str | None, wait: bool, as_json: bool) -> int:
@@ -297,41 +246,12 @@ async def _run(request: AgentRequest, workflow_id: str | None, wait: bool, as_js
     return await follow(handle, started, wait=wait, as_json=as_json)
 
 
-async def follow(
-    handle: RunHandle,
-    started: dict[str, object],
-    *,
-    wait: bool,
-    as_json: bool,
-    noun: str = "run",
-) -> int:
-    """Print `started`, or follow the run to its end; exit code 1 unless it completed."""
-    if not wait:
-        if as_json:
-            _echo_json(started)
-        return 0
-    async for state in watch(handle):
-        if not as_json:
-            click.echo(state_line(state))
-    result = await wait_result(handle)
-    if as_json:
-        _echo_json({**started, "result": result.model_dump(mode="json")})
-    else:
-        for line in result_lines(result):
-            click.echo(line)
-    if result.status != "completed":
-        reason = f" ({result.reason})" if result.reason else ""
-        click.echo(f"spine: error: {noun} {handle.id!r} ended {result.status}{reason}", err=True)
-        return 1
-    return 0
-
-
 @cli.command("status")
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status_cmd(run: str, as_json: bool) -> None:
     """Show RUN's state (a workflow id); for a closed run, its result."""
-    _run_async(_status(run, as_json))
+    run_async(_status(run, as_json))
 
 
 async def _status(workflow_id: str, as_json: bool) -> None:
@@ -351,7 +271,7 @@ async def _status(workflow_id: str, as_json: bool) -> None:
         except SpineClientError as e:
             error = str(e)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "workflow_id": desc.id,
                 "run_id": desc.run_id,
@@ -404,7 +324,7 @@ def _decision_command(decision: Literal["approve", "reject"]) -> click.Command:
         payload = ApprovalDecision(
             approval_id=approval, decision=decision, by=by, role=role, reason=reason
         )
-        _run_async(_decide(run, payload, use_signal, as_json, past))
+        run_async(_decide(run, payload, use_signal, as_json, past))
 
     command.__doc__ = (
         f"{decision.capitalize()} APPROVAL on RUN. By default through the `decide` update, so a "
@@ -421,7 +341,7 @@ async def _decide(
     if use_signal:
         await signal_approval(handle, payload)
         if as_json:
-            _echo_json({"workflow_id": workflow_id, "signal": "approval", **payload.model_dump()})
+            echo_json({"workflow_id": workflow_id, "signal": "approval", **payload.model_dump()})
         else:
             click.echo(
                 f"sent {payload.decision} of {payload.approval_id} to {workflow_id} as a signal; "
@@ -430,7 +350,7 @@ async def _decide(
         return
     ack = await decide(handle, payload)
     if as_json:
-        _echo_json(ack.model_dump(mode="json"))
+        echo_json(ack.model_dump(mode="json"))
     else:
         click.echo(f"{past} {ack.approval_id} on {workflow_id}; the run is now {ack.status}")
 
@@ -454,7 +374,7 @@ def operator_cmd(run: str, action: str, by: str, role: str, reason: str, as_json
     """
     # click.Choice has checked `action` against the Literal's values.
     command = OperatorCommand(action=action, by=by, role=role, reason=reason)  # type: ignore[arg-type]
-    _run_async(_operate(run, command, as_json))
+    run_async(_operate(run, command, as_json))
 
 
 async def _operate(workflow_id: str, command: OperatorCommand, as_json: bool) -> None:
@@ -465,26 +385,13 @@ async def _operate(workflow_id: str, command: OperatorCommand, as_json: bool) ->
         raise SpineClientError(f"run {workflow_id!r} is {state.status}, not parked")
     await signal_operator(handle, command)
     if as_json:
-        _echo_json({"workflow_id": workflow_id, "signal": "operator", **command.model_dump()})
+        echo_json({"workflow_id": workflow_id, "signal": "operator", **command.model_dump()})
     else:
         click.echo(f"sent {command.action} to {workflow_id} (parked: {state.reason})")
 
 
-def _register_subcommands() -> None:
-    from spine.client.alerts_cli import alerts
-    from spine.client.audit_cli import audit
-    from spine.client.budget_cli import budget
-    from spine.client.codec_cli import codec_server
-    from spine.client.replay_cli import replay
-    from spine.client.slo_cli import slo
-    from spine.client.tools_cli import tools
-    from spine.client.trace_cli import trace
-
-    for command in (alerts, audit, budget, codec_server, replay, slo, tools, trace):
-        cli.add_command(command)
-
-
-_register_subcommands()
+for _verb in (alerts, audit, budget, codec_server, replay, slo, tools, trace):
+    cli.add_command(_verb)
 
 
 @cli.command("demo")
@@ -496,7 +403,7 @@ def demo_cmd(ctx: click.Context) -> None:
     """
     from spine.client.demo import run_demo  # lazily: it imports the worker
 
-    result = _run_async(run_demo(click.echo))
+    result = run_async(run_demo(click.echo))
     if result.status != "completed":
         reason = f" ({result.reason})" if result.reason else ""
         click.echo(f"spine: error: the demo run ended {result.status}{reason}", err=True)

@@ -6,13 +6,14 @@ supervisor; the demo gives that approval itself, through the `decide` update, an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Callable
 
 import httpx
 
-from spine.client.cli import compact, result_lines, state_line
+from spine.client.output import compact, result_lines, state_line
 from spine.client.runs import (
     SpineClientError,
     TemporalUnreachable,
@@ -147,16 +148,16 @@ async def run_demo(
     await _check_service()
     queue = task_queue()
     try:
-        import spine.worker as worker  # lazily: it pulls in every activity and provider SDK
+        # Lazily: the plugin pulls in every activity and provider SDK.
         from spine.guardrails.policy import load_policy
         from spine.observability.telemetry import telemetry_from_env
+        from spine.plugin import SpineConfig, build_worker
 
-        config = worker.WorkerConfig.from_env()
+        config = dataclasses.replace(SpineConfig.from_env(), task_queue=queue)
         policy = load_policy(config.policy_path)
         telemetry = telemetry_from_env(config.settings)
-        demo_worker = worker.build_worker(
+        demo_worker = build_worker(
             client,
-            task_queue=queue,
             config=config,
             policy=policy,
             plugins=telemetry.worker_plugins(policy.price_table()),

@@ -206,6 +206,17 @@ async def load_history(client: Client, workflow_id: str) -> RunHistory:
     return RunHistory(workflow_id=workflow_id, segments=segments, memo=memo, status=status)
 
 
+async def history_of(
+    workflow_id: str,
+    runs: Sequence[tuple[str, Sequence[HistoryEvent]]],
+    converter: DataConverter,
+) -> RunHistory:
+    """A chain's history from events already at hand: ``[(run_id, events), ...]`` in order
+    (recorded histories, for instance), decoded as :func:`load_history` decodes the server's."""
+    segments = [(await _segment(converter, run_id, events))[0] for run_id, events in runs]
+    return RunHistory(workflow_id=workflow_id, segments=segments)
+
+
 async def _segment(
     converter: DataConverter, run_id: str, events: Sequence[HistoryEvent]
 ) -> tuple[_Segment, str | None]:
@@ -331,7 +342,7 @@ async def checkpoint(history: RunHistory, step: int, converter: DataConverter) -
             f"step {step} of run {wid!r} is the model's final answer; fork from an earlier step"
         )
     prefix = _prefix(history, segment, spec, calls, step)
-    state = fold(wid, segment, spec, calls, prefix, step)
+    state = _fold(wid, segment, spec, calls, prefix, step)
     for effect in state.side_effects:
         if effect.idempotency_key in calls.undone:
             raise ForkRefused(
@@ -362,7 +373,35 @@ async def checkpoint(history: RunHistory, step: int, converter: DataConverter) -
     return Checkpoint(wid, run_id, step, request, carry, status=history.status)
 
 
-def fold(
+async def state_at(history: RunHistory, step: int, converter: DataConverter) -> RunState:
+    """The state `history`'s run held at the end of `step`, folded from its history through
+    the workflow's own transitions (:mod:`spine.workflows.state`), as the run had it: not rebased
+    for a fork (see :func:`checkpoint` for that, with every check a fork needs).
+
+    Raises:
+        ForkRefused: the history has no such step or cannot be read back consistently.
+    """
+    usable = [s for s in history.segments if s.first_step <= step]
+    if not usable:
+        raise ForkRefused(f"run {history.workflow_id!r} starts after step {step}")
+    segment = usable[-1]
+    spec = await _spec(segment, converter, history.workflow_id)
+    calls = await _decode_calls(history, converter, spec)
+    if step not in calls.turns and step != segment.first_step:
+        raise ForkRefused(f"run {history.workflow_id!r} has no step {step} in its history")
+    if step in calls.turns and not calls.turns[step].result.message.tool_calls:
+        # The final answer: what the model heard before it is all there is.
+        prefix = [
+            *_positions(calls)[: calls.turns[step].answer_at],
+            calls.turns[step].result.message,
+        ]
+        known = _known(prefix, len(prefix), history.workflow_id, step)
+    else:
+        known = _prefix(history, segment, spec, calls, step)
+    return _fold(history.workflow_id, segment, spec, calls, known, step)
+
+
+def _fold(
     wid: str,
     segment: _Segment,
     spec: AgentSpec,
@@ -738,7 +777,7 @@ def current_registry() -> Registry:
     Raises:
         SpineClientError: the agent modules cannot be loaded.
     """
-    from spine.worker import load_registry  # lazily: it imports every activity
+    from spine.plugin import load_registry  # lazily: it imports every activity
 
     spec = os.environ.get("SPINE_AGENTS") or "spine.demo.agent"
     modules = tuple(m.strip() for m in spec.split(",") if m.strip())

@@ -33,6 +33,7 @@ from spine.client.forks import (
     plan_fork,
     start_fork,
 )
+from spine.client.output import echo_json, follow, run_async
 from spine.client.runs import SpineClientError, connect, task_queue, web_ui_url
 
 
@@ -76,8 +77,6 @@ def replay(
     if the new run fails), their spend counts, and the tool versions RUN pinned must still be
     served. The new run's memo `forked_from` names RUN and the step.
     """
-    from spine.client.cli import _run_async  # lazily: client.cli registers this command
-
     if (run is None) == (query is None):
         raise click.UsageError("give either RUN or --query (not both)")
     if query is not None and (new_id or wait):
@@ -87,9 +86,9 @@ def replay(
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     if query is not None:
-        ctx.exit(_run_async(_bulk(query, step, changes, dry_run, as_json)))
+        ctx.exit(run_async(_bulk(query, step, changes, dry_run, as_json)))
     assert run is not None
-    ctx.exit(_run_async(_single(run, step, changes, new_id, dry_run, wait, as_json)))
+    ctx.exit(run_async(_single(run, step, changes, new_id, dry_run, wait, as_json)))
 
 
 def _describe_plan(plan: ForkPlan) -> list[str]:
@@ -115,8 +114,6 @@ async def _single(
     wait: bool,
     as_json: bool,
 ) -> int:
-    from spine.client.cli import _echo_json, follow
-
     registry = current_registry()
     client = await connect()
     try:
@@ -125,7 +122,7 @@ async def _single(
         raise click.UsageError(str(e)) from e
     if dry_run:
         if as_json:
-            _echo_json({"dry_run": True, **plan.as_json()})
+            echo_json({"dry_run": True, **plan.as_json()})
         else:
             click.echo(f"would fork {workflow_id} at step {step} -> {plan.new_id}")
             for line in _describe_plan(plan):
@@ -152,8 +149,6 @@ async def _single(
 async def _bulk(
     query: str, step: int, changes: Mapping[str, str], dry_run: bool, as_json: bool
 ) -> int:
-    from spine.client.cli import _echo_json
-
     registry = current_registry()
     client = await connect()
     candidates = await find_runs(client, query)
@@ -192,7 +187,7 @@ async def _bulk(
     refused = [r for r in rows if r["action"] == "refuse"]
     forked = [r for r in rows if r["action"] == "fork"]
     if as_json:
-        _echo_json({"dry_run": dry_run, "query": query, "from_step": step, "runs": rows})
+        echo_json({"dry_run": dry_run, "query": query, "from_step": step, "runs": rows})
     else:
         verb = "would fork" if dry_run else "forked"
         for row in rows:

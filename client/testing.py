@@ -294,7 +294,7 @@ def start_worker_process(
     Args:
         env: Laid over this process's environment: ``TEMPORAL_ADDRESS``, ``TEMPORAL_NAMESPACE``,
             ``SPINE_TASK_QUEUE``, ``VAULT_ADDR`` and ``VAULT_TOKEN`` (or the AppRole ids),
-            ``SPINE_DEMO_URL``, ``SPINE_STATE_DIR`` and so on (see `WorkerConfig.from_env`).
+            ``SPINE_DEMO_URL``, ``SPINE_STATE_DIR`` and so on (see `spine.SpineConfig.from_env`).
         log_file: Where the worker's stdout and stderr (its log) are appended; inherited if None.
         cwd: Directory holding ``worker.py``; without one there, ``python -m spine.worker`` is run.
         timeout: Seconds to wait for it to poll both its workflow and its activity task queue.
@@ -404,7 +404,7 @@ from spine.contract import (  # noqa: E402
 from spine.payloads import ToolCallInput  # noqa: E402
 
 if TYPE_CHECKING:
-    from spine.worker import SpineWorker  # noqa: E402  # imported lazily at run time: it is heavy
+    from temporalio.worker import Worker  # noqa: E402  # imported lazily at run time: it is heavy
 
 T_Model = TypeVar("T_Model", bound=BaseModel)
 
@@ -483,15 +483,15 @@ def script(*, tokens: tuple[int, int] | None = (100, 20)) -> ScriptBuilder:
 
 
 @contextlib.asynccontextmanager
-async def spine_worker(client: Client, **config: object) -> AsyncIterator[SpineWorker]:
-    """A running worker built by ``worker.build_worker``, the same way production builds one.
+async def spine_worker(client: Client, **config: object) -> AsyncIterator[Worker]:
+    """A running worker with :class:`spine.SpinePlugin`, the same way production builds one.
 
-    `config` are :class:`worker.WorkerConfig` fields (``agent_modules``, ``policy_path``,
+    `config` are :class:`spine.SpineConfig` fields (``agent_modules``, ``policy_path``,
     ``settings``, ``secrets``, ``providers``, ...). Test-friendly defaults: a fresh task queue
     (``worker.task_queue`` tells which), a temporary ``state_dir``, and no real model providers
     (``providers={}``: the scripted model only).
     """
-    from spine.worker import WorkerConfig, build_worker  # lazily: it imports every activity
+    from spine.plugin import SpineConfig, build_worker  # lazily: it imports every activity
 
     with tempfile.TemporaryDirectory(prefix="spine-test-") as tmp:
         options: dict[str, object] = {
@@ -500,7 +500,7 @@ async def spine_worker(client: Client, **config: object) -> AsyncIterator[SpineW
             "providers": {},
             **config,
         }
-        built = build_worker(client, config=WorkerConfig(**options))  # type: ignore[arg-type]  # WorkerConfig checks its fields
+        built = build_worker(client, config=SpineConfig(**options))  # type: ignore[arg-type]  # SpineConfig checks its fields
         try:
             async with built:
                 yield built

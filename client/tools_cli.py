@@ -20,7 +20,7 @@ from spine.activities.tools import Registry, ToolDefinitionError
 
 
 def _registry(agents: str | None) -> Registry:
-    from spine.worker import load_registry  # lazily: it imports every activity
+    from spine.plugin import load_registry  # lazily: it imports every activity
 
     spec = agents or os.environ.get("SPINE_AGENTS") or "spine.demo.agent"
     modules = tuple(m.strip() for m in spec.split(",") if m.strip())

@@ -12,7 +12,8 @@ Wiring (what ``worker.py`` does)::
 
     telemetry = telemetry_from_env(os.environ)         # first: sets the global tracer provider
     client = await connect(runtime=telemetry.runtime)  # Prometheus when SPINE_METRICS_ADDR is set
-    worker = build_worker(client, plugins=telemetry.worker_plugins(policy.price_table()))
+    plugins = [SpinePlugin(config), *telemetry.worker_plugins(policy.price_table())]
+    worker = Worker(client, task_queue=config.task_queue, plugins=plugins)
     ...
     telemetry.shutdown()                               # flushes what is still buffered
 

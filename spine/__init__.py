@@ -28,7 +28,7 @@ _EXPORTS: dict[str, str] = {
     "CompensationInput": "spine.payloads",
     # running workers
     "SpinePlugin": "spine.plugin",
-    "SpineConfig": "spine.worker",
+    "SpineConfig": "spine.plugin",
     "load_policy": "spine.guardrails.policy",
     # driving runs
     "connect": "spine.client.runs",
@@ -98,4 +98,3 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily
     from spine.guardrails.policy import load_policy
     from spine.payloads import CompensationInput
     from spine.plugin import SpinePlugin
-    from spine.worker import SpineConfig

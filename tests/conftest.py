@@ -20,7 +20,7 @@ from spine.client.testing import (
     temporal_time_skipping,
 )
 from spine.guardrails.secrets import VaultSecrets
-from spine.worker import WorkerConfig, build_worker
+from spine.plugin import SpineConfig, build_worker
 
 
 @pytest.fixture(scope="session")
@@ -66,9 +66,9 @@ def task_queue() -> str:
 @pytest.fixture
 def worker_config(
     vault: VaultDev, service: DemoService, tmp_path: Path, task_queue: str
-) -> WorkerConfig:
+) -> SpineConfig:
     settings = {"SPINE_DEMO_URL": service.url}
-    return WorkerConfig(
+    return SpineConfig(
         task_queue=task_queue,
         state_dir=tmp_path / "state",
         settings=settings,
@@ -78,10 +78,10 @@ def worker_config(
 
 
 @pytest.fixture
-def make_worker(client: Client, worker_config: WorkerConfig):
+def make_worker(client: Client, worker_config: SpineConfig):
     @asynccontextmanager
     async def make(*, plugins: Sequence[object] = (), **overrides: object) -> AsyncIterator[Worker]:
-        config = WorkerConfig(**{**worker_config.__dict__, **overrides})
+        config = SpineConfig(**{**worker_config.__dict__, **overrides})
         async with build_worker(client, config=config, plugins=plugins) as w:  # type: ignore[arg-type]
             yield w
 

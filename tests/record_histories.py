@@ -193,7 +193,7 @@ def _clear(out: Path, names: list[str]) -> None:
 
 async def record(out: Path = HISTORIES, only: list[str] | None = None) -> list[Path]:
     """Run the scenarios (all, or `only`) and write their histories to `out`."""
-    from spine.worker import WorkerConfig, build_worker  # lazily: it imports every activity
+    from spine.plugin import SpineConfig, build_worker  # lazily: it imports every activity
 
     names = only or list(SCENARIOS)
     _clear(out, names)
@@ -206,7 +206,7 @@ async def record(out: Path = HISTORIES, only: list[str] | None = None) -> list[P
             )
             with demo_stack(Path(tmp)) as (vault, service):
                 for name in names:
-                    config = WorkerConfig(
+                    config = SpineConfig(
                         task_queue=f"histories-{name}",
                         state_dir=Path(tmp) / "state",
                         policy_path=policy_file(

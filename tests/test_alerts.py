@@ -34,7 +34,7 @@ from spine.observability.alerts import (
 )
 from spine.observability.audit import SQLiteAuditStore, StoredEntry, verify
 from spine.payloads import AuditBatch, AuditEntry, AuditKind, digest
-from spine.worker import PASSTHROUGH_MODULES
+from spine.plugin import PASSTHROUGH_MODULES
 from spine.workflows.alerts import SpineAlertsWorkflow
 from tests.helpers import call, eventually, policy_file, scripted_request, turn
 

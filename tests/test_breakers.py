@@ -19,7 +19,7 @@ from spine.client.testing import DemoService, VaultDev
 from spine.contract import SA_STATUS, OperatorCommand
 from spine.guardrails.secrets import VaultSecrets
 from spine.payloads import ToolCallInput, ToolCallResult
-from spine.worker import load_registry
+from spine.plugin import load_registry
 from tests.helpers import call, eventually, policy_file, scripted_request, turn, wait_for_status
 
 DEPENDENCY = "demo-service"

@@ -11,7 +11,7 @@ from temporalio.client import WorkflowHandle
 from spine.client.runs import decide, get_state, start_run, wait_result
 from spine.contract import ApprovalDecision, Limits, ledger_workflow_id
 from spine.payloads import BudgetView
-from spine.worker import build_ledger_worker
+from spine.plugin import ledger_worker
 from tests.helpers import call, eventually, policy_file, scripted_request, turn
 
 TURN_USD = (1000 * 1.00 + 100 * 4.00) / 1_000_000  # scripted price: 1.00 in / 4.00 out per 1M
@@ -92,7 +92,7 @@ async def test_ledger_unavailable_fails_closed(
         ]
         assert "spine.model_call" not in scheduled
         assert (await get_state(handle)).usage.usd == 0
-        async with build_ledger_worker(client, ledger_queue):
+        async with ledger_worker(client, ledger_queue):
             result = await wait_result(handle)
     assert result.status == "completed", result.reason
 
@@ -154,7 +154,7 @@ async def test_ledger_window_resets_next_day(time_skipping_env):
         )
 
     async with (
-        build_ledger_worker(env.client, queue),
+        ledger_worker(env.client, queue),
         Worker(env.client, task_queue=f"{queue}-x", activities=[activities.apply]),
     ):
         first = await activities.apply(op("a"))
@@ -203,7 +203,7 @@ async def test_ledger_keeps_its_runs_short_and_forgets_old_settlements(time_skip
             previous = rid
 
     async with (
-        build_ledger_worker(env.client, queue),
+        ledger_worker(env.client, queue),
         Worker(env.client, task_queue=f"{queue}-x", activities=[activities.apply]),
     ):
         await burst("early", MAX_UPDATES_PER_RUN + 5)

@@ -39,7 +39,7 @@ from spine.guardrails.codec import (
     encrypted_data_converter,
     parse_keys,
 )
-from spine.worker import WorkerConfig, build_worker
+from spine.plugin import SpineConfig, build_worker
 from tests.helpers import call, scripted_request, turn
 
 UI_ORIGIN = "http://localhost:8233"
@@ -78,7 +78,7 @@ def connect_encrypted(client: Client, keys: dict[str, bytes]) -> Connect:
 
 
 @pytest.fixture
-def enc_config(worker_config: WorkerConfig) -> WorkerConfig:
+def enc_config(worker_config: SpineConfig) -> SpineConfig:
     """The test's worker config with its own budget-ledger queue.
 
     Ledgers are long-lived per-account workflows on a shared queue; one holding ciphertext must
@@ -164,7 +164,7 @@ def _event(events: list[HistoryEvent], kind: EventType.ValueType) -> HistoryEven
 
 
 async def test_encrypted_run_completes_with_ciphertext_history(
-    connect_encrypted, enc_config: WorkerConfig, account: str, codec_url: str
+    connect_encrypted, enc_config: SpineConfig, account: str, codec_url: str
 ):
     """An encrypted run completes; its history holds no plaintext, the codec server reveals it."""
     goal, reason, output = (f"{what}-{uuid4().hex}" for what in ("goal", "reason", "output"))
@@ -196,7 +196,7 @@ async def test_encrypted_run_completes_with_ciphertext_history(
 
 
 async def test_temporal_cli_shows_plaintext_through_the_codec_server(
-    client: Client, connect_encrypted, enc_config: WorkerConfig, account: str, codec_url: str
+    client: Client, connect_encrypted, enc_config: SpineConfig, account: str, codec_url: str
 ):
     """`temporal workflow show --codec-endpoint` (the Web UI's protocol) prints the plaintext."""
     goal = f"goal-{uuid4().hex}"
@@ -266,7 +266,7 @@ async def test_codec_server_round_trips_and_refuses_garbage(codec_url: str):
 
 
 async def test_rotation_decodes_old_key_and_encodes_with_new(
-    connect_encrypted, enc_config: WorkerConfig, account: str
+    connect_encrypted, enc_config: SpineConfig, account: str
 ):
     """A run started under key A is served by a worker on [B, A], whose results are under B."""
     script = [turn(text="Nothing to do.")]
@@ -292,7 +292,7 @@ async def test_rotation_decodes_old_key_and_encodes_with_new(
 
 
 async def test_failure_messages_are_encrypted(
-    connect_encrypted, enc_config: WorkerConfig, account: str, codec_url: str
+    connect_encrypted, enc_config: SpineConfig, account: str, codec_url: str
 ):
     """A failed tool call's message and stack trace are ciphertext; the codec reveals them."""
     script = [turn(call("lookup_order", order_id="o-9999")), turn(text="No such order.")]

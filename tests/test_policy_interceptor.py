@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spine.client.testing import DemoService
 from spine.contract import AgentResult
-from spine.worker import build_worker
+from spine.plugin import build_worker
 from tests.helpers import call, scripted_request, turn
 from tests.rogue_workflow import RogueAgentWorkflow
 

@@ -2,11 +2,11 @@
 
 ``tests/histories/*.json`` are event histories of representative runs: the demo with an approval,
 a run that compensates, one that parks and is retried by an operator, one that continues as new
-(one file per run of the chain), and a fork. Each is replayed by a `Replayer` set up like
-``worker.build_worker`` sets up its worker (sandbox passthrough modules, policy interceptor,
-pydantic converter), so a workflow change that is not replay-safe fails here, in CI, before it
-reaches running workflows. Fix the change (``workflow.patched``), or, if the new commands are
-intended and no old run is in flight, regenerate the files with one command and commit them::
+(one file per run of the chain), and a fork. Each is replayed by a `Replayer` with the
+:class:`~spine.SpinePlugin` every worker runs with (sandbox passthrough modules, policy
+interceptor, pydantic converter), so a workflow change that is not replay-safe fails here, in CI,
+before it reaches running workflows. Fix the change (``workflow.patched``), or, if the new
+commands are intended and no old run is in flight, regenerate the files and commit them::
 
     python -m tests.record_histories
 """
@@ -18,28 +18,18 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 from temporalio.workflow import NondeterminismError
 
-from spine.guardrails.interceptor import PolicyInterceptor
-from spine.worker import PASSTHROUGH_MODULES
-from spine.workflows.agent import AgentWorkflow
+from spine.plugin import SpineConfig, SpinePlugin
 
 HISTORIES = Path(__file__).parent / "histories"
 FILES = sorted(HISTORIES.glob("*.json"))
 
 
 def _replayer() -> Replayer:
-    return Replayer(
-        workflows=[AgentWorkflow],
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
-        ),
-        interceptors=[PolicyInterceptor()],
-        data_converter=pydantic_data_converter,
-    )
+    """A replayer set up by the plugin every Spine worker runs with."""
+    return Replayer(workflows=[], plugins=[SpinePlugin(SpineConfig())])
 
 
 def _history(path: Path, text: str | None = None) -> WorkflowHistory:

@@ -14,7 +14,7 @@ from temporalio.client import Client
 from spine.client.runs import RunHandle, get_run, get_state, start_run, wait_result
 from spine.client.testing import DemoService, VaultDev, free_port, temporal_dev_server
 from spine.guardrails.secrets import VaultSecrets
-from spine.worker import WorkerConfig, build_worker
+from spine.plugin import SpineConfig, build_worker
 from tests.helpers import call, eventually, scripted_request, turn
 
 REFUND = 30.0
@@ -33,8 +33,8 @@ def _script(orders: tuple[str, ...]) -> list:
     return [*script, turn(text="Refunded three orders.")]
 
 
-def _config(vault: VaultDev, service: DemoService, tmp_path: Path, queue: str) -> WorkerConfig:
-    return WorkerConfig(
+def _config(vault: VaultDev, service: DemoService, tmp_path: Path, queue: str) -> SpineConfig:
+    return SpineConfig(
         task_queue=queue,
         state_dir=tmp_path / "state",
         settings={"SPINE_DEMO_URL": service.url},

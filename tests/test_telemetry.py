@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import inspect
 import json
 import threading
 from collections import Counter
@@ -14,7 +13,6 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from unittest import mock
 
 import httpx
 import pytest
@@ -28,7 +26,6 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-import spine.worker as worker_module
 from spine.client.runs import RunHandle, decide, get_state, start_run, wait_result
 from spine.client.slo_cli import collect_runs, slo
 from spine.client.testing import free_port
@@ -36,7 +33,7 @@ from spine.client.trace_cli import load_spans, trace
 from spine.contract import ApprovalDecision, ScriptTurn
 from spine.guardrails.policy import load_policy
 from spine.observability.telemetry import CONTENT_ATTRIBUTES, Telemetry, telemetry_from_env
-from spine.worker import PASSTHROUGH_MODULES, WorkerConfig, build_worker
+from spine.plugin import PASSTHROUGH_MODULES, SpineConfig, build_worker
 from spine.workflows.agent import AgentWorkflow
 from tests.helpers import call, eventually, policy_file, scripted_request, turn, wait_for_status
 
@@ -57,19 +54,11 @@ def telemetry(trace_file: Path) -> Iterator[Telemetry]:
 
 @asynccontextmanager
 async def traced_worker(
-    client: Client, config: WorkerConfig, telemetry: Telemetry
+    client: Client, config: SpineConfig, telemetry: Telemetry
 ) -> AsyncIterator[Worker]:
-    """A worker built through `build_worker`, with the telemetry plugin added.
-
-    Until `build_worker` takes `plugins=`, the plugin is handed to the `Worker` it constructs.
-    """
+    """A worker built through `build_worker`, with the telemetry plugin added."""
     plugins = telemetry.worker_plugins(load_policy(config.policy_path).price_table())
-    if "plugins" in inspect.signature(build_worker).parameters:
-        built = build_worker(client, config=config, plugins=plugins)  # type: ignore[call-arg]  # added by the lead
-    else:
-        patched = functools.partial(Worker, plugins=plugins)
-        with mock.patch.object(worker_module, "Worker", patched):
-            built = build_worker(client, config=config)
+    built = build_worker(client, config=config, plugins=plugins)
     async with built:
         yield built
 
@@ -316,7 +305,7 @@ async def test_slo_reports_success_rate_from_visibility(client, worker_config, t
     """`spine slo` computes success, per-step, latency, cost and budget over the runs started."""
     started = datetime.now(UTC) - timedelta(seconds=5)
     failing = [ScriptTurn(error="terminal")]
-    async with worker_module.build_worker(client, config=worker_config):
+    async with build_worker(client, config=worker_config):
         for script in (three_step_script("o-1216"), three_step_script("o-1217"), failing):
             await run_to_end(client, script, task_queue)
 

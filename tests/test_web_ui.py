@@ -77,10 +77,10 @@ async def test_demo_run_reads_like_a_story_in_the_web_ui(
     """The run's page lists model turns and tool calls by summary, and the run's summary."""
     env, ui_port, chromium = ui_env
     vault, service = stack
-    from spine.worker import WorkerConfig, build_worker  # lazily: it imports every activity
+    from spine.plugin import SpineConfig, build_worker  # lazily: it imports every activity
 
     with tempfile.TemporaryDirectory(prefix="spine-ui-") as tmp:
-        config = WorkerConfig(
+        config = SpineConfig(
             task_queue="web-ui",
             state_dir=Path(tmp) / "state",
             settings={"SPINE_DEMO_URL": service.url},

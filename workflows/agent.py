@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from datetime import timedelta
 from typing import NoReturn
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from spine.activities.errors import NON_RETRYABLE_TYPES, failure_text
     from spine.contract import (
-        ACTIVITY_AUDIT_APPEND,
-        ACTIVITY_BUDGET_APPLY,
-        ACTIVITY_RESOLVE_AGENT,
         QUERY_STATE,
         SIGNAL_APPROVAL,
         SIGNAL_OPERATOR,
@@ -49,15 +45,10 @@ with workflow.unsafe.imports_passed_through():
     from spine.guardrails.interceptor import RunGuards
     from spine.guardrails.parking import Parking, Skipped
     from spine.guardrails.saga import Saga
-    from spine.observability.metrics import record_policy_refusal
     from spine.observability.trail import AuditTrail
     from spine.payloads import (
-        AgentSpec,
-        AuditBatch,
-        BudgetCall,
         LedgerAnswer,
         LedgerOp,
-        ResolveAgentInput,
         ToolCall,
         digest,
     )
@@ -65,18 +56,19 @@ with workflow.unsafe.imports_passed_through():
         AgentWorkflowInput,
         RunState,
         StopRun,
-        apply_refusal,
         apply_skip,
         apply_tool_result,
         begin,
     )
-    from spine.workflows.toolcalls import ToolCalls
-    from spine.workflows.turns import ModelTurns
-    from spine.workflows.visibility import Visibility
+
+from spine.workflows import calls
+from spine.workflows.toolcalls import ToolCalls
+from spine.workflows.turns import ModelTurns
+from spine.workflows.visibility import Visibility
 
 
-async def _wait(condition: object, timeout: timedelta | None) -> None:
-    await workflow.wait_condition(condition, timeout=timeout)  # type: ignore[arg-type]
+async def _wait(condition: Callable[[], bool], timeout: timedelta | None) -> None:
+    await workflow.wait_condition(condition, timeout=timeout)
 
 
 @workflow.defn(name=WORKFLOW_TYPE)
@@ -183,7 +175,7 @@ class AgentWorkflow:
         """Pin the agent and its policy slice (once per chain), and arm the guards."""
         request = self.request
         if self.state.spec is None:
-            self.state.spec = await _resolve_agent(request)
+            self.state.spec = await calls.resolve_agent(request)
             choice = request.model
             self.trail.record(
                 "run_started",
@@ -203,7 +195,13 @@ class AgentWorkflow:
         )
         self.guards.allowlist, self.guards.budget = allowlist, self.budget
         self.tools = ToolCalls(
-            self.state, allowlist, self.parking, account=request.account, user=request.user
+            self.state,
+            allowlist,
+            self.parking,
+            record=self.trail.record,
+            agent=request.agent,
+            account=request.account,
+            user=request.user,
         )
         self.turns = ModelTurns(
             self.state,
@@ -244,7 +242,7 @@ class AgentWorkflow:
         assert tools is not None
         tool, problem = tools.check(call)
         if tool is None:
-            return self.refuse(call, problem)
+            return tools.refuse(call, problem)
         args = call.args or {}
         needs = self.approvals.rule_for(tool, args, confidence)
         if needs is not None:
@@ -254,77 +252,12 @@ class AgentWorkflow:
         try:
             result, used, used_key = await tools.run(tool, args, call.id, key)
         except Skipped as skipped:
-            by, why = skipped.command.by, skipped.command.reason
-            self._audit_tool(
-                tool.name, tool.version, args, key, tool.side_effects, "skipped", f"skipped by {by}"
-            )
-            apply_skip(self.state, call, by, why)
+            apply_skip(self.state, call, skipped.command.by, skipped.command.reason)
             return None
-        except ApplicationError as err:
-            self._audit_tool(
-                tool.name,
-                tool.version,
-                args,
-                key,
-                tool.side_effects,
-                "error",
-                f"{err.type}: {err.message}",
-            )
-            return self.refuse(call, f"error: {err.type}: {err.message}")
-        self._audit_tool(
-            used.name,
-            used.version,
-            args,
-            used_key,
-            used.side_effects,
-            "ok",
-            None,
-            attempt=result.attempt,
-        )
+        except ApplicationError as err:  # a failure the model can correct: it is told
+            return tools.refuse(call, f"error: {err.type}: {err.message}")
         apply_tool_result(self.state, call, used, args, result.output, used_key)
         return None
-
-    def refuse(self, call: ToolCall, text: str) -> None:
-        """Tell the model its call was refused; too many refusals end the run."""
-        apply_refusal(self.state, call, text)
-        workflow.logger.info(
-            "refused tool call %s at step %d: %s", call.name, self.state.step, text
-        )
-        self.trail.record(
-            "policy_decision", "spine", decision="refused", tool=call.name, reason=text
-        )
-        record_policy_refusal(self.request.agent, call.name, text.split(":", 1)[0])
-        limit = self.state.agent.max_invalid_tool_calls
-        if self.state.invalid_calls > limit:
-            raise StopRun(
-                "failed",
-                f"too many invalid tool calls ({self.state.invalid_calls}, limit {limit}); "
-                f"last: {text}",
-            )
-
-    def _audit_tool(
-        self,
-        tool: str,
-        version: int,
-        args: dict[str, object],
-        key: str,
-        effects: bool,
-        outcome: str,
-        error: str | None,
-        *,
-        attempt: int | None = None,
-    ) -> None:
-        self.trail.record(
-            "tool_call",
-            self.request.user,
-            tool=tool,
-            version=version,
-            args_digest=digest(args),
-            outcome=outcome,
-            error=error,
-            idempotency_key=key if effects else None,
-            attempt=attempt,
-        )
 
     # ---------------------------------------------------------------------------- finish
 
@@ -383,100 +316,26 @@ class AgentWorkflow:
         request.carry = self.state.model_copy(update={"script_pos": 0})
         workflow.continue_as_new(request)
 
-    async def ask_to_continue(self, args: dict[str, object], reason: str, roles: list[str]) -> None:
-        await self.approvals.request("budget", args, reason, roles)
-
-    async def ledger(self, op: LedgerOp) -> LedgerAnswer:
-        """One settle-and-reserve on the account's ledger; parks while it does not answer."""
-        while True:
-            try:
-                return await _apply_ledger(self.request.account, op)
-            except (ActivityError, ApplicationError) as err:
-                kind, message = failure_text(err)
-                await self.parking.park(
-                    f"budget ledger unavailable at step {self.state.step} (no model call without "
-                    f"a reservation): {kind}: {message}",
-                    skippable=False,
-                )
-
-    async def settle_ledger(self, op: LedgerOp) -> LedgerAnswer | None:
-        """Settling at the end: a ledger that does not answer is logged and left (its
-        reservations stop holding budget after the ledger's TTL)."""
-        try:
-            return await _apply_ledger(self.request.account, op)
-        except (ActivityError, ApplicationError) as err:
-            workflow.logger.warning("could not settle budget: %s: %s", *failure_text(err))
-            return None
-
     async def flush_audit(self, *, park: bool = True) -> None:
-        """Write the queued audit entries in order; the run parks while the audit store is down.
-
-        Without `park` (while parking, and at the very end) a failure is logged and the entries
-        stay queued.
-        """
-        while (batch := self.trail.batch()) is not None:
-            try:
-                await _append_audit(batch)
-            except (ActivityError, ApplicationError) as err:
-                kind, message = failure_text(err)
-                if not park or self.state.spec is None:
-                    workflow.logger.error("audit write failed (kept queued): %s: %s", kind, message)
-                    return
-                await self.parking.park(
-                    f"audit log unavailable: {kind}: {message}", skippable=False
-                )
-                continue
-            self.trail.stored(len(batch.entries))
+        """Store the queued audit entries; the run parks while the store is down (`park`)."""
+        parks = park and self.state.spec is not None
+        await calls.write_audit(self.trail, park=self._park if parks else None)
 
     async def flush_best_effort(self) -> None:
         await self.flush_audit(park=False)
 
+    async def ask_to_continue(self, args: dict[str, object], reason: str, roles: list[str]) -> None:
+        await self.approvals.request("budget", args, reason, roles)
 
-# ------------------------------------------------------------------ Spine's own activities
-
-
-async def _resolve_agent(request: AgentWorkflowInput) -> AgentSpec:
-    try:
-        return await workflow.execute_activity(
-            ACTIVITY_RESOLVE_AGENT,
-            ResolveAgentInput(agent=request.agent, role=request.role, account=request.account),
-            result_type=AgentSpec,
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(
-                maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE_TYPES
-            ),
-            summary=f"resolve agent {request.agent}",
+    async def ledger(self, op: LedgerOp) -> LedgerAnswer:
+        answer = await calls.apply_ledger(
+            self.request.account, op, park=self._park, step=self.state.step
         )
-    except ActivityError as err:
-        kind, message = failure_text(err)
-        raise StopRun("failed", f"cannot start agent {request.agent!r}: {kind}: {message}") from err
+        assert answer is not None  # with `park`, a silent ledger parks the run instead
+        return answer
 
+    async def settle_ledger(self, op: LedgerOp) -> LedgerAnswer | None:
+        return await calls.apply_ledger(self.request.account, op, park=None, step=self.state.step)
 
-async def _append_audit(batch: AuditBatch) -> None:
-    await workflow.execute_local_activity(
-        ACTIVITY_AUDIT_APPEND,
-        batch,
-        result_type=int,
-        start_to_close_timeout=timedelta(seconds=10),
-        retry_policy=RetryPolicy(
-            initial_interval=timedelta(seconds=0.5),
-            maximum_interval=timedelta(seconds=5),
-            maximum_attempts=10,
-        ),
-        summary=f"audit {len(batch.entries)} entries",
-    )
-
-
-async def _apply_ledger(account: str, op: LedgerOp) -> LedgerAnswer:
-    return await workflow.execute_local_activity(
-        ACTIVITY_BUDGET_APPLY,
-        BudgetCall(account=account, op=op),
-        result_type=LedgerAnswer,
-        start_to_close_timeout=timedelta(seconds=15),
-        retry_policy=RetryPolicy(
-            initial_interval=timedelta(seconds=1),
-            maximum_interval=timedelta(seconds=10),
-            maximum_attempts=12,
-        ),
-        summary=f"budget {account}",
-    )
+    async def _park(self, why: str) -> None:
+        await self.parking.park(why, skippable=False)

@@ -23,15 +23,24 @@ with workflow.unsafe.imports_passed_through():
     from spine.activities.errors import MODEL_CORRECTABLE, TERMINAL, failure_text
     from spine.contract import SideEffect, rate_limited_queue, tool_activity
     from spine.guardrails.allowlist import Allowlist
+    from spine.guardrails.hooks import Record
     from spine.guardrails.parking import Parking, Skipped
+    from spine.observability.metrics import record_policy_refusal
     from spine.payloads import (
         CompensationInput,
         ToolCall,
         ToolCallInput,
         ToolCallResult,
         ToolDescriptor,
+        digest,
     )
-    from spine.workflows.state import RunState, StopRun, apply_retries, apply_tool_result
+    from spine.workflows.state import (
+        RunState,
+        StopRun,
+        apply_refusal,
+        apply_retries,
+        apply_tool_result,
+    )
 
 #: Tools heartbeat; one whose timeout is longer than this gets this heartbeat timeout, so a call
 #: in flight on a dead worker is retried after seconds, not after its start-to-close timeout.
@@ -49,6 +58,8 @@ class ToolCalls:
         allowlist: Allowlist,
         parking: Parking,
         *,
+        record: Record,
+        agent: str,
         account: str,
         user: str,
     ) -> None:
@@ -56,6 +67,8 @@ class ToolCalls:
         self.spec = state.agent
         self.allowlist = allowlist
         self.parking = parking
+        self._record = record
+        self._agent = agent
         self._account = account
         self._user = user
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
@@ -80,6 +93,26 @@ class ToolCalls:
             )
             return None, f"error: invalid arguments for {call.name!r}: {detail}"
         return tool, ""
+
+    def refuse(self, call: ToolCall, text: str) -> None:
+        """Tell the model its call was refused; too many refusals end the run.
+
+        Raises:
+            StopRun: the run has used up its allowance of invalid calls.
+        """
+        apply_refusal(self.state, call, text)
+        workflow.logger.info(
+            "refused tool call %s at step %d: %s", call.name, self.state.step, text
+        )
+        self._record("policy_decision", "spine", decision="refused", tool=call.name, reason=text)
+        record_policy_refusal(self._agent, call.name, text.split(":", 1)[0])
+        limit = self.spec.max_invalid_tool_calls
+        if self.state.invalid_calls > limit:
+            raise StopRun(
+                "failed",
+                f"too many invalid tool calls ({self.state.invalid_calls}, limit {limit}); "
+                f"last: {text}",
+            )
 
     def _validator(self, tool: ToolDescriptor) -> jsonschema.protocols.Validator:
         key = f"{tool.name}@{tool.version}"
@@ -114,6 +147,7 @@ class ToolCalls:
                     kind, message = failure_text(err)
                     self.parking.failed(err)
                     if kind in MODEL_CORRECTABLE:
+                        self._audit(tool, args, key, "error", f"{kind}: {message}")
                         raise ApplicationError(message, type=kind) from err
                     if kind in TERMINAL:
                         raise StopRun(
@@ -132,6 +166,7 @@ class ToolCalls:
                         )
                     raise
                 apply_retries(self.state, result.attempt - 1)
+                self._audit(candidate, args, used_key, "ok", None, attempt=result.attempt)
                 if candidate is not tool:
                     self.state.path.append(
                         f"step {self.state.step}: tool {tool.name} failed, used fallback "
@@ -144,7 +179,30 @@ class ToolCalls:
                 skippable=True,
             )
             if command.action == "skip":
+                self._audit(tool, args, key, "skipped", f"skipped by {command.by}")
                 raise Skipped(command)
+
+    def _audit(
+        self,
+        tool: ToolDescriptor,
+        args: dict[str, object],
+        key: str,
+        outcome: str,
+        error: str | None,
+        *,
+        attempt: int | None = None,
+    ) -> None:
+        self._record(
+            "tool_call",
+            self._user,
+            tool=tool.name,
+            version=tool.version,
+            args_digest=digest(args),
+            outcome=outcome,
+            error=error,
+            idempotency_key=key if tool.side_effects else None,
+            attempt=attempt,
+        )
 
     async def undo(self, tool: ToolDescriptor, effect: SideEffect, key: str) -> ToolCallResult:
         """Run the compensation `tool` for `effect` (the saga's undo)."""

@@ -1,0 +1,102 @@
+"""How the `spine` command prints: one-line summaries, JSON, and following a run to its end.
+
+Shared by every `spine` verb (`spine.client.cli` and the ``*_cli`` modules) and the demo; it
+imports none of them, so the verbs can import it freely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine
+from typing import TypeVar
+
+import click
+
+from spine.client.runs import RunHandle, wait_result, watch
+from spine.contract import AgentResult, StateView, Usage
+
+T = TypeVar("T")
+
+
+def compact(value: object) -> str:
+    """Compact one-line JSON for tool arguments and outputs."""
+    return json.dumps(value, separators=(", ", ": "), default=str)
+
+
+def state_line(state: StateView) -> str:
+    """One progress line: `step 3  awaiting_approval  approval ap-1 issue_refund {...}: why`."""
+    line = f"step {state.step}  {state.status}"
+    if state.pending_approvals:
+        line += "  " + "; ".join(
+            f"approval {p.approval_id} {p.tool} {compact(p.args)}: {p.reason}"
+            for p in state.pending_approvals
+        )
+    elif state.status == "running" and state.last_tool:
+        line += f"  {state.last_tool}"
+    elif state.reason:
+        line += f"  {state.reason}"
+    return line
+
+
+def usage_text(usage: Usage) -> str:
+    """`1200 input + 180 output tokens, $0.0042`."""
+    return f"{usage.input_tokens} input + {usage.output_tokens} output tokens, ${usage.usd:.4f}"
+
+
+def result_lines(result: AgentResult) -> list[str]:
+    """A human summary of a run's result, one fact per line."""
+    lines = [
+        f"status    {result.status}",
+        f"output    {result.output if result.output is not None else '-'}",
+        f"steps     {result.steps}",
+        f"usage     {usage_text(result.usage)}",
+    ]
+    if result.reason:
+        lines.append(f"reason    {result.reason}")
+    lines.append(f"side effects ({len(result.side_effects)})")
+    for fx in result.side_effects:
+        undone = "  [compensated]" if fx.compensated else ""
+        lines.append(
+            f"  step {fx.step}  {fx.tool} {compact(fx.args)} -> {compact(fx.output)}{undone}"
+        )
+    return lines
+
+
+def echo_json(value: object) -> None:
+    """Pretty JSON on stdout (`--json`)."""
+    click.echo(json.dumps(value, indent=2))
+
+
+def run_async(coro: Coroutine[object, object, T]) -> T:
+    """Run a verb's coroutine to completion."""
+    return asyncio.run(coro)
+
+
+async def follow(
+    handle: RunHandle,
+    started: dict[str, object],
+    *,
+    wait: bool,
+    as_json: bool,
+    noun: str = "run",
+) -> int:
+    """Print `started`, or follow the run to its end; exit code 1 unless it completed."""
+    if not wait:
+        if as_json:
+            echo_json(started)
+        return 0
+    async for state in watch(handle):
+        if not as_json:
+            click.echo(state_line(state))
+    result = await wait_result(handle)
+    if as_json:
+        echo_json({**started, "result": result.model_dump(mode="json")})
+    else:
+        for line in result_lines(result):
+            click.echo(line)
+    if result.status != "completed":
+        reason = f" ({result.reason})" if result.reason else ""
+        click.echo(f"spine: error: {noun} {handle.id!r} ended {result.status}{reason}", err=True)
+        return 1
+    return 0

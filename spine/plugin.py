@@ -1,0 +1,348 @@
+"""`SpinePlugin`: everything a Temporal worker needs to run Spine agents, as one plugin.
+
+A worker is a few lines::
+
+    from temporalio.worker import Worker
+    from spine import SpineConfig, SpinePlugin, connect
+
+    config = SpineConfig.from_env()              # SPINE_AGENTS, SPINE_POLICY, VAULT_ADDR, ...
+    client = await connect()
+    worker = Worker(client, task_queue=config.task_queue, plugins=[SpinePlugin(config)])
+    async with worker:
+        ...
+
+The plugin adds `AgentWorkflow` (and the alerts workflow), the model, budget, audit, alert and
+tool activities of the agents in ``config.agent_modules``, the policy interceptor, and the
+sandbox passthrough modules (each with its reason). While the worker runs it also runs Spine's
+companion workers on the same client: one per fleet-wide rate-limited tool group (the server
+enforces the rate on that task queue for every worker at once) and the budget ledgers' worker.
+Other plugins on the worker (telemetry, say) are given to the companions too.
+
+The client must use Spine's data converter (pydantic, plus payload encryption when configured):
+connect with :func:`spine.connect`, or pass the plugin to ``Client.connect(plugins=[...])``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from temporalio.client import Client
+from temporalio.contrib.pydantic import PydanticPayloadConverter, pydantic_data_converter
+from temporalio.converter import DataConverter
+from temporalio.plugin import SimplePlugin
+from temporalio.worker import Plugin as WorkerPlugin
+from temporalio.worker import Worker, WorkerConfig, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from spine.activities.breakers import Breakers
+from spine.activities.budget import BudgetActivities
+from spine.activities.llm import ModelActivities
+from spine.activities.providers.base import ModelProvider
+from spine.activities.tools import Registry, SecretResolver, ToolRunner, make_tool_activities
+from spine.activities.transcript import TranscriptStore
+from spine.contract import DEFAULT_LEDGER_TASK_QUEUE, DEFAULT_TASK_QUEUE, rate_limited_queue
+from spine.guardrails.interceptor import PolicyInterceptor
+from spine.guardrails.policy import Policy, load_policy
+from spine.guardrails.secrets import NoSecrets, VaultSecrets
+from spine.observability.alerts import AlertActivities, AlertEngine
+from spine.observability.audit import AuditActivities, AuditStore, store_from_env
+from spine.workflows.agent import AgentWorkflow
+from spine.workflows.alerts import SpineAlertsWorkflow
+from spine.workflows.ledger import BudgetLedger
+
+#: Modules the workflow sandbox passes through instead of re-importing per run.
+PASSTHROUGH_MODULES = (
+    "pydantic",  # models cross the boundary; re-importing per run is slow and breaks isinstance
+    "pydantic_core",  # compiled core of pydantic, must be shared with it
+    "jsonschema",  # validates model arguments; pure and deterministic, heavy to import
+    "referencing",  # jsonschema's $ref resolver
+    "rpds",  # compiled persistent maps used by referencing
+    "spine.contract",  # stdlib + pydantic only: the request, result and decision models
+    "spine.payloads",  # stdlib + pydantic only: activity inputs and results
+    "spine.workflows.state",  # stdlib + pydantic only: the run state and its transitions
+    "spine.activities.errors",  # stdlib + temporalio only: the error taxonomy
+    "spine.guardrails.hooks",  # stdlib only: what guards need from the run
+    "spine.guardrails.allowlist",  # pure: the one allowlist (loop and interceptor share it)
+    "spine.guardrails.approvals",  # pure: approval rules and the approval desk
+    "spine.guardrails.budget",  # pure: prices, limits, reservations
+    "spine.guardrails.parking",  # pure: operator commands and the retry budget
+    "spine.guardrails.saga",  # pure: compensation order
+    "spine.guardrails.interceptor",  # temporalio only; the backstops, and RunGuards they read
+    "spine.observability.metrics",  # stdlib + temporalio only: replay-aware metric helpers
+    "spine.observability.trail",  # pure: the run's queue of audit entries
+)
+
+
+def _flag(env: Mapping[str, str], name: str, default: str = "1") -> bool:
+    return env.get(name, default).strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class SpineConfig:
+    """Everything a Spine worker needs besides the Temporal client. Defaults come from the env."""
+
+    task_queue: str = DEFAULT_TASK_QUEUE
+    policy_path: Path | None = None
+    state_dir: Path = Path(".spine")
+    agent_modules: tuple[str, ...] = ("spine.demo.agent",)
+    settings: Mapping[str, str] = field(default_factory=dict)
+    """Settings tools read (``ctx.setting``): the environment, by default."""
+    secrets: SecretResolver | None = None
+    """Where tools' secrets come from (Vault); None: no secrets, tools that need one fail."""
+    providers: Mapping[str, ModelProvider] | None = None
+    """Model providers by name; None: OpenAI and Anthropic from `settings`."""
+    search_attributes: bool = True
+    max_concurrent_activities: int = 200
+    audit_store: AuditStore | None = None
+    """The audit log; default: ``SPINE_AUDIT_DSN`` from `settings`, else SQLite in `state_dir`."""
+    ledger: bool = True
+    """Run the budget ledgers' worker next to this one (one per deployment is enough)."""
+    ledger_task_queue: str = DEFAULT_LEDGER_TASK_QUEUE
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SpineConfig:
+        """``SPINE_TASK_QUEUE``, ``SPINE_POLICY``, ``SPINE_STATE_DIR``, ``SPINE_AGENTS``,
+        ``VAULT_*``, ``SPINE_SEARCH_ATTRIBUTES``, ``SPINE_LEDGER_WORKER``,
+        ``SPINE_LEDGER_TASK_QUEUE``; everything else is a setting tools may read."""
+        env = dict(os.environ if env is None else env)
+        modules = tuple(
+            m.strip() for m in env.get("SPINE_AGENTS", "spine.demo.agent").split(",") if m.strip()
+        )
+        return cls(
+            task_queue=env.get("SPINE_TASK_QUEUE") or DEFAULT_TASK_QUEUE,
+            policy_path=Path(env["SPINE_POLICY"]) if env.get("SPINE_POLICY") else None,
+            state_dir=Path(env.get("SPINE_STATE_DIR") or ".spine"),
+            agent_modules=modules,
+            settings=env,
+            secrets=VaultSecrets.from_env(env),
+            search_attributes=_flag(env, "SPINE_SEARCH_ATTRIBUTES"),
+            ledger=_flag(env, "SPINE_LEDGER_WORKER"),
+            ledger_task_queue=env.get("SPINE_LEDGER_TASK_QUEUE") or DEFAULT_LEDGER_TASK_QUEUE,
+        )
+
+
+def load_registry(modules: Sequence[str]) -> Registry:
+    """Import each agent module and let it `register(registry)`; check the result.
+
+    Raises:
+        ImportError: a module cannot be imported.
+        ValueError: a module has no ``register``; :class:`ToolDefinitionError` for bad tools.
+    """
+    registry = Registry()
+    for name in modules:
+        module = importlib.import_module(name)
+        register = getattr(module, "register", None)
+        if register is None:
+            raise ValueError(f"agent module {name!r} has no register(registry) function")
+        register(registry)
+    registry.check()
+    return registry
+
+
+def default_providers(settings: Mapping[str, str]) -> dict[str, ModelProvider]:
+    """OpenAI and Anthropic adapters with SDK retries off; keys and base URLs from settings."""
+    from spine.activities.providers import anthropic_provider_from_env, openai_provider_from_env
+
+    return {
+        "openai": openai_provider_from_env(settings),
+        "anthropic": anthropic_provider_from_env(settings),
+    }
+
+
+def sandbox(runner: WorkflowRunner | None = None) -> WorkflowRunner:
+    """The workflow sandbox with Spine's passthrough modules (kept on, never switched off)."""
+    if isinstance(runner, SandboxedWorkflowRunner):
+        return dataclasses.replace(
+            runner,
+            restrictions=runner.restrictions.with_passthrough_modules(*PASSTHROUGH_MODULES),
+        )
+    if runner is not None:
+        return runner  # a caller's own runner (e.g. for debugging) is theirs to configure
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
+    )
+
+
+def _converter(existing: DataConverter | None) -> DataConverter:
+    """Spine's models need the pydantic payload converter; a payload codec is kept."""
+    if existing is None:
+        return pydantic_data_converter
+    if issubclass(existing.payload_converter_class, PydanticPayloadConverter):
+        return existing
+    return dataclasses.replace(existing, payload_converter_class=PydanticPayloadConverter)
+
+
+@dataclass
+class _Served:
+    """What one worker's activities hold open, closed when the worker stops."""
+
+    http: httpx.AsyncClient
+    audit: AuditStore
+    companions: list[Worker]
+
+
+class SpinePlugin(SimplePlugin):
+    """Spine's workflows, activities, interceptors and sandbox settings for a Temporal worker.
+
+    Args:
+        config: Worker settings (default :meth:`SpineConfig.from_env`).
+        policy: The policy; default: loaded from ``config.policy_path`` (or the built-in one).
+        registry: The agents and tools; default: loaded from ``config.agent_modules``.
+
+    Raises:
+        PolicyError, ToolDefinitionError: the policy or a tool definition is wrong (the
+            message names the entry); ImportError for an agent module that cannot be imported.
+    """
+
+    def __init__(
+        self,
+        config: SpineConfig | None = None,
+        *,
+        policy: Policy | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.config = config or SpineConfig.from_env()
+        self.policy = policy or load_policy(self.config.policy_path)
+        self.registry = registry or load_registry(self.config.agent_modules)
+        self._served: dict[str, _Served] = {}
+        self._companion_queues: set[str] = set()
+        self._pending_activities: list[Callable[..., object]] = []
+        super().__init__(
+            "spine",
+            data_converter=_converter,
+            workflows=[AgentWorkflow, SpineAlertsWorkflow],
+            workflow_runner=sandbox,
+            interceptors=[PolicyInterceptor()],
+            activities=self._activities,
+        )
+
+    # `activities` is resolved inside configure_worker, where the client is known.
+    def _activities(
+        self, existing: Sequence[Callable[..., object]] | None
+    ) -> list[Callable[..., object]]:
+        return list(existing or []) + self._pending_activities
+
+    def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
+        queue = config["task_queue"]
+        if queue in self._companion_queues:
+            return config  # a companion this plugin made itself: configured already
+        client = config["client"]
+        if not issubclass(client.data_converter.payload_converter_class, PydanticPayloadConverter):
+            raise ValueError(
+                "SpinePlugin needs a client with Spine's data converter: connect with "
+                "spine.connect(), or pass the plugin to Client.connect(plugins=[...])"
+            )
+        settings = self.config.settings
+        http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+        breakers = Breakers(
+            self.policy.runtime.breaker_threshold, self.policy.runtime.breaker_reset_s
+        )
+        runner = ToolRunner(
+            self.registry, self.config.secrets or NoSecrets(), http, settings, breakers
+        )
+        audit = AuditActivities(
+            self.config.audit_store or store_from_env(settings, self.config.state_dir)
+        )
+        models = ModelActivities(
+            self.registry,
+            self.policy,
+            TranscriptStore(self.config.state_dir / "transcripts.db"),
+            self.config.providers
+            if self.config.providers is not None
+            else default_providers(settings),
+            search_attributes=self.config.search_attributes,
+            breakers=breakers,
+            audit_append=audit.store.append,
+        )
+        budget = BudgetActivities(client, self.config.ledger_task_queue)
+        alerts = AlertActivities(
+            AlertEngine.from_policy(audit.store, self.policy, settings, http=http)
+        )
+        self._pending_activities = [
+            models.resolve_agent,
+            models.model_call,
+            budget.apply,
+            audit.append,
+            alerts.check,
+            *make_tool_activities(runner),
+        ]
+        config = super().configure_worker(config)
+        others = [p for p in config.get("plugins") or [] if p is not self]
+        self._served[queue] = _Served(http, audit.store, self._companions(config, runner, others))
+        return config
+
+    def _companions(
+        self, config: WorkerConfig, runner: ToolRunner, plugins: Sequence[WorkerPlugin]
+    ) -> list[Worker]:
+        """The rate-limited tool workers and the ledger worker that run beside this worker."""
+        client, queue = config["client"], config["task_queue"]
+        companions = []
+        tools = make_tool_activities(runner)
+        for group, rate in sorted(self.policy.rate_limits.items()):
+            # Temporal enforces this rate on the queue for all workers polling it, fleet-wide.
+            limited = rate_limited_queue(queue, group)
+            self._companion_queues.add(limited)
+            companions.append(
+                Worker(
+                    client,
+                    task_queue=limited,
+                    activities=tools,
+                    max_task_queue_activities_per_second=rate,
+                    plugins=list(plugins),  # tool spans and metrics come from telemetry
+                    max_concurrent_activities=self.config.max_concurrent_activities,
+                )
+            )
+        if self.config.ledger:
+            self._companion_queues.add(self.config.ledger_task_queue)
+            companions.append(ledger_worker(client, self.config.ledger_task_queue))
+        return companions
+
+    async def run_worker(self, worker: Worker, next: Callable[[Worker], Awaitable[None]]) -> None:
+        served = self._served.get(worker.task_queue)
+        if served is None:
+            return await next(worker)  # a companion
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for companion in served.companions:
+                    await stack.enter_async_context(companion)
+                await next(worker)
+        finally:
+            await served.http.aclose()
+            await served.audit.close()
+
+
+def ledger_worker(client: Client, task_queue: str = DEFAULT_LEDGER_TASK_QUEUE) -> Worker:
+    """A worker serving only the per-account budget ledgers (`SpineBudgetLedger`)."""
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[BudgetLedger],
+        workflow_runner=sandbox(),
+    )
+
+
+def build_worker(
+    client: Client,
+    *,
+    config: SpineConfig | None = None,
+    policy: Policy | None = None,
+    extra_workflows: Sequence[type] = (),
+    plugins: Sequence[WorkerPlugin] = (),
+) -> Worker:
+    """A Temporal worker with :class:`SpinePlugin` on ``config.task_queue`` (what tests, the demo
+    and ``spine worker`` use): ``async with build_worker(client) as worker: ...``."""
+    config = config or SpineConfig.from_env()
+    return Worker(
+        client,
+        task_queue=config.task_queue,
+        workflows=list(extra_workflows),
+        plugins=[SpinePlugin(config, policy=policy), *plugins],
+        max_concurrent_activities=config.max_concurrent_activities,
+    )

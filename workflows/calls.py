@@ -1,0 +1,116 @@
+"""The run's calls to Spine's own activities: resolve the agent, store the audit trail, apply to
+the account's budget ledger. Each fails closed: what a guard needs and cannot get parks the run
+(``park``), except where the caller says it may not (while parking, and at the very end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from spine.activities.errors import NON_RETRYABLE_TYPES, failure_text
+    from spine.contract import (
+        ACTIVITY_AUDIT_APPEND,
+        ACTIVITY_BUDGET_APPLY,
+        ACTIVITY_RESOLVE_AGENT,
+        AgentRequest,
+    )
+    from spine.observability.trail import AuditTrail
+    from spine.payloads import AgentSpec, BudgetCall, LedgerAnswer, LedgerOp, ResolveAgentInput
+    from spine.workflows.state import StopRun
+
+Park = Callable[[str], Awaitable[object]]
+"""Park the run with a reason until an operator retries (or ends it)."""
+
+
+async def resolve_agent(request: AgentRequest) -> AgentSpec:
+    """Pin the agent's tools and the policy slice that applies to this run.
+
+    Raises:
+        StopRun: the agent is unknown or cannot be resolved.
+    """
+    try:
+        return await workflow.execute_activity(
+            ACTIVITY_RESOLVE_AGENT,
+            ResolveAgentInput(agent=request.agent, role=request.role, account=request.account),
+            result_type=AgentSpec,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(
+                maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE_TYPES
+            ),
+            summary=f"resolve agent {request.agent}",
+        )
+    except ActivityError as err:
+        kind, message = failure_text(err)
+        raise StopRun("failed", f"cannot start agent {request.agent!r}: {kind}: {message}") from err
+
+
+async def write_audit(trail: AuditTrail, *, park: Park | None) -> None:
+    """Store the queued audit entries in order through ``spine.audit_append``.
+
+    The chain is keyed by workflow id and first run id, so it spans continue-as-new. While the
+    store fails the run parks (`park`); without `park` the failure is logged and the entries stay
+    queued for the next write.
+    """
+    while (batch := trail.batch()) is not None:
+        try:
+            await workflow.execute_local_activity(
+                ACTIVITY_AUDIT_APPEND,
+                batch,
+                result_type=int,
+                start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(seconds=0.5),
+                    maximum_interval=timedelta(seconds=5),
+                    maximum_attempts=10,
+                ),
+                summary=f"audit {len(batch.entries)} entries",
+            )
+        # A local activity that gives up surfaces as its ApplicationError itself.
+        except (ActivityError, ApplicationError) as err:
+            kind, message = failure_text(err)
+            if park is None:
+                workflow.logger.error("audit write failed (kept queued): %s: %s", kind, message)
+                return
+            await park(f"audit log unavailable: {kind}: {message}")
+            continue
+        trail.stored(len(batch.entries))
+
+
+async def apply_ledger(
+    account: str, op: LedgerOp, *, park: Park | None, step: int
+) -> LedgerAnswer | None:
+    """One settle-and-reserve on the account's ledger (``spine.budget_apply``).
+
+    No reservation, no model call: while the ledger does not answer the run parks (`park`).
+    Without `park` (settling at the end of a run) a silent ledger is logged and None returned;
+    unsettled reservations stop holding budget after the ledger's TTL.
+    """
+    while True:
+        try:
+            return await workflow.execute_local_activity(
+                ACTIVITY_BUDGET_APPLY,
+                BudgetCall(account=account, op=op),
+                result_type=LedgerAnswer,
+                start_to_close_timeout=timedelta(seconds=15),
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(seconds=1),
+                    maximum_interval=timedelta(seconds=10),
+                    maximum_attempts=12,
+                ),
+                summary=f"budget {account}",
+            )
+        except (ActivityError, ApplicationError) as err:
+            kind, message = failure_text(err)
+            if park is None:
+                workflow.logger.warning("could not settle budget: %s: %s", kind, message)
+                return None
+            await park(
+                f"budget ledger unavailable at step {step} (no model call without a "
+                f"reservation): {kind}: {message}"
+            )
