@@ -101,7 +101,6 @@ async def main() -> None:
         agent_modules=("my_agent",),
         policy_path=here / "policy.toml",
         state_dir=here / ".spine",
-        providers={},
     )
     client = await spine.connect()
     script = [

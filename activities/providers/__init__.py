@@ -54,6 +54,6 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     if name in _LAZY:
-        module = importlib.import_module(f"activities.providers.{_LAZY[name]}")
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
         return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
