@@ -16,14 +16,21 @@ from temporalio.client import (
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from spine.activities.errors import DependencyUnavailable, SpineError
+from spine.activities.errors import DependencyUnavailable, SpineError, TerminalError
 from spine.contract import ACTIVITY_BUDGET_APPLY, ledger_workflow_id
 from spine.payloads import BudgetCall, LedgerAnswer, LedgerState
 from spine.workflows.ledger import LEDGER_TASK_TIMEOUT, BudgetLedger
 
 LEDGER_RPC_TIMEOUT = timedelta(seconds=5)
+
+
+class LedgerRefused(TerminalError):
+    """The account's ledger refused the operation; retrying the same one cannot help."""
+
+
 #: How long to keep knocking when the ledger has too many updates in flight (it allows ten).
 BUSY_PATIENCE_S = 10.0
 
@@ -51,7 +58,15 @@ class BudgetActivities:
                 busy = err.status == RPCStatusCode.RESOURCE_EXHAUSTED
                 if not busy or time.monotonic() > deadline:
                     raise self._unavailable(call, err) from err
-            except (WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError) as err:
+            except WorkflowUpdateFailedError as err:
+                cause = err.cause
+                if isinstance(cause, ApplicationError) and cause.non_retryable:
+                    # The ledger refused the operation (not a worker's, or not sane): final.
+                    raise LedgerRefused(
+                        f"budget ledger for account {call.account!r} refused: {cause.message}"
+                    ) from None
+                raise self._unavailable(call, err) from err
+            except WorkflowUpdateRPCTimeoutOrCancelledError as err:
                 # Fail closed: no answer means no reservation; Temporal retries the activity.
                 raise self._unavailable(call, err) from err
             # Busy: back off with jitter so fifty runs do not knock in step.
@@ -92,6 +107,8 @@ class BudgetActivities:
 
     @staticmethod
     def _unavailable(call: BudgetCall, err: BaseException) -> DependencyUnavailable:
+        cause = getattr(err, "cause", None)
+        why = f"{err}: {cause}" if cause is not None else str(err)
         return DependencyUnavailable(
-            f"budget ledger for account {call.account!r} did not answer: {err}"
+            f"budget ledger for account {call.account!r} did not answer: {why}"
         )

@@ -117,6 +117,10 @@ class ToolFailed(TerminalError):
     pass
 
 
+class ModelAnswerInvalid(TerminalError):
+    """The provider's answer cannot be taken (too large, malformed); retrying would pay again."""
+
+
 class AuditWriteFailed(TerminalError):
     """The audit entries a model call carried could not be stored. Terminal for that call:
     the workflow writes them through `spine.audit_append` instead (and parks if that fails)."""
@@ -145,6 +149,7 @@ NON_RETRYABLE_TYPES: list[str] = [
         SecretMissing,
         TranscriptUnavailable,
         ToolFailed,
+        ModelAnswerInvalid,
         AuditWriteFailed,
         PolicyDenied,
         NeedsHuman,
@@ -163,6 +168,7 @@ TERMINAL: frozenset[str] = frozenset(
     cls.__name__
     for cls in (
         ModelRequestRejected,
+        ModelAnswerInvalid,
         ContextOverflow,
         ContentRefused,
         ToolOutputInvalid,

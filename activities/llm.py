@@ -17,6 +17,7 @@ from spine.activities.breakers import Breakers
 from spine.activities.errors import (
     AuditWriteFailed,
     DependencyUnavailable,
+    ModelAnswerInvalid,
     ModelRequestRejected,
     SpineError,
 )
@@ -38,8 +39,14 @@ from spine.payloads import (
 )
 
 
-def scripted_response(turn: ScriptTurn, step: int, model: str = "scripted") -> ModelCallResult:
-    """The scripted model's answer for one turn: what the script says, as a provider would."""
+def scripted_response(
+    turn: ScriptTurn, step: int, model: str = "scripted", context_bytes: int = 0
+) -> ModelCallResult:
+    """The scripted model's answer for one turn: what the script says, as a provider would.
+
+    A turn that states no usage reports what a provider would, roughly: a token per four
+    bytes of the prompt and of the answer.
+    """
     calls = []
     for index, call in enumerate(turn.tool_calls):
         call_id = f"call_{step}_{index}"
@@ -52,7 +59,12 @@ def scripted_response(turn: ScriptTurn, step: int, model: str = "scripted") -> M
             calls.append(ToolCall(id=call_id, name=call.name, args=args, raw_args=call.raw_args))
         else:
             calls.append(ToolCall(id=call_id, name=call.name, args=call.args))
-    usage = turn.usage or TokenUsage()
+    answer_bytes = len((turn.text or "").encode()) + sum(
+        len(json.dumps(c.args)) + len(c.raw_args or "") for c in turn.tool_calls
+    )
+    usage = turn.usage or TokenUsage(
+        input_tokens=max(1, context_bytes // 4), output_tokens=max(1, answer_bytes // 4)
+    )
     return ModelCallResult(
         message=ChatMessage(role="assistant", content=turn.text, tool_calls=calls),
         usage=usage,
@@ -73,7 +85,7 @@ async def _scripted(call: ModelCallInput, turn: ScriptTurn) -> ModelCallResult:
             f"scripted model: injected transient failure at step {call.step} "
             f"(fail_rate={call.fail_rate})"
         )
-    return scripted_response(turn, call.step, call.model)
+    return scripted_response(turn, call.step, call.model, call.context_bytes)
 
 
 def build_spec(
@@ -123,6 +135,10 @@ def build_spec(
         policy_version=policy.full_version,
         search_attributes=search_attributes,
     )
+
+
+#: The largest model answer (message JSON) a run takes.
+MAX_ANSWER_BYTES = 256 * 1024
 
 
 class ModelActivities:
@@ -208,6 +224,14 @@ class ModelActivities:
         response = await self.breakers.call(
             f"model:{call.provider}", lambda: provider.complete(request)
         )
+        size = len(response.message.model_dump_json())
+        if size > MAX_ANSWER_BYTES:
+            # Taking it would put megabytes in history and every later prompt; retrying would
+            # pay for it again. The run charges what was reserved and stops.
+            raise ModelAnswerInvalid(
+                f"{call.provider} answered with {size} bytes, above the {MAX_ANSWER_BYTES}-byte "
+                "limit for one model answer"
+            )
         return ModelCallResult(
             message=response.message,
             usage=response.usage,

@@ -34,6 +34,7 @@ from temporalio import activity
 
 from spine.activities.breakers import Breakers
 from spine.activities.errors import (
+    SecretMissing,
     SpineError,
     ToolFailed,
     ToolInputInvalid,
@@ -42,7 +43,7 @@ from spine.activities.errors import (
     classify_http,
 )
 from spine.activities.heartbeat import heartbeating
-from spine.contract import JsonObject, tool_activity
+from spine.contract import ACCOUNT_PATTERN, JsonObject, tool_activity
 from spine.payloads import (
     CompensationInput,
     ToolCallInput,
@@ -61,6 +62,7 @@ Risk = Literal["low", "medium", "high"]
 MAX_LOCAL_TIMEOUT_S = 10.0
 #: Tool names the providers accept (OpenAI and Anthropic share this rule).
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ACCOUNT = re.compile(ACCOUNT_PATTERN)
 
 
 class ToolDefinitionError(ValueError):
@@ -77,6 +79,10 @@ class SecretRef:
     mount: str = "secret"
 
     def resolve_path(self, account: str) -> str:
+        """The secret's path for `account`; an account name that could climb out of its own
+        path (``globex/../acme``) is refused before any path is built."""
+        if not _ACCOUNT.match(account):
+            raise SecretMissing(f"account {account[:80]!r} is not a valid account name")
         return self.path.format(account=account)
 
 

@@ -67,18 +67,26 @@ from spine.contract import (
     SA_FORKED_FROM,
     SA_STATUS,
     WORKFLOW_TYPE,
+    AgentRequest,
     AgentResult,
+    ForkFrom,
     Provider,
     ScriptTurn,
     tool_of,
 )
+from spine.guardrails.allowlist import Allowlist
+from spine.guardrails.approvals import approval_rule
 from spine.guardrails.budget import price
+from spine.guardrails.policy import Policy
 from spine.payloads import (
     EMPTY_DIGEST,
     AgentSpec,
+    ApprovalRule,
     ChatMessage,
     ModelCallInput,
     ModelCallResult,
+    PrincipalView,
+    ResolveAgentInput,
     ToolCallInput,
     ToolCallResult,
     chain_digest,
@@ -92,6 +100,7 @@ from spine.workflows.state import (
     apply_refusal,
     apply_retries,
     apply_tool_result,
+    cumulative_amounts,
 )
 from spine.workflows.turns import model_path
 
@@ -646,18 +655,30 @@ def _fallback_value(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def apply_changes(point: Checkpoint, sets: Mapping[str, str]) -> AgentWorkflowInput:
-    """The fork's input: the checkpoint's request with `sets` applied and the carry attached.
+def apply_changes(
+    point: Checkpoint,
+    sets: Mapping[str, str],
+    *,
+    user: str | None = None,
+    role: str | None = None,
+) -> AgentWorkflowInput:
+    """The fork's request: the original's with `sets` applied, naming the run and step to fork
+    from (``fork_from``). The worker rebuilds the state from the original's history and checks
+    it against today's policy; nothing of the state travels from here.
 
-    A new goal replaces the user's message when forking from step 0; later, it is added as a
-    new user message (what the model did so far was for the old goal, and the transcript says
-    so). A new provider without a new name uses the policy's default model for it.
+    `user` and `role` are who forks (default: the original's); they must be the signing
+    principal and a role the policy grants them. A new goal replaces the user's message when
+    forking from step 0; later it is added as a new user message. A new provider without a new
+    name uses the policy's default model for it.
 
     Raises:
         ValueError: a value is malformed (a usage error).
         ForkRefused: the result cannot run on the pinned spec (no price, no steps left, ...).
     """
-    data = point.request.model_dump(mode="json", exclude={"carry"})
+    data = point.request.model_dump(mode="json", exclude={"carry", "fork_from"})
+    data["user"] = user or data["user"]
+    data["role"] = role or data["role"]
+    data["fork_from"] = {"workflow_id": point.workflow_id, "step": point.step}
     model = dict(data.get("model") or {"provider": point.spec.default_provider})
     limits = dict(data.get("limits") or {})
     if "model.provider" in sets and sets["model.provider"] != model.get("provider"):
@@ -690,20 +711,21 @@ def apply_changes(point: Checkpoint, sets: Mapping[str, str]) -> AgentWorkflowIn
         error = e.errors(include_url=False)[0]
         where = ".".join(str(p) for p in error["loc"])
         raise ValueError(f"invalid --set: {where}: {error['msg']}") from e
-    carry = point.carry.model_copy(deep=True)
-    if "goal" in sets:
-        if point.step == 0:
-            carry.pending_messages[1] = ChatMessage(role="user", content=request.goal)
-        else:
-            carry.pending_messages.append(ChatMessage(role="user", content=request.goal))
-    changes = ", ".join(f"{k}={_shown(k, v)}" for k, v in sets.items())
-    carry.path = [
-        f"step {point.step}: forked from {point.workflow_id} ({point.run_id})"
-        + (f" with {changes}" if changes else "")
-    ]
-    request.carry = carry
     _check_runnable(point, request)
     return request
+
+
+def with_goal(state: RunState, step: int, original_goal: str, goal: str) -> RunState:
+    """A checkpoint's state with a changed goal: it replaces the user's message at step 0, and
+    is added as a new user message later (what the model did so far was for the old goal)."""
+    if goal == original_goal:
+        return state
+    state = state.model_copy(deep=True)
+    if step == 0:
+        state.pending_messages[1] = ChatMessage(role="user", content=goal)
+    else:
+        state.pending_messages.append(ChatMessage(role="user", content=goal))
+    return state
 
 
 def _number(key: str, value: str) -> float:
@@ -837,8 +859,11 @@ async def plan_fork(
     *,
     registry: Registry,
     new_id: str | None = None,
+    user: str | None = None,
+    role: str | None = None,
 ) -> ForkPlan:
-    """Rebuild `workflow_id` at the end of `step`, apply `sets`, and check it can run.
+    """Rebuild `workflow_id` at the end of `step`, apply `sets`, and check it can run (what
+    ``--dry-run`` shows; the worker rebuilds and checks it again when the fork starts).
 
     Raises:
         ForkRefused: see :func:`checkpoint`, :func:`apply_changes` and :func:`check_versions`.
@@ -848,8 +873,8 @@ async def plan_fork(
     history = await load_history(client, workflow_id)
     point = await checkpoint(history, step, client.data_converter)
     check_versions(point, registry)
-    request = apply_changes(point, sets)
-    size = len(request.model_dump_json())
+    request = apply_changes(point, sets, user=user, role=role)
+    size = len(point.carry.model_dump_json())
     if size > MAX_CARRIED_BYTES:
         raise ForkRefused(
             f"the state of run {workflow_id!r} at step {step} is {size // 1000} kB, above the "
@@ -975,3 +1000,113 @@ async def existing_forks(client: Client, workflow_id: str) -> list[str]:
         return sorted({w.id async for w in client.list_workflows(query)})
     except RPCError as e:
         raise SpineClientError(f"cannot list forks of {workflow_id!r}: {e.message}") from e
+
+
+# ------------------------------------------------------------------------- on the worker
+
+
+async def worker_checkpoint(
+    client: Client,
+    fork_from: ForkFrom,
+    request: AgentRequest,
+    principal: PrincipalView,
+    policy: Policy,
+    registry: Registry,
+) -> RunState:
+    """The state a fork starts from, rebuilt by the worker (``spine.fork_state``).
+
+    The original's history is read with the worker's own client and folded as :func:`checkpoint`
+    does; the fork then runs on *today's* policy: its agent is resolved anew for the fork's role
+    and account, and the fork is refused, naming the rule, where today's policy is narrower than
+    what the original did up to the step (a tool no longer granted, a call a rule added since
+    would have made wait). A principal may fork their own runs; forking another's needs an
+    operator role. The account and agent stay the original's.
+
+    Raises:
+        ForkRefused: the fork may not be made; SpineClientError: the original cannot be read.
+    """
+    from spine.activities.llm import build_spec  # lazily: it imports the activity layer
+
+    history = await load_history(client, fork_from.workflow_id)
+    point = await checkpoint(history, fork_from.step, client.data_converter)
+    original = point.request
+    wid = point.workflow_id
+    if (original.agent, original.account) != (request.agent, request.account):
+        raise ForkRefused(
+            f"a fork of {wid!r} runs agent {original.agent!r} on account {original.account!r}, "
+            f"not {request.agent!r} on {request.account!r}"
+        )
+    owner = point.carry.principal or original.user
+    operators = set(policy.runtime.operator_roles)
+    if principal.name != owner and not operators & set(principal.roles):
+        raise ForkRefused(
+            f"{principal.name!r} may fork only their own runs ({wid!r} is {owner!r}'s) unless "
+            f"they hold an operator role ({', '.join(sorted(operators))})"
+        )
+    spec = build_spec(
+        registry,
+        policy,
+        ResolveAgentInput(agent=request.agent, role=request.role, account=request.account),
+        search_attributes=point.spec.search_attributes,
+    )
+    narrowed = _narrowed(point, spec, request.role)
+    if narrowed:
+        raise ForkRefused(f"today's policy is narrower than what {wid!r} did: {narrowed}")
+    state = with_goal(point.carry, point.step, original.goal, request.goal)
+    return state.model_copy(
+        update={
+            "spec": spec,
+            "principal": principal.name,
+            "path": [f"step {point.step}: forked from {wid} ({point.run_id})"],
+        }
+    )
+
+
+def _narrowed(point: Checkpoint, spec: AgentSpec, role: str) -> str | None:
+    """Where today's `spec` forbids, or would have stopped, what the original did by the step."""
+    allowlist = Allowlist(spec, role)
+    pinned = [r.model_dump() for r in point.spec.approval_rules]
+    totals: dict[str, float] = {}
+    for effect in point.carry.side_effects:
+        denied = allowlist.denial(effect.tool)
+        if denied:
+            return f"{denied} (it ran at step {effect.step})"
+        found = approval_rule(
+            effect.tool,
+            effect.args,
+            1.0,  # what the model said of its confidence back then is not in question here
+            spec.approval_rules,
+            untrusted_seen=point.carry.untrusted_seen,
+            totals=totals,
+        )
+        if found is not None and found[1].model_dump() not in pinned:
+            reason, rule = found
+            return (
+                f"a rule added since ({describe_rule(rule)}) would have made {effect.tool} at "
+                f"step {effect.step} wait for approval: {reason}"
+            )
+        state = point.carry.model_copy(update={"spec": spec, "totals": totals})
+        for key, amount in cumulative_amounts(state, effect.tool, effect.args):
+            totals[key] = totals.get(key, 0.0) + amount
+    return None
+
+
+def describe_rule(rule: ApprovalRule) -> str:
+    """A policy approval rule in one line: `issue_refund: amount above 50.00 -> supervisor`."""
+    conditions = []
+    if rule.always:
+        conditions.append("always")
+    if rule.above is not None:
+        conditions.append(f"{rule.arg} above {rule.above:.2f}")
+    if rule.cumulative_above is not None:
+        conditions.append(
+            f"total {rule.arg} per {rule.per or 'call'} above {rule.cumulative_above:.2f}"
+        )
+    if rule.below_confidence is not None:
+        conditions.append(f"confidence below {rule.below_confidence:.2f}")
+    if rule.untrusted_args:
+        conditions.append("untrusted arguments")
+    if rule.after_untrusted:
+        conditions.append("after untrusted content")
+    approvers = ", ".join(rule.approver_roles)
+    return f"{rule.tool}: {', '.join(conditions) or 'no condition'} -> {approvers}"

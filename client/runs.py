@@ -17,6 +17,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Literal
 from uuid import uuid4
 
 from temporalio.client import (
@@ -34,6 +35,7 @@ from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import ApplicationError, FailureError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from spine.client.identity import SigningInterceptor, signer_from_env
 from spine.contract import (
     DEFAULT_TASK_QUEUE,
     SA_ACCOUNT,
@@ -48,6 +50,8 @@ from spine.contract import (
     StateView,
 )
 from spine.guardrails.codec import CodecConfigError, data_converter_from_env
+from spine.guardrails.identity import IdentityError
+from spine.guardrails.principals import VaultSigner
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
@@ -91,6 +95,7 @@ async def connect(
     address: str | None = None,
     namespace: str | None = None,
     data_converter: DataConverter | None = None,
+    signer: VaultSigner | None | Literal["env"] = "env",
 ) -> Client:
     """Connect to Temporal with Spine's pydantic data converter, encrypting when configured.
 
@@ -101,10 +106,20 @@ async def connect(
     `spine.guardrails.codec`); `data_converter` overrides that choice. Workers built on this client
     use its converter.
 
+    Starts, decisions and operator commands are signed as the logged-in principal (``spine
+    login``, or ``SPINE_VAULT_TOKEN``): `signer` overrides that, None sends no claims (workers
+    then refuse them).
+
     Raises:
-        SpineClientError: the configuration or the payload keys cannot be loaded.
+        SpineClientError: the configuration, the payload keys or the credentials cannot be
+            loaded.
         TemporalUnreachable: nothing answers at the address.
     """
+    if signer == "env":
+        try:
+            signer = signer_from_env()
+        except IdentityError as e:
+            raise SpineClientError(str(e)) from e
     if data_converter is None:
         try:
             # May read the keyring from Vault, which blocks.
@@ -130,6 +145,7 @@ async def connect(
             tls=config.get("tls"),
             rpc_metadata=config.get("rpc_metadata", {}),
             data_converter=data_converter,
+            interceptors=[SigningInterceptor(signer)] if signer is not None else [],
         )
     except ValueError as e:
         raise SpineClientError(

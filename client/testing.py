@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -119,9 +119,33 @@ class VaultDev:
     token: str
     process: subprocess.Popen[bytes]
     port: int
+    tokens: dict[str, str] = field(default_factory=dict)
+    """Tokens of the principals :meth:`seed_principals` made, by name."""
 
     def client(self) -> hvac.Client:
         return hvac.Client(url=self.url, token=self.token)
+
+    def seed_principals(
+        self, names: Mapping[str, tuple[str, ...]], *, worker: str = "spine-worker"
+    ) -> dict[str, str]:
+        """Make `names` principals (name -> OpenBao identity groups), each logging in with
+        userpass (password ``pw-<name>``), plus the worker's own principal; returns a token per
+        person, for :meth:`signer`."""
+        from spine.guardrails.principals import login_userpass, seed_principal
+
+        root = self.client()
+        seed_principal(root, worker)  # the worker signs with this dev server's root token
+        tokens = {}
+        for name, groups in names.items():
+            seed_principal(root, name, password=f"pw-{name}", groups=groups)
+            tokens[name] = login_userpass(self.url, name, f"pw-{name}")
+        return tokens
+
+    def signer(self, tokens: Mapping[str, str]) -> VaultSigner:
+        """A signer that signs as whichever of `tokens`' principals a call names."""
+        from spine.guardrails.principals import VaultSigner
+
+        return VaultSigner(url=self.url, tokens=dict(tokens))
 
     def put_secret(self, path: str, data: dict[str, str], mount: str = "secret") -> None:
         self.client().secrets.kv.v2.create_or_update_secret(
@@ -237,14 +261,25 @@ def start_demo_service(db_path: Path, api_key: str | None = None) -> DemoService
     return service
 
 
+#: The demo's principals (the default policy grants them roles): name -> identity groups.
+DEMO_PRINCIPALS: dict[str, tuple[str, ...]] = {
+    "alice": (),
+    "vera": (),
+    "bob": (),
+    "dana": (),
+    "ops": (),
+}
+
+
 @contextlib.contextmanager
 def demo_stack(tmp: Path) -> Iterator[tuple[VaultDev, DemoService]]:
-    """OpenBao seeded with the demo's secret, plus the demo business service."""
+    """OpenBao seeded with the demo's secret and principals, plus the demo business service."""
     service = start_demo_service(tmp / "demo-service.db")
     vault = None
     try:
         vault = start_vault_dev()
         vault.put_secret("spine/acme", {"api_key": service.api_key})
+        vault.tokens = vault.seed_principals(DEMO_PRINCIPALS)
         yield vault, service
     finally:
         service.stop()
@@ -405,6 +440,8 @@ from spine.payloads import ToolCallInput  # noqa: E402
 
 if TYPE_CHECKING:
     from temporalio.worker import Worker  # noqa: E402  # imported lazily at run time: it is heavy
+
+    from spine.guardrails.principals import VaultSigner  # noqa: E402
 
 T_Model = TypeVar("T_Model", bound=BaseModel)
 

@@ -19,9 +19,10 @@ a server. Deterministic and free of I/O: a sandbox passthrough module.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Mapping
 
-from spine.contract import Limits
+from spine.contract import Limits, TokenUsage
 from spine.payloads import AgentSpec, LedgerAnswer, LedgerOp, ModelCallResult, digest
 from spine.workflows.state import RunState, StopRun
 
@@ -82,6 +83,11 @@ class BudgetGate:
         self.rules = state.agent.budget
         self._record = record
         self.run_id = run_id
+        # What the model is shown of the tools, an upper bound on its part of every prompt.
+        self._tools_bytes = sum(
+            len(json.dumps(t.input_schema)) + len(t.description) + len(t.name)
+            for t in self.spec.tools
+        )
         self.max_steps = self.spec.max_steps
         self.max_usd = self.spec.max_usd
         if limits and limits.max_steps is not None:
@@ -156,9 +162,21 @@ class BudgetGate:
             return [(models[0][0], budget.degraded_to), *models[1:]]
         return models
 
+    def prompt_bound(self) -> int:
+        """The most input tokens the next call can take: no tokenizer makes more tokens than
+        the prompt has bytes (the transcript, the tool schemas), nor, for the last prompt
+        grown by half, than a model just reported; never under :data:`MIN_PROMPT_TOKENS`."""
+        return int(
+            max(
+                self.state.context_bytes + self._tools_bytes,
+                self.state.budget.last_input_tokens * 1.5,
+                MIN_PROMPT_TOKENS,
+            )
+        )
+
     def estimate(self, models: Models) -> float:
-        """The most the next call may cost: the last prompt grown by half, a full answer."""
-        prompt = max(self.state.budget.last_input_tokens * 1.5, MIN_PROMPT_TOKENS)
+        """The most the next call may cost: :meth:`prompt_bound` in, a full answer out."""
+        prompt = self.prompt_bound()
         return max(
             (prompt * self.spec.prices[m][0] + self.spec.max_tokens * self.spec.prices[m][1])
             / 1_000_000
@@ -231,6 +249,29 @@ class BudgetGate:
         return None
 
     # ------------------------------------------------------------------------- after a call
+
+    def bounded(self, result: ModelCallResult) -> ModelCallResult:
+        """The result with usage a model could have reported for this call: negative numbers
+        are impossible (the contract refuses them), and more than the prompt could hold or
+        than `max_tokens` is clamped and noted. Usage that is missing is charged at the bound:
+        a call is never free because a provider said nothing."""
+        usage = result.usage
+        bound_in, bound_out = self.prompt_bound(), self.spec.max_tokens
+        missing = usage.input_tokens == 0 and usage.output_tokens == 0
+        if not missing and usage.input_tokens <= bound_in and usage.output_tokens <= bound_out:
+            return result
+        clamped = TokenUsage(
+            input_tokens=bound_in if missing else min(usage.input_tokens, bound_in),
+            output_tokens=bound_out if missing else min(usage.output_tokens, bound_out),
+        )
+        self._record(
+            "budget",
+            "spine",
+            decision="usage_missing" if missing else "usage_clamped",
+            reported={"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens},
+            charged={"input_tokens": clamped.input_tokens, "output_tokens": clamped.output_tokens},
+        )
+        return result.model_copy(update={"usage": clamped})
 
     def cost(self, result: ModelCallResult, requested_model: str) -> float:
         """What the turn cost, priced as the model answered or, failing that, as asked."""

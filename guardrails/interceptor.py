@@ -18,12 +18,19 @@ history, so replay makes the same ones.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from pydantic import BaseModel
 from temporalio import workflow
+from temporalio.api.common.v1 import Payload
+from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import (
+    ExecuteWorkflowInput,
+    HandleSignalInput,
+    HandleUpdateInput,
     Interceptor,
     StartActivityInput,
     StartLocalActivityInput,
@@ -34,10 +41,27 @@ from temporalio.worker import (
 from temporalio.workflow import ActivityHandle
 
 from spine.activities.errors import PolicyDenied
-from spine.contract import ACTIVITY_MODEL_CALL, tool_of
+from spine.contract import (
+    ACTIVITY_MODEL_CALL,
+    LEDGER_WORKFLOW_TYPE,
+    UPDATE_DECIDE,
+    UPDATE_OPERATE,
+    tool_of,
+)
 from spine.guardrails.allowlist import Allowlist
 from spine.guardrails.approvals import ApprovalDesk
 from spine.guardrails.budget import BudgetGate
+from spine.guardrails.identity import (
+    CURRENT,
+    HEADER,
+    VERIFIED,
+    Claim,
+    IdentityError,
+    Keyring,
+    Purpose,
+    digest,
+    parse_claim,
+)
 
 
 @dataclass
@@ -48,6 +72,9 @@ class RunGuards:
     allowlist: Allowlist | None = None
     """Set once the run has resolved its agent; until then every tool is refused."""
     budget: BudgetGate | None = None
+    start_claim: Claim | None = None
+    """The claim the run was started with (verified by the run through an activity)."""
+    start_claim_problem: str | None = None
 
 
 def guards_of_current_run() -> RunGuards | None:
@@ -96,3 +123,123 @@ class PolicyInterceptor(Interceptor):
         self, input: WorkflowInterceptorClassInput
     ) -> type[WorkflowInboundInterceptor] | None:
         return _Inbound
+
+
+# ------------------------------------------------------------------------------------ identity
+
+
+def read_claim(headers: Mapping[str, Payload]) -> Claim | None:
+    """The ``spine-principal`` claim in a call's headers, or None when there is none.
+
+    Raises:
+        IdentityError: the header is there but is not a claim.
+    """
+    raw = headers.get(HEADER)
+    if raw is None:
+        return None
+    try:
+        [value] = PayloadConverter.default.from_payloads([raw])
+    except Exception as err:  # noqa: BLE001  # any decoding failure: the header is not a claim
+        raise IdentityError(f"header {HEADER!r} cannot be decoded: {err}") from None
+    return parse_claim(value)
+
+
+def refusal(message: str) -> ApplicationError:
+    """A final refusal of a decision or command: non-retryable, typed, one line."""
+    return ApplicationError(message, type="DecisionRefused", non_retryable=True)
+
+
+#: Update name -> (purpose of the claim it needs, the workflow type it applies to).
+_SIGNED_UPDATES: dict[str, Purpose] = {UPDATE_DECIDE: "decide", UPDATE_OPERATE: "operate"}
+
+
+class _IdentityInbound(WorkflowInboundInterceptor):
+    """Hands each call's claim to the run: verified here for updates (their validators run
+    once, never on replay), passed on unverified for starts and signals (the run verifies those
+    through an activity, so the verdict is in history)."""
+
+    keyring: ClassVar[Keyring]
+
+    async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
+        guards = guards_of_current_run()
+        if guards is not None:
+            try:
+                guards.start_claim = read_claim(input.headers)
+            except IdentityError as err:
+                guards.start_claim_problem = str(err)
+        return await self.next.execute_workflow(input)
+
+    async def handle_signal(self, input: HandleSignalInput) -> None:
+        try:
+            claim = read_claim(input.headers)
+        except IdentityError:
+            claim = None
+        token = CURRENT.set(claim)
+        try:
+            await self.next.handle_signal(input)
+        finally:
+            CURRENT.reset(token)
+
+    def handle_update_validator(self, input: HandleUpdateInput) -> None:
+        ledger = workflow.info().workflow_type == LEDGER_WORKFLOW_TYPE and input.update == "apply"
+        purpose: Purpose | None = "ledger" if ledger else _SIGNED_UPDATES.get(input.update)
+        if purpose is None or (not ledger and guards_of_current_run() is None):
+            return self.next.handle_update_validator(input)
+        payload = input.args[0] if input.args else None
+        if not isinstance(payload, BaseModel):
+            raise refusal(f"{input.update}: the payload is not a {purpose} payload")
+        try:
+            claim = read_claim(input.headers)
+            if claim is None:
+                raise IdentityError(
+                    f"unauthenticated: no {HEADER!r} header (sign with `spine`, or see "
+                    "`spine sign --help` for the Temporal CLI)"
+                )
+            principal = self.keyring.verify(
+                claim,
+                purpose=purpose,
+                workflow_id=workflow.info().workflow_id,
+                payload_digest=digest(payload.model_dump(mode="json")),
+            )
+            if ledger and principal.name not in self.keyring.grants.workers:
+                raise IdentityError(
+                    f"principal {principal.name!r} is not a Spine worker; only workers "
+                    "operate budget ledgers"
+                )
+        except IdentityError as err:
+            workflow.logger.warning("refused %s: %s", input.update, err)
+            raise refusal(str(err)) from None
+        token = VERIFIED.set(principal)
+        try:
+            self.next.handle_update_validator(input)
+        finally:
+            VERIFIED.reset(token)
+
+    async def handle_update_handler(self, input: HandleUpdateInput) -> Any:
+        try:
+            claim = read_claim(input.headers)
+        except IdentityError:
+            claim = None
+        token = CURRENT.set(claim)
+        try:
+            return await self.next.handle_update_handler(input)
+        finally:
+            CURRENT.reset(token)
+
+
+class IdentityInterceptor(Interceptor):
+    """Register on the worker (the :class:`~spine.SpinePlugin` does): verified principals."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self.keyring = keyring
+
+    def workflow_interceptor_class(
+        self, input: WorkflowInterceptorClassInput
+    ) -> type[WorkflowInboundInterceptor] | None:
+        keyring = self.keyring
+
+        class _Configured(_IdentityInbound):
+            pass
+
+        _Configured.keyring = keyring
+        return _Configured

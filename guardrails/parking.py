@@ -23,6 +23,7 @@ from temporalio.exceptions import ApplicationError, RetryState
 from spine.activities.errors import NON_RETRYABLE_TYPES
 from spine.contract import OperatorCommand, RunStatus
 from spine.guardrails.hooks import RunHooks
+from spine.payloads import PrincipalView
 from spine.workflows.state import RunState, StopRun, apply_retries
 
 
@@ -84,8 +85,19 @@ class Parking:
         hooks.set_status("running", None)
         return command
 
-    def problem(self, command: OperatorCommand, status: RunStatus) -> str | None:
-        """Why `command` must be refused for a run that is `status`, or None."""
+    def problem(
+        self, command: OperatorCommand, status: RunStatus, principal: PrincipalView | None
+    ) -> str | None:
+        """Why `command`, signed by `principal`, must be refused for a run that is `status`."""
+        if principal is None:
+            return "unauthenticated: the command carries no verified principal"
+        if command.by != principal.name:
+            return f"by {command.by!r} is not the principal who signed ({principal.name!r})"
+        if command.role not in principal.roles:
+            return (
+                f"principal {principal.name!r} does not hold role {command.role!r} "
+                f"(holds: {', '.join(principal.roles) or 'none'})"
+            )
         roles = self.state.spec.operator_roles if self.state.spec else []
         if command.role not in roles:
             return f"role {command.role!r} may not operate runs; allowed: {', '.join(roles)}"
@@ -102,20 +114,32 @@ class Parking:
         self._command = command
         self._audit(command, accepted=True)
 
-    def refuse(self, command: OperatorCommand, problem: str) -> None:
-        """Record a refused command."""
-        self._hooks.warn(f"refused operator {command.action} from {command.by}: {problem}")
-        self.refused.append(f"operator {command.action} by {command.by}: {problem}")
-        self._audit(command, accepted=False, problem=problem)
+    def refuse(self, command: OperatorCommand | None, problem: str, principal: str | None) -> None:
+        """Record a refused command (audited with who really signed it, if anyone); a payload
+        that was not a command at all is recorded too."""
+        who = principal or "unauthenticated"
+        action = command.action if command else "command"
+        self._hooks.warn(f"refused operator {action} signed by {who}: {problem}")
+        self.refused.append(f"operator {action} by {who}: {problem}")
+        if command is None:
+            self._hooks.record("operator", who, principal=who, reason=problem, accepted=False)
+            return
+        self._audit(command, accepted=False, problem=problem, principal=who)
 
     def _audit(
-        self, command: OperatorCommand, *, accepted: bool, problem: str | None = None
+        self,
+        command: OperatorCommand,
+        *,
+        accepted: bool,
+        problem: str | None = None,
+        principal: str | None = None,
     ) -> None:
         self._hooks.record(
             "operator",
-            command.by,
+            principal or command.by,
             action=command.action,
             by=command.by,
+            principal=principal or command.by,
             role=command.role,
             reason=problem or command.reason,
             accepted=accepted,

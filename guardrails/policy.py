@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from spine.guardrails.identity import Grants
 from spine.payloads import ApprovalRule, BudgetRules
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("policy.toml")
@@ -55,22 +57,50 @@ class Models(_Strict):
 
 
 class Rule(_Strict):
+    """One approval rule (see `spine.payloads.ApprovalRule` for what each field means)."""
+
     tool: str
     always: bool = False
     arg: str | None = None
     above: float | None = None
+    cumulative_above: float | None = Field(default=None, ge=0)
+    per: str | None = None
+    scope: Literal["run", "account_day"] = "run"
     below_confidence: float | None = Field(default=None, ge=0, le=1)
+    missing_confidence: Literal["low", "ignore"] = "low"
     untrusted_args: bool = False
+    after_untrusted: bool = False
     approver_roles: list[str] = Field(default_factory=lambda: ["supervisor"], min_length=1)
+    approvals_required: int = Field(default=1, ge=1, le=5)
     timeout_s: float | None = Field(default=None, gt=0)
     on_timeout: Literal["reject", "escalate"] = "reject"
     escalate_to: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _escalation_has_roles(self) -> Rule:
+    def _consistent(self) -> Rule:
         if self.on_timeout == "escalate" and not self.escalate_to:
             raise ValueError("on_timeout = 'escalate' needs escalate_to = [roles]")
+        if (self.above is not None or self.cumulative_above is not None) and self.arg is None:
+            raise ValueError("above/cumulative_above need arg = '<numeric argument>'")
         return self
+
+
+class PrincipalGrant(_Strict):
+    """What a principal (or every member of an OpenBao identity group) may do."""
+
+    roles: list[str] = Field(default_factory=list)
+    accounts: list[str] = Field(default_factory=list, description='"*" for every account')
+
+
+class Identity(_Strict):
+    """How claims are checked (guardrails/identity.py)."""
+
+    max_claim_age_s: float = Field(default=300, gt=0, le=3600)
+    workers: list[str] = Field(
+        default_factory=lambda: ["spine-worker"],
+        description="Principals whose signed operations the budget ledger accepts.",
+    )
+    allow_self_approval: bool = False
 
 
 class AgentPolicy(_Strict):
@@ -143,7 +173,30 @@ class Policy(_Strict):
         default_factory=dict,
         description="Calls per second, fleet-wide, per tool rate-limit group.",
     )
+    principals: dict[str, PrincipalGrant] = Field(default_factory=dict)
+    groups: dict[str, PrincipalGrant] = Field(default_factory=dict)
+    identity: Identity = Field(default_factory=Identity)
     digest: str = ""
+
+    def grants(self) -> Grants:
+        """The principal and group grants, for verifying claims."""
+        return Grants(
+            principals={n: (tuple(g.roles), tuple(g.accounts)) for n, g in self.principals.items()},
+            groups={n: (tuple(g.roles), tuple(g.accounts)) for n, g in self.groups.items()},
+            workers=tuple(self.identity.workers),
+            max_age=timedelta(seconds=self.identity.max_claim_age_s),
+        )
+
+    def known_roles(self) -> set[str]:
+        """Every role the policy names anywhere: a role outside this set is refused."""
+        roles = set(self.runtime.operator_roles) | set(self.budgets.approver_roles)
+        for agent in self.agents.values():
+            roles |= set(agent.roles)
+            for rule in agent.approvals:
+                roles |= set(rule.approver_roles) | set(rule.escalate_to)
+        for grant in [*self.principals.values(), *self.groups.values()]:
+            roles |= set(grant.roles)
+        return roles
 
     def allowed_tools(self, agent: str, role: str) -> list[str]:
         """Tools `role` may call in `agent`; empty (deny all) for unknown agents or roles."""

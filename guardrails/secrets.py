@@ -18,6 +18,7 @@ import requests
 
 from spine.activities.errors import SecretMissing, SecretsUnavailable
 from spine.activities.tools import SecretRef
+from spine.guardrails.identity import ACCOUNT
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,14 @@ class VaultSecrets:
                 self._client = self._login()
             return self._client
 
+    def client(self, *, fresh: bool = False) -> hvac.Client:
+        """An hvac client logged in as the worker (token, or AppRole: logged in again with
+        `fresh`, e.g. after OpenBao answered 403 to an expired token)."""
+        return self._client_or_login(fresh=fresh)
+
     def _read(self, ref: SecretRef, account: str) -> str:
+        if not ACCOUNT.match(account):
+            raise SecretMissing(f"account {account[:80]!r} is not a valid account name")
         path = ref.resolve_path(account)
         where = f"{ref.mount}/{path}#{ref.key}"
         try:
@@ -108,7 +116,15 @@ class VaultSecrets:
         data = response["data"]["data"]
         if ref.key not in data:
             raise SecretMissing(f"secret {where}: key {ref.key!r} is not in the secret")
-        return str(data[ref.key])
+        value = str(data[ref.key])
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            # A newline or other control character in a credential ends up in error messages
+            # (header values are refused by HTTP clients, quoting the value): refuse it here.
+            raise SecretMissing(
+                f"secret {where} contains control characters (a trailing newline?); store it "
+                "without them"
+            )
+        return value
 
     async def resolve(self, refs: Sequence[SecretRef], account: str) -> dict[str, str]:
         """Read every reference; returns name -> value for the tool context only."""

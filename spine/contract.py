@@ -24,6 +24,9 @@ QUERY_STATE = "state"
 SIGNAL_APPROVAL = "approval"
 UPDATE_DECIDE = "decide"
 SIGNAL_OPERATOR = "operator"
+UPDATE_OPERATE = "operate"
+#: The Temporal header carrying the caller's signed claim (spine.guardrails.identity).
+PRINCIPAL_HEADER = "spine-principal"
 
 #: Activities every Spine worker serves (tools are ``tool.<name>``, see :func:`tool_activity`).
 ACTIVITY_RESOLVE_AGENT = "spine.resolve_agent"
@@ -31,6 +34,10 @@ ACTIVITY_MODEL_CALL = "spine.model_call"
 ACTIVITY_BUDGET_APPLY = "spine.budget_apply"
 ACTIVITY_AUDIT_APPEND = "spine.audit_append"
 ACTIVITY_ALERTS_CHECK = "spine.alerts_check"
+ACTIVITY_VERIFY_PRINCIPAL = "spine.verify_principal"
+ACTIVITY_VERIFY_CARRY = "spine.verify_carry"
+ACTIVITY_FORK_STATE = "spine.fork_state"
+ACTIVITY_TAINT_CHECK = "spine.taint_check"
 TOOL_ACTIVITY_PREFIX = "tool."
 
 LEDGER_WORKFLOW_TYPE = "SpineBudgetLedger"
@@ -72,6 +79,19 @@ SA_FORKED_FROM = SearchAttributeKey.for_keyword("SpineForkedFrom")
 #: Every search attribute Spine uses; register them in each namespace Spine runs in.
 SEARCH_ATTRIBUTES = (SA_AGENT, SA_ACCOUNT, SA_STATUS, SA_COST, SA_STEPS, SA_FORKED_FROM)
 
+# ------------------------------------------------------------------------------- boundaries
+
+#: Principal (user) names: OpenBao entity names, lower case.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+#: Account names: they become Vault paths and ledger ids, so nothing else gets in.
+ACCOUNT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+#: Role and agent names.
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+#: The most tokens one model call may report; more is an answer that is not believable.
+MAX_TOKENS_PER_CALL = 10_000_000
+MAX_GOAL_CHARS = 50_000
+MAX_REASON_CHARS = 2_000
+
 # ---------------------------------------------------------------------------------- request
 
 RunStatus = Literal[
@@ -81,10 +101,10 @@ Provider = Literal["openai", "anthropic", "scripted"]
 
 
 class TokenUsage(BaseModel):
-    """Tokens reported by the provider for one call."""
+    """Tokens reported by the provider for one call (bounded: numbers from outside are)."""
 
-    input_tokens: int = 0
-    output_tokens: int = 0
+    input_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_CALL)
+    output_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_CALL)
 
 
 class ScriptToolCall(BaseModel):
@@ -102,7 +122,7 @@ class ScriptTurn(BaseModel):
 
     text: str | None = None
     tool_calls: list[ScriptToolCall] = Field(default_factory=list)
-    confidence: float | None = None
+    confidence: float | None = Field(default=None, ge=0, le=1)
     usage: TokenUsage | None = None
     error: Literal["transient", "terminal"] | None = Field(
         default=None,
@@ -136,18 +156,36 @@ class Limits(BaseModel):
     max_usd: float | None = Field(default=None, ge=0)
 
 
-class AgentRequest(BaseModel):
-    """Input of `AgentWorkflow` (docs/contract.md)."""
+class ForkFrom(BaseModel):
+    """A fork starts from another run's state at the end of a step (``spine replay``).
+
+    The worker rebuilds that state from the original's history and checks it against today's
+    policy; nothing of the state is taken from the caller.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    agent: str
-    goal: str
-    user: str
-    role: str
-    account: str
+    workflow_id: str = Field(max_length=255)
+    step: int = Field(ge=0, le=1_000_000)
+
+
+class AgentRequest(BaseModel):
+    """Input of `AgentWorkflow` (docs/contract.md).
+
+    `user`, `role` and `account` are checked against the verified principal who started the
+    run (the ``spine-principal`` header): they grant nothing by themselves.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str = Field(pattern=LABEL_PATTERN)
+    goal: str = Field(max_length=MAX_GOAL_CHARS)
+    user: str = Field(pattern=NAME_PATTERN)
+    role: str = Field(pattern=LABEL_PATTERN)
+    account: str = Field(pattern=ACCOUNT_PATTERN)
     model: ModelChoice | None = None
     limits: Limits | None = None
+    fork_from: ForkFrom | None = None
 
 
 # ------------------------------------------------------------------------- state and result
@@ -195,6 +233,17 @@ class StateView(BaseModel):
     last_tool: str | None = None
     retries: int = 0
     path: list[str] = Field(default_factory=list)
+    refused: list[str] = Field(
+        default_factory=list,
+        description="Decisions, commands and payloads the run refused, one line each.",
+    )
+
+
+class AuditAnchor(BaseModel):
+    """Where a run's audit chain stood when the run wrote it: entries and the head hash."""
+
+    entries: int
+    head: str
 
 
 class AgentResult(BaseModel):
@@ -208,28 +257,35 @@ class AgentResult(BaseModel):
     reason: str | None = None
     retries: int = 0
     path: list[str] = Field(default_factory=list)
+    audit: AuditAnchor | None = Field(
+        default=None, description="The audit chain's final head: `spine audit verify` checks it."
+    )
 
 
 # ------------------------------------------------------------------------ people's decisions
 
 
 class ApprovalDecision(BaseModel):
-    """Payload of the `approval` signal and the `decide` update."""
+    """Payload of the `approval` signal and the `decide` update.
 
-    approval_id: str
+    `by` must be the principal who signed the ``spine-principal`` header, and `role` one the
+    policy grants them; the signature binds the whole payload to this run.
+    """
+
+    approval_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     decision: Literal["approve", "reject"]
-    by: str
-    role: str
-    reason: str = ""
+    by: str = Field(pattern=NAME_PATTERN)
+    role: str = Field(pattern=LABEL_PATTERN)
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
 
 
 class OperatorCommand(BaseModel):
-    """Payload of the `operator` signal for a parked run."""
+    """Payload of the `operate` update (and `operator` signal) for a parked run."""
 
     action: Literal["retry", "skip", "compensate", "abort"]
-    by: str
-    role: str
-    reason: str = ""
+    by: str = Field(pattern=NAME_PATTERN)
+    role: str = Field(pattern=LABEL_PATTERN)
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
 
 
 class DecisionAck(BaseModel):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from spine.contract import JsonObject, ScriptTurn, TokenUsage
+from spine.contract import AgentRequest, ForkFrom, JsonObject, ScriptTurn, TokenUsage
+from spine.guardrails.identity import Claim
 
 
 class ToolCall(BaseModel):
@@ -95,6 +97,9 @@ class ModelCallInput(BaseModel):
     fallback_index: int = Field(
         default=0, description="0 for the run's model, n for its n-th fallback model."
     )
+    context_bytes: int = Field(
+        default=0, description="Bytes of the whole prompt so far (the scripted model's usage)."
+    )
     audit: AuditBatch | None = Field(
         default=None,
         description="Audit entries queued since the last write; the activity stores them "
@@ -166,15 +171,29 @@ class ToolDescriptor(BaseModel):
 
 
 class ApprovalRule(BaseModel):
-    """When a tool call waits for a person."""
+    """When a tool call waits for a person (policy ``[[agents.<name>.approvals]]``)."""
 
     tool: str
     always: bool = False
-    arg: str | None = None
+    arg: str | None = Field(default=None, description="The numeric argument `above` looks at.")
     above: float | None = None
+    cumulative_above: float | None = Field(
+        default=None,
+        description="Waits when this call's `arg` plus what this tool already did (per `per` "
+        "argument value, in the run or the account's day) goes above this.",
+    )
+    per: str | None = Field(default=None, description="Argument that keys the total (order_id).")
+    scope: Literal["run", "account_day"] = "run"
     below_confidence: float | None = None
+    missing_confidence: Literal["low", "ignore"] = Field(
+        default="low", description="A turn with no confidence counts as below every threshold."
+    )
     untrusted_args: bool = False
+    after_untrusted: bool = Field(
+        default=False, description="Waits whenever untrusted content is in the run's context."
+    )
     approver_roles: list[str] = Field(default_factory=lambda: ["supervisor"])
+    approvals_required: int = Field(default=1, description="Distinct approvers needed.")
     timeout_s: float | None = None
     on_timeout: Literal["reject", "escalate"] = "reject"
     escalate_to: list[str] = Field(default_factory=list)
@@ -223,6 +242,27 @@ class ResolveAgentInput(BaseModel):
     agent: str
     role: str
     account: str = ""
+
+
+class PrincipalView(BaseModel):
+    """A verified principal as the run records it: who, and what the policy grants them."""
+
+    name: str
+    roles: list[str] = Field(default_factory=list)
+    accounts: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, principal: object) -> PrincipalView:
+        return cls(
+            name=principal.name,  # type: ignore[attr-defined]  # a guardrails.identity.Principal
+            roles=list(principal.roles),  # type: ignore[attr-defined]
+            accounts=list(principal.accounts),  # type: ignore[attr-defined]
+            groups=list(principal.groups),  # type: ignore[attr-defined]
+        )
+
+    def may_act_for(self, account: str) -> bool:
+        return "*" in self.accounts or account in self.accounts
 
 
 def chain_digest(previous: str, message: ChatMessage) -> str:
@@ -320,6 +360,9 @@ class LedgerState(BaseModel):
     reservations: dict[str, Reservation] = Field(default_factory=dict)
     windows: dict[str, WindowTotals] = Field(default_factory=dict)
     overspend_usd: float = 0.0
+    exposure: dict[str, float] = Field(
+        default_factory=dict, description="`<day>|<tool:arg:per-value>` -> total that day."
+    )
 
 
 class LedgerOp(BaseModel):
@@ -335,6 +378,12 @@ class LedgerOp(BaseModel):
     reserve_usd: float = 0.0
     daily_limit_usd: float | None = None
     monthly_limit_usd: float | None = None
+    exposure_add: dict[str, float] = Field(
+        default_factory=dict,
+        description="Add to the account's totals today, by `tool:arg:per-value` (cumulative "
+        "approval rules scoped account_day).",
+    )
+    exposure_query: list[str] = Field(default_factory=list, description="Totals to read back.")
 
 
 class BudgetCall(BaseModel):
@@ -355,6 +404,9 @@ class LedgerAnswer(BaseModel):
     used_fraction: float = Field(
         description="Largest share of a limit that is committed or reserved, this call included."
     )
+    exposure: dict[str, float] = Field(
+        default_factory=dict, description="The totals asked for, today, before this operation."
+    )
 
 
 class BudgetWindowView(BaseModel):
@@ -368,3 +420,32 @@ class BudgetView(BaseModel):
     windows: list[BudgetWindowView]
     open_reservations: int
     overspend_usd: float
+
+
+# ---------------------------------------------------------------------------------- identity
+
+
+class VerifyInput(BaseModel):
+    claim: Claim | None
+    purpose: Literal["start", "decide", "operate", "fork", "ledger"]
+    workflow_id: str
+    payload_digest: str
+    at: datetime
+    """When the claim is judged: the run's start (a retried activity judges the same)."""
+
+
+class Verdict(BaseModel):
+    principal: PrincipalView | None = None
+    problem: str | None = None
+
+
+class VerifyCarryInput(BaseModel):
+    workflow_id: str
+    run_id: str
+    continued_run_id: str | None
+
+
+class ForkStateInput(BaseModel):
+    fork_from: ForkFrom
+    request: AgentRequest
+    principal: PrincipalView

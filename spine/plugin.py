@@ -24,6 +24,7 @@ connect with :func:`spine.connect`, or pass the plugin to ``Client.connect(plugi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import importlib
@@ -43,13 +44,17 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from spine.activities.breakers import Breakers
 from spine.activities.budget import BudgetActivities
+from spine.activities.identity import IdentityActivities
 from spine.activities.llm import ModelActivities
 from spine.activities.providers.base import ModelProvider
 from spine.activities.tools import Registry, SecretResolver, ToolRunner, make_tool_activities
 from spine.activities.transcript import TranscriptStore
+from spine.client.identity import SigningInterceptor
 from spine.contract import DEFAULT_LEDGER_TASK_QUEUE, DEFAULT_TASK_QUEUE, rate_limited_queue
-from spine.guardrails.interceptor import PolicyInterceptor
+from spine.guardrails.identity import Keyring
+from spine.guardrails.interceptor import IdentityInterceptor, PolicyInterceptor
 from spine.guardrails.policy import Policy, load_policy
+from spine.guardrails.principals import VaultKeyring, VaultSigner
 from spine.guardrails.secrets import NoSecrets, VaultSecrets
 from spine.observability.alerts import AlertActivities, AlertEngine
 from spine.observability.audit import AuditActivities, AuditStore, store_from_env
@@ -64,11 +69,14 @@ PASSTHROUGH_MODULES = (
     "jsonschema",  # validates model arguments; pure and deterministic, heavy to import
     "referencing",  # jsonschema's $ref resolver
     "rpds",  # compiled persistent maps used by referencing
+    "cryptography",  # Ed25519 signature checks in update validators; compiled, import once
     "spine.contract",  # stdlib + pydantic only: the request, result and decision models
     "spine.payloads",  # stdlib + pydantic only: activity inputs and results
     "spine.workflows.state",  # stdlib + pydantic only: the run state and its transitions
     "spine.activities.errors",  # stdlib + temporalio only: the error taxonomy
     "spine.guardrails.hooks",  # stdlib only: what guards need from the run
+    "spine.guardrails.identity",  # claims and the keyring (keys loaded by the worker)
+    "spine.guardrails.taint",  # pure: the untrusted-token filter
     "spine.guardrails.allowlist",  # pure: the one allowlist (loop and interceptor share it)
     "spine.guardrails.approvals",  # pure: approval rules and the approval desk
     "spine.guardrails.budget",  # pure: prices, limits, reservations
@@ -105,6 +113,9 @@ class SpineConfig:
     ledger: bool = True
     """Run the budget ledgers' worker next to this one (one per deployment is enough)."""
     ledger_task_queue: str = DEFAULT_LEDGER_TASK_QUEUE
+    worker_principal: str = "spine-worker"
+    """The principal this worker signs its budget-ledger operations as (its OpenBao identity)."""
+    keyring_refresh_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SpineConfig:
@@ -125,6 +136,7 @@ class SpineConfig:
             search_attributes=_flag(env, "SPINE_SEARCH_ATTRIBUTES"),
             ledger=_flag(env, "SPINE_LEDGER_WORKER"),
             ledger_task_queue=env.get("SPINE_LEDGER_TASK_QUEUE") or DEFAULT_LEDGER_TASK_QUEUE,
+            worker_principal=env.get("SPINE_WORKER_PRINCIPAL") or "spine-worker",
         )
 
 
@@ -186,6 +198,7 @@ class _Served:
     http: httpx.AsyncClient
     audit: AuditStore
     companions: list[Worker]
+    keyring: VaultKeyring | None
 
 
 class SpinePlugin(SimplePlugin):
@@ -211,6 +224,7 @@ class SpinePlugin(SimplePlugin):
         self.config = config or SpineConfig.from_env()
         self.policy = policy or load_policy(self.config.policy_path)
         self.registry = registry or load_registry(self.config.agent_modules)
+        self.keyring = Keyring(self.policy.grants())
         self._served: dict[str, _Served] = {}
         self._companion_queues: set[str] = set()
         self._pending_activities: list[Callable[..., object]] = []
@@ -219,7 +233,7 @@ class SpinePlugin(SimplePlugin):
             data_converter=_converter,
             workflows=[AgentWorkflow, SpineAlertsWorkflow],
             workflow_runner=sandbox,
-            interceptors=[PolicyInterceptor()],
+            interceptors=[PolicyInterceptor(), IdentityInterceptor(self.keyring)],
             activities=self._activities,
         )
 
@@ -261,7 +275,24 @@ class SpinePlugin(SimplePlugin):
             breakers=breakers,
             audit_append=audit.store.append,
         )
-        budget = BudgetActivities(client, self.config.ledger_task_queue)
+        vault = self.config.secrets if isinstance(self.config.secrets, VaultSecrets) else None
+        loader = None
+        if vault is not None:
+            loader = VaultKeyring(self.keyring, vault.client, self.config.keyring_refresh_s)
+            loader.refresh()
+            self.keyring.refresher = loader.refresh_soon
+        else:
+            self.keyring.error = (
+                "no OpenBao configured (VAULT_ADDR), so no principal can be verified"
+            )
+        refresh = loader.refresh if loader else None
+        identity = IdentityActivities(self.keyring, client, self.policy, self.registry, refresh)
+        budget = BudgetActivities(
+            signing_client(client, WorkerSigner(vault, self.config.worker_principal))
+            if vault is not None
+            else client,
+            self.config.ledger_task_queue,
+        )
         alerts = AlertActivities(
             AlertEngine.from_policy(audit.store, self.policy, settings, http=http)
         )
@@ -271,11 +302,16 @@ class SpinePlugin(SimplePlugin):
             budget.apply,
             audit.append,
             alerts.check,
+            identity.verify_principal,
+            identity.verify_carry,
+            identity.fork_state,
             *make_tool_activities(runner),
         ]
         config = super().configure_worker(config)
         others = [p for p in config.get("plugins") or [] if p is not self]
-        self._served[queue] = _Served(http, audit.store, self._companions(config, runner, others))
+        self._served[queue] = _Served(
+            http, audit.store, self._companions(config, runner, others), loader
+        )
         return config
 
     def _companions(
@@ -301,31 +337,63 @@ class SpinePlugin(SimplePlugin):
             )
         if self.config.ledger:
             self._companion_queues.add(self.config.ledger_task_queue)
-            companions.append(ledger_worker(client, self.config.ledger_task_queue))
+            companions.append(
+                ledger_worker(client, self.config.ledger_task_queue, keyring=self.keyring)
+            )
         return companions
 
     async def run_worker(self, worker: Worker, next: Callable[[Worker], Awaitable[None]]) -> None:
         served = self._served.get(worker.task_queue)
         if served is None:
             return await next(worker)  # a companion
+        refreshing = (
+            asyncio.create_task(served.keyring.keep_fresh()) if served.keyring is not None else None
+        )
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for companion in served.companions:
                     await stack.enter_async_context(companion)
                 await next(worker)
         finally:
+            if refreshing is not None:
+                refreshing.cancel()
             await served.http.aclose()
             await served.audit.close()
 
 
-def ledger_worker(client: Client, task_queue: str = DEFAULT_LEDGER_TASK_QUEUE) -> Worker:
-    """A worker serving only the per-account budget ledgers (`SpineBudgetLedger`)."""
+def ledger_worker(
+    client: Client, task_queue: str = DEFAULT_LEDGER_TASK_QUEUE, *, keyring: Keyring
+) -> Worker:
+    """A worker serving only the per-account budget ledgers (`SpineBudgetLedger`); `keyring`
+    verifies that each operation was signed by a Spine worker."""
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[BudgetLedger],
         workflow_runner=sandbox(),
+        interceptors=[IdentityInterceptor(keyring)],
     )
+
+
+def signing_client(client: Client, signer: VaultSigner) -> Client:
+    """`client` with a signing interceptor: what a worker uses to operate budget ledgers."""
+    return Client(
+        client.service_client,
+        namespace=client.namespace,
+        data_converter=client.data_converter,
+        interceptors=[SigningInterceptor(signer)],
+    )
+
+
+class WorkerSigner(VaultSigner):
+    """Signs as the worker's own OpenBao identity (its token from the worker's Vault login)."""
+
+    def __init__(self, vault: VaultSecrets, principal: str) -> None:
+        super().__init__(url=vault.url, tokens={principal: ""}, default=principal)
+        self._vault = vault
+
+    def token(self, principal: str) -> str | None:
+        return self._vault.client().token if principal == self.default else None
 
 
 def build_worker(

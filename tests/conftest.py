@@ -12,6 +12,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from spine.client.identity import SigningInterceptor
 from spine.client.testing import (
     DemoService,
     VaultDev,
@@ -21,6 +22,7 @@ from spine.client.testing import (
 )
 from spine.guardrails.secrets import VaultSecrets
 from spine.plugin import SpineConfig, build_worker
+from tests.helpers import TEST_PRINCIPALS, write_test_policy
 
 
 @pytest.fixture(scope="session")
@@ -38,14 +40,29 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
 
 
 @pytest.fixture(scope="session")
-def client(temporal_env: WorkflowEnvironment) -> Client:
-    return temporal_env.client
+def client(temporal_env: WorkflowEnvironment, vault: VaultDev) -> Client:
+    """The session's client: it signs each call as the principal the call names (the request's
+    `user`, the decision's `by`), with that principal's OpenBao token."""
+    base = temporal_env.client
+    return Client(
+        base.service_client,
+        namespace=base.namespace,
+        data_converter=base.data_converter,
+        interceptors=[SigningInterceptor(vault.signer(vault.tokens))],
+    )
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VaultDev, DemoService]]:
-    with demo_stack(tmp_path_factory.mktemp("stack")) as pair:
-        yield pair
+    with demo_stack(tmp_path_factory.mktemp("stack")) as (vault, service):
+        vault.tokens.update(vault.seed_principals(TEST_PRINCIPALS))
+        yield vault, service
+
+
+@pytest.fixture(scope="session")
+def test_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default policy, with the test principals (tests make fresh accounts for isolation)."""
+    return write_test_policy(tmp_path_factory.mktemp("policy") / "policy.toml")
 
 
 @pytest.fixture(scope="session")
@@ -65,11 +82,12 @@ def task_queue() -> str:
 
 @pytest.fixture
 def worker_config(
-    vault: VaultDev, service: DemoService, tmp_path: Path, task_queue: str
+    vault: VaultDev, service: DemoService, tmp_path: Path, task_queue: str, test_policy: Path
 ) -> SpineConfig:
     settings = {"SPINE_DEMO_URL": service.url}
     return SpineConfig(
         task_queue=task_queue,
+        policy_path=test_policy,
         state_dir=tmp_path / "state",
         settings=settings,
         secrets=VaultSecrets(vault.url, token=vault.token),

@@ -21,10 +21,37 @@ def call(name: str, **args: object) -> ScriptToolCall:
     return ScriptToolCall(name=name, args=args)
 
 
+#: Principals the tests sign as, beyond the demo's: a second supervisor (N distinct approvers)
+#: and one the policy grants nothing.
+TEST_PRINCIPALS: dict[str, tuple[str, ...]] = {"carol": (), "mallory": ()}
+
+
+def policy_for_tests() -> dict:
+    """The default policy with the principals the tests use allowed on every account."""
+    import tomllib
+
+    from spine.guardrails.policy import DEFAULT_POLICY_PATH
+
+    data = tomllib.loads(DEFAULT_POLICY_PATH.read_text())
+    for grant in data["principals"].values():
+        grant["accounts"] = ["*"]
+    data["principals"]["carol"] = {"roles": ["supervisor"], "accounts": ["*"]}
+    data["principals"]["mallory"] = {"roles": [], "accounts": []}
+    return data
+
+
+def write_test_policy(path, data: dict | None = None):
+    """Write :func:`policy_for_tests` (or `data`) as TOML to `path`; returns `path`."""
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(data if data is not None else policy_for_tests()))
+    return path
+
+
 def turn(
     *calls: ScriptToolCall,
     text: str | None = None,
-    confidence: float | None = None,
+    confidence: float | None = 0.9,
     tokens: tuple[int, int] = (100, 20),
 ) -> ScriptTurn:
     return ScriptTurn(
@@ -97,16 +124,8 @@ async def approve_first_pending(
 def policy_file(
     tmp_path, *, runtime: dict | None = None, agent: dict | None = None, name: str = "policy.toml"
 ):
-    """A copy of the default policy with `runtime` and refund-agent settings overridden."""
-    import tomllib
-
-    import tomli_w
-
-    from spine.guardrails.policy import DEFAULT_POLICY_PATH
-
-    data = tomllib.loads(DEFAULT_POLICY_PATH.read_text())
+    """The test policy with `runtime` and refund-agent settings overridden."""
+    data = policy_for_tests()
     data["runtime"].update(runtime or {})
     data["agents"]["refund-agent"].update(agent or {})
-    path = tmp_path / name
-    path.write_text(tomli_w.dumps(data))
-    return path
+    return write_test_policy(tmp_path / name, data)

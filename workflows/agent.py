@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import NoReturn
 
 from temporalio import workflow
+from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -31,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         SIGNAL_APPROVAL,
         SIGNAL_OPERATOR,
         UPDATE_DECIDE,
+        UPDATE_OPERATE,
         WORKFLOW_TYPE,
         AgentResult,
         ApprovalDecision,
@@ -42,16 +44,12 @@ with workflow.unsafe.imports_passed_through():
     from spine.guardrails.approvals import ApprovalDesk
     from spine.guardrails.budget import BudgetGate
     from spine.guardrails.hooks import RunHooks
-    from spine.guardrails.interceptor import RunGuards
+    from spine.guardrails.identity import CURRENT, VERIFIED
+    from spine.guardrails.interceptor import RunGuards, refusal
     from spine.guardrails.parking import Parking, Skipped
     from spine.guardrails.saga import Saga
     from spine.observability.trail import AuditTrail
-    from spine.payloads import (
-        LedgerAnswer,
-        LedgerOp,
-        ToolCall,
-        digest,
-    )
+    from spine.payloads import LedgerAnswer, LedgerOp, PrincipalView, ToolCall, digest
     from spine.workflows.state import (
         AgentWorkflowInput,
         RunState,
@@ -59,9 +57,10 @@ with workflow.unsafe.imports_passed_through():
         apply_skip,
         apply_tool_result,
         begin,
+        cumulative_amounts,
     )
 
-from spine.workflows import calls
+from spine.workflows import admission, calls
 from spine.workflows.toolcalls import ToolCalls
 from spine.workflows.turns import ModelTurns
 from spine.workflows.visibility import Visibility
@@ -71,17 +70,34 @@ async def _wait(condition: Callable[[], bool], timeout: timedelta | None) -> Non
     await workflow.wait_condition(condition, timeout=timeout)
 
 
+def _run_key() -> str:
+    """What this run's idempotency keys and reservations start with: the workflow id and the
+    chain's first run id, so a reused workflow id never reuses a key of an earlier run."""
+    info = workflow.info()
+    return f"{info.workflow_id}/{info.first_execution_run_id}"
+
+
+def _verified() -> PrincipalView | None:
+    """The principal the identity interceptor verified for the update being validated."""
+    principal = VERIFIED.get()
+    return PrincipalView.of(principal) if principal is not None else None
+
+
 @workflow.defn(name=WORKFLOW_TYPE)
 class AgentWorkflow:
     @workflow.init
-    def __init__(self, request: AgentWorkflowInput) -> None:
+    def __init__(self, raw: RawValue) -> None:
         info = workflow.info()
-        self.request = request
-        self.state = request.carry or RunState()  # the agent spec is pinned by `resolve`
+        # The input is decoded here, not by the SDK, so a bad one fails the run in one line
+        # instead of failing workflow tasks forever.
+        self.request, self.input_problem = admission.decode(raw, AgentWorkflowInput)
+        request = self.request
+        self.state = (request.carry if request else None) or RunState()
+        agent, account = (request.agent, request.account) if request else ("?", "?")
         self.view = Visibility(
             self.state,
-            agent=request.agent,
-            account=request.account,
+            agent=agent,
+            account=account,
             now=workflow.now,
             upsert=workflow.upsert_search_attributes,
         )
@@ -89,8 +105,8 @@ class AgentWorkflow:
             self.state,
             run_id=f"{info.workflow_id}:{info.first_execution_run_id}",
             workflow_run_id=info.run_id,
-            agent=request.agent,
-            account=request.account,
+            agent=agent,
+            account=account,
             now=workflow.now,
         )
         hooks = RunHooks(
@@ -101,7 +117,7 @@ class AgentWorkflow:
             new_id=lambda: workflow.uuid4().hex[:8],
             warn=workflow.logger.warning,
         )
-        self.approvals = ApprovalDesk(self.state, hooks, agent=request.agent)
+        self.approvals = ApprovalDesk(self.state, hooks, agent=agent)
         # Parking on an audit failure must not park again: it writes the trail best effort.
         self.parking = Parking(self.state, dataclasses.replace(hooks, flush=self.flush_best_effort))
         self.saga = Saga(self.state, self.trail.record)
@@ -121,19 +137,29 @@ class AgentWorkflow:
             pending_approvals=self.approvals.pending(),
             usage=self.state.usage,
             reason=self.view.reason,
-            agent=self.request.agent,
+            agent=self.request.agent if self.request else "",
             last_tool=self.tools.last_tool if self.tools else None,
             retries=self.state.retries,
             path=self.state.path,
+            refused=self.approvals.refused + self.parking.refused,
         )
 
     @workflow.signal(name=SIGNAL_APPROVAL)
-    def approval_signal(self, decision: ApprovalDecision) -> None:
-        problem = self.approvals.problem(decision)
-        if problem:
-            self.approvals.refuse(decision, problem)
+    async def approval_signal(self, raw: RawValue) -> None:
+        """Checked like `decide`, but through an activity (signals have no validator); a
+        refusal is stored in the audit log before the handler returns."""
+        claim = CURRENT.get()
+        decision, problem = admission.decode(raw, ApprovalDecision)
+        principal = None
+        if decision is not None:
+            principal, problem = await admission.verified(claim, "decide", decision)
+            problem = problem or self.approvals.problem(decision, principal)
+        if problem or decision is None:
+            who = principal.name if principal else None
+            self.approvals.refuse(decision, problem or "refused", who)
         else:
             self.approvals.accept(decision)
+        await self.flush_best_effort()
 
     @workflow.update(name=UPDATE_DECIDE)
     def decide(self, decision: ApprovalDecision) -> DecisionAck:
@@ -142,22 +168,47 @@ class AgentWorkflow:
 
     @decide.validator
     def _validate_decide(self, decision: ApprovalDecision) -> None:
-        problem = self.approvals.problem(decision)
+        problem = self.approvals.problem(decision, _verified())
         if problem:
-            raise ValueError(problem)
+            raise refusal(problem)
 
     @workflow.signal(name=SIGNAL_OPERATOR)
-    def operator_signal(self, command: OperatorCommand) -> None:
-        problem = self.parking.problem(command, self.view.status)
-        if problem:
-            self.parking.refuse(command, problem)
+    async def operator_signal(self, raw: RawValue) -> None:
+        claim = CURRENT.get()
+        command, problem = admission.decode(raw, OperatorCommand)
+        principal = None
+        if command is not None:
+            principal, problem = await admission.verified(claim, "operate", command)
+            problem = problem or self.parking.problem(command, self.view.status, principal)
+        if problem or command is None:
+            self.parking.refuse(
+                command, problem or "refused", principal.name if principal else None
+            )
         else:
             self.parking.accept(command)
+        await self.flush_best_effort()
+
+    @workflow.update(name=UPDATE_OPERATE)
+    def operate(self, command: OperatorCommand) -> StateView:
+        self.parking.accept(command)
+        return self.state_view()
+
+    @operate.validator
+    def _validate_operate(self, command: OperatorCommand) -> None:
+        problem = self.parking.problem(command, self.view.status, _verified())
+        if problem:
+            raise refusal(problem)
 
     # ---------------------------------------------------------------------------------- run
 
     @workflow.run
-    async def run(self, request: AgentWorkflowInput) -> AgentResult:
+    async def run(self, raw: RawValue) -> AgentResult:
+        if self.request is None:
+            raise ApplicationError(
+                f"the run's input was refused: {self.input_problem}",
+                type="InvalidRequest",
+                non_retryable=True,
+            )
         try:
             await self.resolve()
             await self.loop()
@@ -172,26 +223,49 @@ class AgentWorkflow:
         return result
 
     async def resolve(self) -> None:
-        """Pin the agent and its policy slice (once per chain), and arm the guards."""
+        """Admit the run (who started it, or that its carry is its own), pin the agent and its
+        policy slice once per chain, and arm the guards."""
         request = self.request
-        if self.state.spec is None:
-            self.state.spec = await calls.resolve_agent(request)
+        assert request is not None
+        if request.carry is not None:
+            try:
+                await admission.admit_carry()
+            except StopRun:
+                self._forget(RunState())  # a forged carry grants nothing, not even undoing
+                raise
+        else:
+            try:
+                principal = await admission.admit(
+                    request, self.guards.start_claim, self.guards.start_claim_problem
+                )
+            except StopRun as stop:
+                self.trail.record(
+                    "policy_decision", "spine", decision="refused", reason=stop.reason
+                )
+                raise
+            if request.fork_from is not None:
+                self._forget(await calls.fork_state(request, principal))
+            else:
+                self.state.spec = await calls.resolve_agent(request)
+            self.state.principal = principal.name
+            spec = self.state.agent
             choice = request.model
             self.trail.record(
                 "run_started",
-                request.user,
+                principal.name,
                 agent=request.agent,
                 user=request.user,
                 role=request.role,
                 account=request.account,
-                provider=choice.provider if choice else self.state.spec.default_provider,
-                model=(choice.name if choice else None) or self.state.spec.default_model,
+                provider=choice.provider if choice else spec.default_provider,
+                model=(choice.name if choice else None) or spec.default_model,
                 goal_digest=digest(request.goal),
+                forked_from=request.fork_from.model_dump() if request.fork_from else None,
             )
         self.view.publish()
-        allowlist = Allowlist(self.state.spec, request.role)
+        allowlist = Allowlist(self.state.agent, request.role)
         self.budget = BudgetGate(
-            self.state, request.limits, record=self.trail.record, run_id=workflow.info().workflow_id
+            self.state, request.limits, record=self.trail.record, run_id=_run_key()
         )
         self.guards.allowlist, self.guards.budget = allowlist, self.budget
         self.tools = ToolCalls(
@@ -210,7 +284,13 @@ class AgentWorkflow:
             parking=self.parking,
             trail=self.trail,
             flush_audit=self.flush_audit,
+            transcript_id=_run_key(),
         )
+
+    def _forget(self, state: RunState) -> None:
+        """Take `state` as the run's (the guards hold the same object, so it is copied in)."""
+        for name in RunState.model_fields:
+            setattr(self.state, name, getattr(state, name))
 
     async def loop(self) -> NoReturn:
         """The agent: ask the model, run the tools it asks for, until it answers."""
@@ -244,11 +324,13 @@ class AgentWorkflow:
         if tool is None:
             return tools.refuse(call, problem)
         args = call.args or {}
-        needs = self.approvals.rule_for(tool, args, confidence)
+        today = cumulative_amounts(self.state, tool.name, args, scope="account_day")
+        day_totals = await self.account_totals([k for k, _ in today]) if today else {}
+        needs = self.approvals.rule_for(tool, args, confidence, day_totals=day_totals)
         if needs is not None:
             reason, rule = needs
             await self.approvals.request(tool.name, args, reason, rule.approver_roles, rule)
-        key = f"{workflow.info().workflow_id}/{self.state.step}/{index}"
+        key = f"{_run_key()}/{self.state.step}/{index}"
         try:
             result, used, used_key = await tools.run(tool, args, call.id, key)
         except Skipped as skipped:
@@ -257,6 +339,8 @@ class AgentWorkflow:
         except ApplicationError as err:  # a failure the model can correct: it is told
             return tools.refuse(call, f"error: {err.type}: {err.message}")
         apply_tool_result(self.state, call, used, args, result.output, used_key)
+        if today:
+            await self.account_totals([], add=dict(today))
         return None
 
     # ---------------------------------------------------------------------------- finish
@@ -323,6 +407,15 @@ class AgentWorkflow:
 
     async def flush_best_effort(self) -> None:
         await self.flush_audit(park=False)
+
+    async def account_totals(
+        self, keys: list[str], *, add: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """The account's totals today for cumulative approval rules (the ledger keeps them)."""
+        answer = await self.ledger(
+            LedgerOp(run_id=_run_key(), exposure_query=keys, exposure_add=add or {})
+        )
+        return answer.exposure
 
     async def ask_to_continue(self, args: dict[str, object], reason: str, roles: list[str]) -> None:
         await self.approvals.request("budget", args, reason, roles)

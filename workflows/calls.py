@@ -6,7 +6,7 @@ the account's budget ledger. Each fails closed: what a guard needs and cannot ge
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -17,12 +17,27 @@ with workflow.unsafe.imports_passed_through():
     from spine.contract import (
         ACTIVITY_AUDIT_APPEND,
         ACTIVITY_BUDGET_APPLY,
+        ACTIVITY_FORK_STATE,
         ACTIVITY_RESOLVE_AGENT,
+        ACTIVITY_VERIFY_CARRY,
+        ACTIVITY_VERIFY_PRINCIPAL,
         AgentRequest,
     )
+    from spine.guardrails.identity import Claim, Purpose
     from spine.observability.trail import AuditTrail
-    from spine.payloads import AgentSpec, BudgetCall, LedgerAnswer, LedgerOp, ResolveAgentInput
-    from spine.workflows.state import StopRun
+    from spine.payloads import (
+        AgentSpec,
+        BudgetCall,
+        ForkStateInput,
+        LedgerAnswer,
+        LedgerOp,
+        PrincipalView,
+        ResolveAgentInput,
+        Verdict,
+        VerifyCarryInput,
+        VerifyInput,
+    )
+    from spine.workflows.state import RunState, StopRun
 
 Park = Callable[[str], Awaitable[object]]
 """Park the run with a reason until an operator retries (or ends it)."""
@@ -114,3 +129,72 @@ async def apply_ledger(
                 f"budget ledger unavailable at step {step} (no model call without a "
                 f"reservation): {kind}: {message}"
             )
+
+
+async def verify_principal(
+    claim: Claim | None,
+    purpose: Purpose,
+    payload_digest: str,
+    at: datetime,
+) -> Verdict:
+    """Ask the worker whether `claim` proves its principal for this purpose and payload (the
+    verdict is in history, so replay decides the same)."""
+    return await workflow.execute_local_activity(
+        ACTIVITY_VERIFY_PRINCIPAL,
+        VerifyInput(
+            claim=claim,
+            purpose=purpose,
+            workflow_id=workflow.info().workflow_id,
+            payload_digest=payload_digest,
+            at=at,
+        ),
+        result_type=Verdict,
+        start_to_close_timeout=timedelta(seconds=15),
+        retry_policy=RetryPolicy(
+            initial_interval=timedelta(seconds=1),
+            maximum_interval=timedelta(seconds=10),
+            maximum_attempts=20,
+        ),
+        summary=f"verify {purpose} by {claim.principal if claim else 'nobody'}",
+    )
+
+
+async def verify_carry() -> Verdict:
+    """Was this run's carried state handed over by a continue-as-new of this workflow id?"""
+    info = workflow.info()
+    return await workflow.execute_local_activity(
+        ACTIVITY_VERIFY_CARRY,
+        VerifyCarryInput(
+            workflow_id=info.workflow_id,
+            run_id=info.run_id,
+            continued_run_id=info.continued_run_id,
+        ),
+        result_type=Verdict,
+        start_to_close_timeout=timedelta(seconds=15),
+        retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10), maximum_attempts=20),
+        summary="verify carried state",
+    )
+
+
+async def fork_state(request: AgentRequest, principal: PrincipalView) -> RunState:
+    """The state of the run `request.fork_from` names, rebuilt by the worker from its history
+    and checked against today's policy.
+
+    Raises:
+        StopRun: the fork is refused (the message names why).
+    """
+    assert request.fork_from is not None
+    try:
+        return await workflow.execute_activity(
+            ACTIVITY_FORK_STATE,
+            ForkStateInput(fork_from=request.fork_from, request=request, principal=principal),
+            result_type=RunState,
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=RetryPolicy(
+                maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE_TYPES
+            ),
+            summary=f"fork {request.fork_from.workflow_id} at step {request.fork_from.step}",
+        )
+    except ActivityError as err:
+        kind, message = failure_text(err)
+        raise StopRun("failed", f"fork refused: {message}", compensate=False) from err

@@ -13,9 +13,11 @@ without a granted reservation.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from spine.contract import LEDGER_WORKFLOW_TYPE
@@ -83,6 +85,10 @@ class BudgetLedger:
         self._state.windows = {
             k: w for k, w in self._state.windows.items() if k[4:] >= oldest[: len(k) - 4]
         }
+        today = f"day:{now:%Y-%m-%d}"
+        self._state.exposure = {
+            k: v for k, v in self._state.exposure.items() if k.split("|", 1)[0] >= today
+        }
 
     @workflow.update(name="apply")
     def apply(self, op: LedgerOp) -> LedgerAnswer:
@@ -94,12 +100,18 @@ class BudgetLedger:
         now = workflow.now()
         self._expire(now)
         day, month = f"day:{now:%Y-%m-%d}", f"mon:{now:%Y-%m}"
+        exposure = {k: self._state.exposure.get(f"{day}|{k}", 0.0) for k in op.exposure_query}
+        for key, amount in op.exposure_add.items():
+            total = self._state.exposure.get(f"{day}|{key}", 0.0) + amount
+            self._state.exposure[f"{day}|{key}"] = round(total, 8)
         if op.reserve_id is None:
-            return self._answer(True, "", day, month, 0.0, op)
+            return self._answer(True, "", day, month, 0.0, op, exposure)
         existing = self._state.reservations.get(op.reserve_id)
         if existing is not None:
             # A retried activity asks again: same reservation, same answer.
-            return self._answer(True, "already reserved", existing.day, existing.month, 0.0, op)
+            return self._answer(
+                True, "already reserved", existing.day, existing.month, 0.0, op, exposure
+            )
         amount = op.reserve_usd
         for key, limit in ((day, op.daily_limit_usd), (month, op.monthly_limit_usd)):
             window = self._window(key)
@@ -113,6 +125,7 @@ class BudgetLedger:
                     month,
                     amount,
                     op,
+                    exposure,
                 )
         self._state.reservations[op.reserve_id] = Reservation(
             reservation_id=op.reserve_id,
@@ -124,7 +137,15 @@ class BudgetLedger:
         )
         self._window(day).reserved_usd += amount
         self._window(month).reserved_usd += amount
-        return self._answer(True, "", day, month, 0.0, op)
+        return self._answer(True, "", day, month, 0.0, op, exposure)
+
+    @apply.validator
+    def _check(self, op: LedgerOp) -> None:
+        """Refuse what no Spine worker would send (the identity interceptor has already checked
+        that a worker signed it): bad numbers, and settling another run's reservations."""
+        problem = ledger_problem(op, self._state)
+        if problem:
+            raise ApplicationError(f"ledger: {problem}", type="LedgerRefused", non_retryable=True)
 
     def _expire(self, now: datetime) -> None:
         cutoff = (now - RESERVATION_TTL).isoformat()
@@ -157,7 +178,14 @@ class BudgetLedger:
             self._state.overspend_usd += max(actual - reservation.amount_usd, 0.0)
 
     def _answer(
-        self, granted: bool, reason: str, day: str, month: str, extra: float, op: LedgerOp
+        self,
+        granted: bool,
+        reason: str,
+        day: str,
+        month: str,
+        extra: float,
+        op: LedgerOp,
+        exposure: dict[str, float],
     ) -> LedgerAnswer:
         d, m = self._window(day), self._window(month)
         fractions = [
@@ -174,6 +202,7 @@ class BudgetLedger:
             day_reserved_usd=round(d.reserved_usd, 8),
             month_committed_usd=round(m.committed_usd, 8),
             used_fraction=max(fractions, default=0.0),
+            exposure=exposure,
         )
 
     @workflow.query(name="show")
@@ -193,3 +222,39 @@ class BudgetLedger:
             ),
             overspend_usd=round(self._state.overspend_usd, 8),
         )
+
+
+#: The most one reservation or settlement may be: far above any real call, far below mischief.
+MAX_USD_PER_OP = 1_000.0
+
+
+def _bad(value: float) -> bool:
+    return not math.isfinite(value) or value < 0 or value > MAX_USD_PER_OP
+
+
+def ledger_problem(op: LedgerOp, state: LedgerState) -> str | None:
+    """What is wrong with `op` for this ledger, or None."""
+    if not op.run_id or len(op.run_id) > 512:
+        return "run_id must be set (and at most 512 characters)"
+    if op.reserve_id is not None and not op.reserve_id.startswith(f"{op.run_id}/"):
+        return f"reservation {op.reserve_id!r} is not one of run {op.run_id!r}"
+    if _bad(op.reserve_usd):
+        return f"reserve_usd {op.reserve_usd!r} must be between 0 and {MAX_USD_PER_OP:g}"
+    for reservation_id, actual in op.commit.items():
+        if _bad(actual):
+            return (
+                f"commit of {reservation_id!r}: {actual!r} must be between 0 and {MAX_USD_PER_OP:g}"
+            )
+    for reservation_id in [*op.commit, *op.release]:
+        found = state.reservations.get(reservation_id)
+        if found is not None and found.run_id != op.run_id:
+            return f"reservation {reservation_id!r} belongs to another run"
+    for limit in (op.daily_limit_usd, op.monthly_limit_usd):
+        if limit is not None and (not math.isfinite(limit) or limit < 0):
+            return f"limit {limit!r} must be a number of USD, 0 or more"
+    for key, amount in op.exposure_add.items():
+        if len(key) > 512 or not math.isfinite(amount) or amount < 0:
+            return f"exposure {key[:80]!r}: {amount!r} must be 0 or more"
+    if len(op.exposure_query) > 100 or len(op.commit) + len(op.release) > 1000:
+        return "too many keys in one operation"
+    return None

@@ -24,6 +24,7 @@ import json
 from pydantic import BaseModel, Field
 
 from spine.contract import AgentRequest, RunStatus, SideEffect, Usage
+from spine.guardrails import taint
 from spine.payloads import (
     EMPTY_DIGEST,
     AgentSpec,
@@ -92,7 +93,21 @@ class RunState(BaseModel):
     path: list[str] = Field(default_factory=list)
     budget: BudgetState = Field(default_factory=BudgetState)
     audit_seq: int = 0
-    untrusted_text: str = ""
+    audit_head: str = Field(
+        default="", description="The audit chain's head as the store last reported it."
+    )
+    untrusted: str = Field(
+        default="", description="Tokens of every untrusted output seen (guardrails/taint.py)."
+    )
+    untrusted_seen: bool = False
+    totals: dict[str, float] = Field(
+        default_factory=dict,
+        description="What cumulative approval rules count, by `tool:arg:per-value` (this run).",
+    )
+    principal: str = Field(default="", description="The verified principal who started it.")
+    context_bytes: int = Field(
+        default=0, description="Bytes of every message sent to the model so far (a bound)."
+    )
     spec: AgentSpec | None = Field(
         default=None, description="The agent and policy slice pinned at the run's start."
     )
@@ -111,8 +126,6 @@ class AgentWorkflowInput(AgentRequest):
     carry: RunState | None = None
 
 
-#: How much untrusted tool output (characters) a run remembers for taint checks.
-UNTRUSTED_KEEP = 16_000
 #: What a skipped call tells the model; a skip is an operator's choice, not the model's mistake.
 SKIPPED_PREFIX = "error: skipped by operator"
 
@@ -124,6 +137,7 @@ def begin(state: RunState, goal: str) -> None:
             ChatMessage(role="system", content=state.agent.instructions),
             ChatMessage(role="user", content=goal),
         ]
+        state.context_bytes += sum(_size(m) for m in state.pending_messages)
 
 
 def apply_model_turn(state: RunState, result: ModelCallResult, usd: float) -> None:
@@ -135,6 +149,7 @@ def apply_model_turn(state: RunState, result: ModelCallResult, usd: float) -> No
         state.transcript_digest = chain_digest(state.transcript_digest, message)
     state.transcript_len += len(state.pending_messages)
     state.pending_messages = [result.message]
+    state.context_bytes += _size(result.message)
     state.retries += result.attempt - 1
     state.usage = Usage(
         input_tokens=state.usage.input_tokens + result.usage.input_tokens,
@@ -162,7 +177,10 @@ def apply_tool_result(
     content = json.dumps(output, sort_keys=True)
     if tool.untrusted_output:
         # Remember outside content, so a risky call that copies from it is caught.
-        state.untrusted_text = (state.untrusted_text + "\n" + content)[-UNTRUSTED_KEEP:]
+        state.untrusted = taint.remember(state.untrusted, content)
+        state.untrusted_seen = True
+    for total, amount in cumulative_amounts(state, tool.name, args):
+        state.totals[total] = round(state.totals.get(total, 0.0) + amount, 8)
     if tool.side_effects:
         state.side_effects.append(
             SideEffect(
@@ -177,7 +195,27 @@ def apply_tool_result(
         )
     message = ChatMessage(role="tool", tool_call_id=call.id, name=call.name, content=content)
     state.pending_messages.append(message)
+    state.context_bytes += _size(message)
     return message
+
+
+def cumulative_amounts(
+    state: RunState, tool: str, args: dict[str, object], scope: str | None = None
+) -> list[tuple[str, float]]:
+    """(total key, amount) for each cumulative approval rule this call of `tool` counts for
+    (only the rules of `scope`, ``run`` or ``account_day``, when given)."""
+    found = []
+    for rule in state.agent.approval_rules:
+        if rule.tool != tool or rule.cumulative_above is None or rule.arg is None:
+            continue
+        if scope is not None and rule.scope != scope:
+            continue
+        amount = args.get(rule.arg)
+        if isinstance(amount, bool) or not isinstance(amount, int | float):
+            continue
+        per = str(args.get(rule.per, "")) if rule.per else ""
+        found.append((f"{tool}:{rule.arg}:{per}", float(amount)))
+    return found
 
 
 def apply_refusal(state: RunState, call: ToolCall, text: str) -> ChatMessage:
@@ -199,7 +237,20 @@ def _tell_model(state: RunState, call: ToolCall, text: str) -> ChatMessage:
         role="tool", tool_call_id=call.id, name=call.name, content=text, is_error=True
     )
     state.pending_messages.append(message)
+    state.context_bytes += _size(message)
     return message
+
+
+def _size(message: ChatMessage) -> int:
+    return len(message.model_dump_json(exclude_defaults=True).encode())
+
+
+def apply_charge(state: RunState, usd: float) -> None:
+    """A call that failed after the provider may have worked on it (an answer too large to
+    take, say) is charged what was reserved for it."""
+    state.usage = state.usage.model_copy(update={"usd": round(state.usage.usd + usd, 8)})
+    if state.budget.block_id is not None:
+        state.budget.block_spent_usd += usd
 
 
 def apply_retries(state: RunState, failed_attempts: int) -> None:

@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from spine.activities.errors import (
         TERMINAL,
         AuditWriteFailed,
+        ModelAnswerInvalid,
         PolicyDenied,
         TranscriptUnavailable,
         failure_text,
@@ -35,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
         ScriptTurn,
         ToolRef,
     )
-    from spine.workflows.state import RunState, StopRun, apply_model_turn
+    from spine.workflows.state import RunState, StopRun, apply_charge, apply_model_turn
 
 MODEL_TIMEOUT = timedelta(seconds=120)
 #: The model activity heartbeats: a worker that died mid-call is noticed after this long.
@@ -75,6 +76,7 @@ class ModelTurns:
         parking: Parking,
         trail: AuditTrail,
         flush_audit: Callable[[], Awaitable[None]],
+        transcript_id: str,
     ) -> None:
         self.state = state
         self.spec = state.agent
@@ -83,6 +85,7 @@ class ModelTurns:
         self.parking = parking
         self.trail = trail
         self._flush_audit = flush_audit
+        self.transcript_id = transcript_id
         # Everything stored since this run (of the chain) began, to resend if the store lost it.
         self._segment_base = (state.transcript_len, state.transcript_digest)
         self._segment: list[ChatMessage] = []
@@ -113,7 +116,7 @@ class ModelTurns:
             failures: list[tuple[str, str]] = []
             for index, (provider, model) in enumerate(models):
                 call = ModelCallInput(
-                    transcript_id=workflow.info().workflow_id,
+                    transcript_id=self.transcript_id,
                     base_len=self.state.transcript_len,
                     base_digest=self.state.transcript_digest,
                     new_messages=self.state.pending_messages,
@@ -125,12 +128,16 @@ class ModelTurns:
                     script_turn=script_turn,
                     fail_rate=self.choice.fail_rate if self.choice else 0.0,
                     fallback_index=index,
+                    context_bytes=self.state.context_bytes,
                 )
                 try:
                     result = await self._call(call)
                 except ActivityError as err:
                     kind, message = failure_text(err)
                     self.parking.failed(err)
+                    if kind == ModelAnswerInvalid.__name__:
+                        # The provider did the work; what was reserved for it is spent.
+                        apply_charge(self.state, self.budget.estimate([(provider, model)]))
                     failures.append((kind, f"{model}: {kind}: {message}"))
                     continue
                 except ApplicationError as err:
@@ -142,6 +149,7 @@ class ModelTurns:
                         f"step {self.state.step}: model {models[0][1]} failed, used fallback "
                         f"{model}"
                     )
+                result = self.budget.bounded(result)
                 usd = self.budget.cost(result, model)
                 self._segment.extend(self.state.pending_messages)
                 apply_model_turn(self.state, result, usd)

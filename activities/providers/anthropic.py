@@ -23,8 +23,8 @@ from spine.activities.providers.base import (
     ModelProvider,
     mentions_context_overflow,
     parse_tool_arguments,
+    reported_usage,
 )
-from spine.contract import TokenUsage
 from spine.payloads import ChatMessage, ProviderRequest, ProviderResponse, ToolCall, ToolSchema
 
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
@@ -184,12 +184,12 @@ def from_anthropic_message(message: Message) -> ProviderResponse:
             content="\n\n".join(texts) if texts else None,
             tool_calls=tool_calls,
         ),
-        usage=TokenUsage(
+        usage=reported_usage(
             # Cached prompt tokens are billed input too; the API reports them separately.
-            input_tokens=usage.input_tokens
+            (usage.input_tokens or 0)
             + (usage.cache_creation_input_tokens or 0)
             + (usage.cache_read_input_tokens or 0),
-            output_tokens=usage.output_tokens,
+            usage.output_tokens or 0,
         ),
         model=message.model,
         finish_reason=finish_reason,

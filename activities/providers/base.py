@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from spine.activities.errors import AuthenticationFailed
-from spine.contract import JsonObject
+from spine.contract import MAX_TOKENS_PER_CALL, JsonObject, TokenUsage
 from spine.payloads import ProviderRequest, ProviderResponse
 
 # Phrases providers use when a prompt no longer fits: OpenAI ("maximum context length",
@@ -73,3 +73,16 @@ def parse_tool_arguments(raw: str) -> JsonObject | None:
 def mentions_context_overflow(*texts: str | None) -> bool:
     """Whether a provider error message says the prompt is longer than the model accepts."""
     return any(text and _CONTEXT_OVERFLOW.search(text) for text in texts)
+
+
+def reported_usage(input_tokens: object, output_tokens: object) -> TokenUsage:
+    """Usage as a provider reported it, made safe to count: numbers that are not whole,
+    negative or absurd are counted as not reported (0), which the workflow charges at the
+    call's reservation, never as a credit or for free."""
+
+    def count(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return 0
+        return value if 0 <= value <= MAX_TOKENS_PER_CALL else 0
+
+    return TokenUsage(input_tokens=count(input_tokens), output_tokens=count(output_tokens))

@@ -25,8 +25,8 @@ from spine.activities.providers.base import (
     ModelProvider,
     mentions_context_overflow,
     parse_tool_arguments,
+    reported_usage,
 )
-from spine.contract import TokenUsage
 from spine.payloads import ChatMessage, ProviderRequest, ProviderResponse, ToolCall, ToolSchema
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -224,9 +224,8 @@ def from_openai_completion(completion: ChatCompletion) -> ProviderResponse:
     usage = completion.usage
     return ProviderResponse(
         message=ChatMessage(role="assistant", content=message.content, tool_calls=tool_calls),
-        usage=TokenUsage(
-            input_tokens=usage.prompt_tokens if usage else 0,
-            output_tokens=usage.completion_tokens if usage else 0,
+        usage=reported_usage(
+            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0
         ),
         model=completion.model,
         finish_reason=finish_reason,
