@@ -34,6 +34,7 @@ from temporalio import activity
 
 from spine.activities.breakers import Breakers
 from spine.activities.errors import (
+    DependencyUnavailable,
     SecretMissing,
     SpineError,
     ToolFailed,
@@ -44,6 +45,7 @@ from spine.activities.errors import (
 )
 from spine.activities.heartbeat import heartbeating
 from spine.contract import ACCOUNT_PATTERN, JsonObject, tool_activity
+from spine.guardrails.scrub import Scrubber
 from spine.payloads import (
     CompensationInput,
     ToolCallInput,
@@ -53,7 +55,6 @@ from spine.payloads import (
 )
 
 MAX_OUTPUT_BYTES = 64 * 1024
-REDACTED = "[redacted]"
 
 Risk = Literal["low", "medium", "high"]
 """How much harm a wrong call can do; recorded in the lock file, shown to reviewers."""
@@ -496,19 +497,6 @@ class Registry:
         return list(self._agents.values())
 
 
-def _scrub(value: object, secrets: Sequence[str]) -> object:
-    if isinstance(value, str):
-        for s in secrets:
-            if s:
-                value = value.replace(s, REDACTED)
-        return value
-    if isinstance(value, Mapping):
-        return {k: _scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(v, secrets) for v in value]
-    return value
-
-
 async def raise_for_status(response: httpx.Response) -> None:
     """Turn an HTTP error from a tool's dependency into Spine's taxonomy.
 
@@ -572,21 +560,35 @@ class ToolRunner:
             settings=self.settings,
             _secrets=values,
         )
-        result = await self.breakers.call(
-            definition.dependency, lambda: _call_tool(definition, args, ctx)
-        )
+        scrub = Scrubber(values.values())
+        try:
+            result = await self.breakers.call(
+                definition.dependency, lambda: _call_tool(definition, args, ctx)
+            )
+        except SpineError as err:
+            # Error messages leave the activity (history, logs, traces, the model): no secret.
+            err.message = scrub.text(err.message)
+            raise
+        except Exception as err:
+            # An unexpected exception's text may quote a secret (an HTTP client quoting a header
+            # value, say): it becomes a scrubbed, retryable failure without its chain.
+            raise DependencyUnavailable(
+                f"{call.tool}: {type(err).__name__}: {scrub.text(str(err))}"
+            ) from None
         try:
             output = definition.output_model.model_validate(result, from_attributes=True)
         except ValidationError as err:
-            raise ToolOutputInvalid(f"{call.tool}: invalid output: {_one_line(err)}") from err
-        dumped = _scrub(output.model_dump(mode="json"), list(values.values()))
+            raise ToolOutputInvalid(
+                f"{call.tool}: invalid output: {scrub.text(_one_line(err))}"
+            ) from None
+        dumped = scrub.value(output.model_dump(mode="json"))
         size = len(json.dumps(dumped))
         if size > MAX_OUTPUT_BYTES:
             raise ToolOutputInvalid(
                 f"{call.tool}: output is {size} bytes, above the {MAX_OUTPUT_BYTES}-byte limit; "
                 "store large results and return a reference"
             )
-        return ToolCallResult(output=dumped, attempt=attempt)  # type: ignore[arg-type]  # _scrub keeps the shape
+        return ToolCallResult(output=dumped, attempt=attempt)  # type: ignore[arg-type]  # scrub keeps the shape
 
 
 async def _call_tool(definition: ToolDefinition, args: BaseModel, ctx: ToolContext) -> BaseModel:

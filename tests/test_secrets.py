@@ -10,12 +10,13 @@ import uuid
 import httpx
 from pydantic import BaseModel
 
+from spine.activities.errors import SecretMissing
 from spine.activities.providers import openai_provider_from_env
 from spine.activities.tools import Registry, SecretRef, ToolContext, ToolRunner, tool
 from spine.client.demo import build_demo_request
-from spine.client.runs import decide, start_run, wait_result
+from spine.client.runs import decide, operate, start_run, wait_result
 from spine.client.testing import DemoService, VaultDev, binary, start_vault_dev
-from spine.contract import ApprovalDecision, ModelChoice
+from spine.contract import ApprovalDecision, ModelChoice, OperatorCommand
 from spine.guardrails.policy import load_policy
 from spine.guardrails.secrets import VaultSecrets
 from spine.observability.telemetry import telemetry_from_env
@@ -135,7 +136,7 @@ async def test_tool_output_is_scrubbed_of_resolved_secrets(vault: VaultDev, serv
 
 
 async def test_vault_down_fails_closed_then_recovers(
-    client, make_worker, task_queue, service: DemoService
+    client, make_worker, task_queue, service: DemoService, vault: VaultDev
 ):
     """With OpenBao stopped the refund never runs; once OpenBao is back the run finishes, once."""
     private = start_vault_dev()
@@ -148,7 +149,10 @@ async def test_vault_down_fails_closed_then_recovers(
     request = scripted_request(script)
     request.account = account
     try:
-        async with make_worker(secrets=VaultSecrets(private.url, token=private.token)):
+        async with make_worker(
+            secrets=VaultSecrets(private.url, token=private.token),
+            identity=VaultSecrets(vault.url, token=vault.token),  # principals stay reachable
+        ):
             handle = await start_run(client, request, task_queue=task_queue)
             state = await wait_for_status(handle, "awaiting_approval")
             private.stop()
@@ -182,3 +186,125 @@ async def test_vault_down_fails_closed_then_recovers(
         private.stop()
     assert result.status == "completed", result.reason
     assert len(service.get("/v1/refunds?order_id=o-1082")) == 1
+
+
+class _EchoingPartner:
+    """A partner API that answers 401 and echoes the caller's credentials back: as sent, in
+    base64, in hex, URL-encoded, and split in two across the message."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
+                import base64 as b64
+                import urllib.parse
+
+                auth = self.headers.get("Authorization", "")
+                key = auth.removeprefix("Bearer ")
+                body = json.dumps(
+                    {
+                        "error": f"invalid credentials: {auth}",
+                        "debug": {
+                            "b64": b64.b64encode(key.encode()).decode(),
+                            "hex": key.encode().hex(),
+                            "url": urllib.parse.quote(key, safe=""),
+                            "split": f"{key[: len(key) // 2]} ... {key[len(key) // 2 :]}",
+                        },
+                    }
+                ).encode()
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _forms(secret: str) -> dict[str, str]:
+    import base64 as b64
+    import urllib.parse
+
+    return {
+        "plain": secret,
+        "base64": b64.b64encode(secret.encode()).decode().rstrip("="),
+        "hex": secret.encode().hex(),
+        "url": urllib.parse.quote(secret, safe=""),
+        "first half": secret[: len(secret) // 2],
+        "second half": secret[len(secret) // 2 :],
+    }
+
+
+async def test_a_partner_echoing_the_key_leaks_it_nowhere(
+    client, make_worker, task_queue, worker_config, vault: VaultDev, tmp_path, caplog
+):
+    """A 401 body quoting the request's key (plain, base64, hex, URL-encoded, halves) reaches
+    no history, log, trace, audit entry, state or model-visible text."""
+    secret = f"sk-live-{uuid.uuid4().hex}{uuid.uuid4().hex}"
+    account = f"leak-{uuid.uuid4().hex[:6]}"
+    vault.put_secret(f"spine/{account}", {"api_key": secret})
+    partner = _EchoingPartner()
+    trace_file = tmp_path / "traces.jsonl"
+    telemetry = telemetry_from_env(
+        {"SPINE_TRACE_FILE": str(trace_file), "SPINE_TRACE_CONTENT": "1"}
+    )
+    caplog.set_level(logging.DEBUG)
+    request = scripted_request([turn(call("lookup_order", order_id="o-1083")), turn(text="ok")])
+    request.account = account
+    try:
+        async with make_worker(
+            settings={"SPINE_DEMO_URL": partner.url},
+            plugins=telemetry.worker_plugins(load_policy().price_table()),
+        ):
+            handle = await start_run(client, request, task_queue=task_queue)
+            state = await wait_for_status(handle, "parked", timeout=120)
+            await operate(handle, OperatorCommand(action="abort", by="ops", role="operator"))
+            result = await wait_result(handle)
+    finally:
+        partner.stop()
+        telemetry.shutdown()
+    assert "AuthenticationFailed" in (state.reason or "") and "[redacted]" in (state.reason or "")
+    places = {
+        "history": await _show_json(client, handle.id),
+        "worker logs": caplog.text,
+        "traces": trace_file.read_text() if trace_file.exists() else "",
+        "audit log": (worker_config.state_dir / "audit.db").read_bytes().decode("latin-1"),
+        "transcripts": (worker_config.state_dir / "transcripts.db").read_bytes().decode("latin-1"),
+        "state and result": state.model_dump_json() + result.model_dump_json(),
+    }
+    leaks = {
+        (place, form)
+        for place, text in places.items()
+        for form, value in _forms(secret).items()
+        if value in text
+    }
+    assert leaks == set()
+
+
+async def test_a_secret_with_a_newline_is_refused_without_quoting_it(
+    vault: VaultDev, service: DemoService
+):
+    """A Vault value with a trailing newline (which HTTP clients quote in their errors) is
+    refused when it is read, naming the path, never the value."""
+    account = f"nl-{uuid.uuid4().hex[:6]}"
+    secret = f"key-{uuid.uuid4().hex}"
+    vault.put_secret(f"spine/{account}", {"api_key": secret + "\n"})
+    resolver = VaultSecrets(vault.url, token=vault.token)
+    try:
+        await resolver.resolve(
+            [SecretRef(name="api_key", path="spine/{account}", key="api_key")], account
+        )
+        raise AssertionError("a secret with a newline was handed out")
+    except SecretMissing as err:
+        message = str(err)
+    assert "contains control characters" in message and f"spine/{account}" in message
+    assert secret not in message
