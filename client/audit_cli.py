@@ -223,10 +223,17 @@ def _when(at: object) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def safe(text: str) -> str:
+    """`text` with control characters escaped, so a stored value cannot forge a line."""
+    return "".join(
+        c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text
+    )
+
+
 def story_line(entry: StoredEntry) -> str:
-    """One entry as `time  #seq  step N  kind  actor  summary`."""
+    """One entry as `time  #seq  step N  kind  actor  summary`; nothing stored can add a line."""
     data = entry.data if isinstance(entry.data, dict) else {"data": entry.data}
-    return (
+    return safe(
         f"{_when(entry.at)}  #{entry.seq:<3} step {entry.step!s:<3} {entry.kind!s:<15} "
         f"{entry.actor!s:<12} {summarize(str(entry.kind), data)}"
     )
@@ -303,28 +310,93 @@ def show_cmd(run: str, as_json: bool) -> None:
 
 @audit.command("verify")
 @click.argument("run", required=False)
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Only recompute the chains; do not cross-check them with Temporal.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify_cmd(run: str | None, as_json: bool) -> None:
-    """Recompute the hash chain of RUN, or of every run; exit 1 naming the first broken entry."""
+def verify_cmd(run: str | None, offline: bool, as_json: bool) -> None:
+    """Recompute the hash chain of RUN, or of every run, and check it against Temporal.
 
-    async def load(store: AuditStore) -> tuple[str, list[StoredEntry]]:
+    Each finished run anchors its chain's head (entries and hash) in its result in Temporal,
+    so a store whose tail was cut, whose run was deleted, or whose chain was recomputed by
+    someone with write access fails here, naming what is wrong. Exit 1 on the first problem.
+    """
+
+    async def load(store: AuditStore) -> tuple[str, list[StoredEntry], list[str]]:
         if run is not None:
-            return str(store), await chain_entries(store, run)
-        entries: list[StoredEntry] = []
-        for run_id in await store.run_ids():
-            entries.extend(await store.entries(run_id))
-        return str(store), entries
+            entries = await chain_entries(store, run)
+        else:
+            entries = []
+            for run_id in await store.run_ids():
+                entries.extend(await store.entries(run_id))
+        problems = [] if offline else await cross_check(store, entries, run)
+        return str(store), entries, problems
 
-    where, entries = _with_store(load)
-    if run is not None and not entries:
+    where, entries, problems = _with_store(load)
+    if run is not None and not entries and not problems:
         raise SpineClientError(f"no audit entries for run {run!r} in {where}")
     result = verify(entries)
     if as_json:
-        _echo_json(result.model_dump(mode="json"))
+        _echo_json({**result.model_dump(mode="json"), "anchors": problems or "ok"})
     else:
         for check in result.runs:
             state = "ok" if check.broken is None else f"BROKEN at seq {check.broken.seq}"
-            click.echo(f"{check.run_id}: {state} ({check.entries} entries)")
+            click.echo(f"{safe(check.run_id)}: {state} ({check.entries} entries)")
         click.echo(chain_line(result))
+        if not offline:
+            click.echo(f"anchors: {'ok' if not problems else problems[0]}")
     if not result.ok:
         raise _broken_error(result)
+    if problems:
+        raise SpineClientError(f"audit log does not match Temporal: {problems[0]}")
+
+
+async def cross_check(store: AuditStore, entries: list[StoredEntry], run: str | None) -> list[str]:
+    """Where the store disagrees with the heads finished runs anchored in Temporal."""
+    from temporalio.client import WorkflowExecutionStatus
+
+    from spine.client.runs import connect
+    from spine.contract import WORKFLOW_TYPE, AgentResult
+
+    try:
+        client = await connect(signer=None)
+    except SpineClientError as e:
+        return [f"cannot cross-check with Temporal ({e}); use --offline to check the chains only"]
+    by_run: dict[str, list[StoredEntry]] = {}
+    for entry in entries:
+        by_run.setdefault(entry.run_id, []).append(entry)
+    query = f"WorkflowType = '{WORKFLOW_TYPE}' AND ExecutionStatus = 'Completed'"
+    if run is not None:
+        query += f" AND WorkflowId = '{run.split(':', 1)[0]}'"
+    problems: list[str] = []
+    async for execution in client.list_workflows(query):
+        if execution.status != WorkflowExecutionStatus.COMPLETED:
+            continue
+        handle = client.get_workflow_handle(
+            execution.id, run_id=execution.run_id, result_type=AgentResult
+        )
+        result = await handle.result(follow_runs=False)
+        anchor = result.audit
+        if anchor is None or anchor.entries == 0:
+            continue
+        first = (await handle.describe()).raw_description.workflow_execution_info.first_run_id
+        chain = f"{execution.id}:{first or execution.run_id}"
+        stored = sorted(by_run.get(chain) or await store.entries(chain), key=lambda e: e.seq)
+        if not stored:
+            problems.append(
+                f"run {chain!r} is missing from the audit store (it anchored {anchor.entries} "
+                "entries)"
+            )
+        elif len(stored) < anchor.entries:
+            problems.append(
+                f"run {chain!r} lost the tail of its chain: the store has {len(stored)} entries, "
+                f"the run anchored {anchor.entries}"
+            )
+        elif stored[anchor.entries - 1].hash != anchor.head:
+            problems.append(
+                f"run {chain!r} seq {anchor.entries - 1}: hash differs from the head the run "
+                "anchored (the chain was recomputed or rewritten)"
+            )
+    return problems

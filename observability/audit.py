@@ -48,7 +48,7 @@ from temporalio import activity
 
 from spine.activities.errors import DependencyUnavailable, SpineError, TerminalError, TransientError
 from spine.contract import ACTIVITY_AUDIT_APPEND, JsonObject
-from spine.payloads import AuditBatch, AuditEntry
+from spine.payloads import Appended, AuditBatch, AuditEntry
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -142,8 +142,9 @@ class VerifyResult(BaseModel):
 class AuditStore(Protocol):
     """Where audit entries live. Implementations keep each run's chain gap-free and unforked."""
 
-    async def append(self, batch: AuditBatch) -> int:
-        """Store the batch's entries in order; return how many were new.
+    async def append(self, batch: AuditBatch) -> Appended:
+        """Store the batch's entries in order; return how many were new, and where the chain
+        now stands (entries and head hash), which the run anchors in its history.
 
         Raises:
             AuditConflict: an entry differs from the one stored at its seq.
@@ -359,8 +360,9 @@ def _row_content(row: Row) -> JsonObject:
     return content
 
 
-def _link(rows: list[Row], stored: Mapping[int, Mapping[str, object]]) -> list[Row]:
-    """Chain `rows` onto the stored entries; return the rows still to insert.
+def _link(rows: list[Row], stored: Mapping[int, Mapping[str, object]]) -> tuple[list[Row], str]:
+    """Chain `rows` onto the stored entries; return the rows still to insert and the chain's
+    head hash after the batch.
 
     `stored` holds the stored rows from the seq before the batch to its last seq.
     """
@@ -391,7 +393,7 @@ def _link(rows: list[Row], stored: Mapping[int, Mapping[str, object]]) -> list[R
         row["prev_hash"] = prev_hash
         row["hash"] = prev_hash = chain_hash(prev_hash, _row_content(row))
         new.append(row)
-    return new
+    return new, prev_hash
 
 
 def _entry_from_row(row: Mapping[str, object]) -> StoredEntry:
@@ -479,9 +481,9 @@ class SQLiteAuditStore:
             self._db = db
         return self._db
 
-    async def append(self, batch: AuditBatch) -> int:
+    async def append(self, batch: AuditBatch) -> Appended:
         if not batch.entries:
-            return 0
+            return Appended(new=0, entries=0, head=GENESIS_HASH)
         rows = _prepare(batch)
         return await asyncio.to_thread(self._call, self._append, rows)
 
@@ -512,7 +514,7 @@ class SQLiteAuditStore:
                 raise DependencyUnavailable(f"audit store {self} unavailable: {e}") from e
 
     @staticmethod
-    def _append(db: sqlite3.Connection, rows: list[Row]) -> int:
+    def _append(db: sqlite3.Connection, rows: list[Row]) -> Appended:
         run_id, first, last = rows[0]["run_id"], int(rows[0]["seq"]), rows[-1]["seq"]
         # IMMEDIATE takes the write lock before reading, so two appends for one run (from any
         # process) cannot both see the same head and fork the chain.
@@ -525,7 +527,7 @@ class SQLiteAuditStore:
                     (run_id, first - 1, last),
                 )
             }
-            new = _link(rows, stored)
+            new, head = _link(rows, stored)
             db.executemany(
                 f"INSERT INTO spine_audit ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join('?' * len(_COLUMNS))})",
@@ -536,7 +538,7 @@ class SQLiteAuditStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return len(new)
+        return Appended(new=len(new), entries=int(last) + 1, head=head)
 
     @staticmethod
     def _entries(db: sqlite3.Connection, run_id: str) -> list[StoredEntry]:
@@ -643,9 +645,9 @@ class PostgresAuditStore:
                 self._pool = pool
         return self._pool
 
-    async def append(self, batch: AuditBatch) -> int:
+    async def append(self, batch: AuditBatch) -> Appended:
         if not batch.entries:
-            return 0
+            return Appended(new=0, entries=0, head=GENESIS_HASH)
         rows = _prepare(batch)
         async with self._errors():
             pool = await self._get_pool()
@@ -660,7 +662,7 @@ class PostgresAuditStore:
                 )
                 names = [c.name for c in cur.description or ()]
                 stored = {r[1]: dict(zip(names, r, strict=True)) for r in await cur.fetchall()}
-                new = _link(rows, stored)
+                new, head = _link(rows, stored)
                 if new:
                     async with conn.cursor() as ins:
                         await ins.executemany(
@@ -668,7 +670,7 @@ class PostgresAuditStore:
                             f"VALUES ({', '.join(['%s'] * len(_COLUMNS))})",
                             [tuple(row[c] for c in _COLUMNS) for row in new],
                         )
-        return len(new)
+        return Appended(new=len(new), entries=int(rows[-1]["seq"]) + 1, head=head)
 
     async def entries(self, run_id: str) -> list[StoredEntry]:
         async with self._errors():
@@ -754,8 +756,8 @@ class AuditActivities:
         self.store = store
 
     @activity.defn(name=ACTIVITY_AUDIT_APPEND)
-    async def append(self, batch: AuditBatch) -> int:
-        """Store a batch of audit entries idempotently; return how many were new."""
+    async def append(self, batch: AuditBatch) -> Appended:
+        """Store a batch of audit entries idempotently; return where the chain now stands."""
         try:
             return await self.store.append(batch)
         except SpineError as err:

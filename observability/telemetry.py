@@ -57,6 +57,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 from temporalio import activity, workflow
 from temporalio.api.common.v1 import Payload
+from temporalio.common import RawValue
 from temporalio.contrib.opentelemetry import (
     OpenTelemetryInterceptor,
     ReplaySafeTracerProvider,
@@ -89,6 +90,7 @@ from spine.guardrails.budget import price
 from spine.guardrails.interceptor import guards_of_current_run
 from spine.observability import metrics
 from spine.payloads import ToolCallInput
+from spine.workflows.state import AgentWorkflowInput
 
 log = logging.getLogger("spine.telemetry")
 
@@ -505,7 +507,7 @@ class _WorkflowInbound(WorkflowInboundInterceptor):
     async def execute_workflow(self, input: ExecuteWorkflowInput) -> object:
         if not self.is_agent_run():
             return await self.next.execute_workflow(input)
-        request = input.args[0] if input.args else None
+        request = _request(input.args[0]) if input.args else None
         self._agent = str(getattr(request, "agent", None) or "")
         span = self._start_run_span(request) if self.settings.tracing else None
         attached = _attach(span) if span is not None else None
@@ -681,6 +683,19 @@ class _WorkflowOutbound(WorkflowOutboundInterceptor):
             header: Payload = _PAYLOADS.to_payloads([decision])[0]
             input.headers = {**input.headers, _POLICY_HEADER: header}
         return self.next.start_activity(input)
+
+
+def _request(arg: object) -> object:
+    """The run's request, decoded from the raw input the workflow takes (None if it is not
+    one: the workflow refuses such input itself)."""
+    if not isinstance(arg, RawValue):
+        return arg
+    try:
+        return AgentWorkflowInput.model_validate(
+            workflow.payload_converter().from_payload(arg.payload)
+        )
+    except Exception:  # noqa: BLE001  # not a request: the span has no agent name
+        return None
 
 
 def _is_workflow_failure(err: BaseException) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from spine.payloads import AuditBatch, AuditEntry, AuditKind
+from spine.payloads import Appended, AuditBatch, AuditEntry, AuditKind
 from spine.workflows.state import RunState
 
 
@@ -64,6 +64,9 @@ class AuditTrail:
             return None
         return AuditBatch(entries=list(self._queue), **self._header)
 
-    def stored(self, count: int) -> None:
-        """The first `count` queued entries are stored."""
+    def stored(self, count: int, anchor: Appended | None = None) -> None:
+        """The first `count` queued entries are stored; `anchor` is where the store says the
+        chain now stands (kept in the run state: the run's result reports it)."""
         del self._queue[:count]
+        if anchor is not None and anchor.entries >= self.state.audit_stored:
+            self.state.audit_stored, self.state.audit_head = anchor.entries, anchor.head

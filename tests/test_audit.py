@@ -119,9 +119,9 @@ def tamper(path: Path, sql: str, *params: object) -> None:
 async def test_same_batch_twice_stores_each_entry_once(store: SQLiteAuditStore) -> None:
     """Appending the same batch again (a retry) stores nothing new and keeps one copy each."""
     entries = story()
-    assert await store.append(batch(entries[:5])) == 5
-    assert await store.append(batch(entries[:5])) == 0
-    assert await store.append(batch(entries[3:])) == 3
+    assert (await store.append(batch(entries[:5]))).new == 5
+    assert (await store.append(batch(entries[:5]))).new == 0
+    assert (await store.append(batch(entries[3:]))).new == 3
     stored = await store.entries(RUN)
     assert [e.seq for e in stored] == list(range(8))
     assert [e.data for e in stored] == [e.data for e in entries]
@@ -132,7 +132,7 @@ async def test_retried_entry_with_a_later_time_is_the_same_entry(store: SQLiteAu
     entries = story()
     await store.append(batch(entries[:2]))
     again = [e.model_copy(update={"at": "2026-01-02T10:05:00+00:00"}) for e in entries[:3]]
-    assert await store.append(batch(again)) == 1
+    assert (await store.append(batch(again))).new == 1
     stored = await store.entries(RUN)
     assert stored[1].at == entries[1].at
     assert verify(stored).ok
@@ -165,7 +165,7 @@ async def test_gap_is_retryable_and_heals(store: SQLiteAuditStore) -> None:
     failure = err.value.to_application_error()
     assert not failure.non_retryable and failure.type == "AuditGap"
     await store.append(batch(entries[:3]))
-    assert await store.append(batch(entries[3:5])) == 2
+    assert (await store.append(batch(entries[3:5]))).new == 2
     assert verify(await store.entries(RUN)).ok
 
 
@@ -178,7 +178,7 @@ async def test_non_consecutive_batch_is_invalid(store: SQLiteAuditStore) -> None
 
 async def test_empty_batch_is_a_no_op(store: SQLiteAuditStore) -> None:
     """An empty batch stores nothing and needs no database round trip."""
-    assert await store.append(batch([])) == 0
+    assert (await store.append(batch([]))).new == 0
     assert await store.run_ids() == []
 
 
@@ -187,7 +187,7 @@ async def test_activity_reports_taxonomy_errors(store: SQLiteAuditStore) -> None
     env = ActivityEnvironment()
     activities = AuditActivities(store)
     entries = story()
-    assert await env.run(activities.append, batch(entries[:4])) == 4
+    assert (await env.run(activities.append, batch(entries[:4]))).new == 4
     forged = entries[3].model_copy(update={"actor": "mallory"})
     with pytest.raises(ApplicationError) as conflict:
         await env.run(activities.append, batch([forged]))
@@ -244,7 +244,7 @@ async def test_concurrent_different_content_cannot_fork(store: SQLiteAuditStore)
     )
     for other in stores:
         await other.close()
-    assert sorted(type(o).__name__ for o in outcomes) == ["AuditConflict"] * 9 + ["int"]
+    assert sorted(type(o).__name__ for o in outcomes) == ["Appended"] + ["AuditConflict"] * 9
     stored = await store.entries(RUN)
     assert len(stored) == 4 and verify(stored).ok
 
@@ -382,19 +382,19 @@ async def test_cli_verify_names_the_edited_entry(store: SQLiteAuditStore) -> Non
     await store.append(batch(story()))
     await store.append(batch(story(), run_id="untouched"))
     env = {"SPINE_AUDIT_DSN": f"sqlite:///{store.path}"}
-    ok = await invoke("verify", env=env)
+    ok = await invoke("verify", "--offline", env=env)
     assert ok.exit_code == 0, ok.output
     assert ok.stdout.splitlines()[-1] == "chain: ok (2 runs, 16 entries)"
     tamper(store.path, "UPDATE spine_audit SET data = '{}' WHERE run_id = ? AND seq = 6", RUN)
     named = f"audit chain broken: run {RUN!r} seq 6: content changed"
-    line = one_error_line(await asyncio.to_thread(spine_audit, "verify", RUN, env=env))
+    line = one_error_line(await asyncio.to_thread(spine_audit, "verify", "--offline", RUN, env=env))
     assert line.startswith(f"spine: error: {named}")
-    for args in (("verify",), ("show", RUN), ("verify", "--json")):
+    for args in (("verify", "--offline"), ("show", RUN), ("verify", "--offline", "--json")):
         result = await invoke(*args, env=env)
         assert result.exit_code == 1 and str(result.exception).startswith(named), args
-    shown = await invoke("verify", "--json", env=env)
+    shown = await invoke("verify", "--offline", "--json", env=env)
     assert json.loads(shown.stdout)["first_broken"]["seq"] == 6
-    assert (await invoke("verify", "untouched", env=env)).exit_code == 0
+    assert (await invoke("verify", "--offline", "untouched", env=env)).exit_code == 0
 
 
 async def test_cli_missing_log_or_run_is_an_error(store: SQLiteAuditStore, tmp_path: Path) -> None:
@@ -403,7 +403,7 @@ async def test_cli_missing_log_or_run_is_an_error(store: SQLiteAuditStore, tmp_p
     unknown = await invoke("show", "nope", env={"SPINE_STATE_DIR": str(tmp_path)})
     assert unknown.exit_code == 1
     assert str(unknown.exception).startswith("no audit entries for run 'nope' in sqlite:///")
-    missing = await invoke("verify", env={"SPINE_STATE_DIR": str(tmp_path / "empty")})
+    missing = await invoke("verify", "--offline", env={"SPINE_STATE_DIR": str(tmp_path / "empty")})
     assert missing.exit_code == 1 and "no audit log at" in str(missing.exception)
-    bad = await invoke("verify", env={"SPINE_AUDIT_DSN": "mysql://h/db"})
+    bad = await invoke("verify", "--offline", env={"SPINE_AUDIT_DSN": "mysql://h/db"})
     assert bad.exit_code == 1 and "is not supported" in str(bad.exception)

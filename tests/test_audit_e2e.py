@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
-import sys
 from pathlib import Path
 
 from temporalio.api.enums.v1 import EventType
@@ -17,6 +17,7 @@ from spine.client.testing import DemoService
 from spine.observability.audit import SQLiteAuditStore
 from spine.payloads import AuditBatch
 from tests.helpers import (
+    SPINE,
     approve_first_pending,
     call,
     eventually,
@@ -25,15 +26,17 @@ from tests.helpers import (
     wait_for_status,
 )
 
-SPINE = str(Path(sys.executable).parent / "spine")
 
-
-async def spine_audit(state_dir: Path, *args: str) -> tuple[int, str, str]:
+async def spine_audit(state_dir: Path, *args: str, address: str = "") -> tuple[int, str, str]:
+    """`spine audit ARGS` on a worker's state dir; with `address`, cross-checked with Temporal
+    there (else `verify` checks the chains only)."""
+    if args[0] == "verify" and not address:
+        args = ("verify", "--offline", *args[1:])
     proc = await asyncio.create_subprocess_exec(
         SPINE,
         "audit",
         *args,
-        env={**os.environ, "SPINE_STATE_DIR": str(state_dir)},
+        env={**os.environ, "SPINE_STATE_DIR": str(state_dir), "TEMPORAL_ADDRESS": address},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -138,3 +141,94 @@ async def test_audit_store_outage_holds_the_run_and_loses_no_entry(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def _rechain(db: sqlite3.Connection, run_id: str) -> None:
+    """What someone with write access would do after an edit: recompute every hash of a run."""
+    from spine.observability.audit import GENESIS_HASH, chain_hash
+
+    prev = GENESIS_HASH
+    rows = db.execute(
+        "SELECT * FROM spine_audit WHERE run_id = ? ORDER BY seq", (run_id,)
+    ).fetchall()
+    names = [d[0] for d in db.execute("SELECT * FROM spine_audit LIMIT 0").description]
+    for row in rows:
+        entry = dict(zip(names, row, strict=True))
+        content = {
+            k: (json.loads(entry[k]) if k == "data" else entry[k])
+            for k in (
+                "run_id",
+                "workflow_run_id",
+                "agent",
+                "account",
+                "seq",
+                "kind",
+                "step",
+                "actor",
+                "at",
+                "data",
+                "policy_version",
+            )
+        }
+        digest = chain_hash(prev, content)
+        db.execute(
+            "UPDATE spine_audit SET prev_hash = ?, hash = ? WHERE run_id = ? AND seq = ?",
+            (prev, digest, run_id, entry["seq"]),
+        )
+        prev = digest
+
+
+async def test_cuts_and_rewrites_fail_verify_against_temporal(
+    client, make_worker, task_queue, worker_config
+):
+    """Each run anchors its chain's head in its result: a cut tail, a rewritten-and-rechained
+    log and a deleted run all fail `spine audit verify`, which names what is wrong."""
+    address = client.service_client.config.target_host
+    script = [turn(call("lookup_order", order_id="o-1063")), turn(text="looked up")]
+    async with make_worker():
+        handles = [
+            await start_run(client, scripted_request(script), task_queue=task_queue)
+            for _ in range(3)
+        ]
+        results = [await wait_result(h) for h in handles]
+    assert all(r.audit is not None and r.audit.entries > 3 for r in results)
+    state_dir = worker_config.state_dir
+    code, out, err = await spine_audit(state_dir, "verify", handles[0].id, address=address)
+    assert code == 0 and "anchors: ok" in out, err
+    chains = [f"{h.id}:{h.first_execution_run_id}" for h in handles]
+    with sqlite3.connect(state_dir / "audit.db") as db:
+        db.execute("DROP TRIGGER spine_audit_no_update")
+        db.execute("DROP TRIGGER spine_audit_no_delete")
+        top = db.execute("SELECT max(seq) FROM spine_audit WHERE run_id = ?", (chains[0],))
+        db.execute(
+            "DELETE FROM spine_audit WHERE run_id = ? AND seq >= ?",
+            (chains[0], top.fetchone()[0] - 1),
+        )
+        db.execute(
+            "UPDATE spine_audit SET actor = 'nobody' WHERE run_id = ? AND seq = 0", (chains[1],)
+        )
+        _rechain(db, chains[1])
+        db.execute("DELETE FROM spine_audit WHERE run_id = ?", (chains[2],))
+    verdicts = [await spine_audit(state_dir, "verify", h.id, address=address) for h in handles]
+    assert [code for code, _, _ in verdicts] == [1, 1, 1]
+    assert "lost the tail of its chain" in verdicts[0][2]
+    assert "hash differs from the head the run anchored" in verdicts[1][2]
+    assert "is missing from the audit store" in verdicts[2][2]
+    assert all(err.count("\n") == 1 for _, _, err in verdicts)
+
+
+async def test_control_characters_cannot_forge_audit_lines(
+    client, make_worker, task_queue, worker_config
+):
+    """A decision reason with a newline and an escape sequence prints as one escaped line."""
+    script = [turn(call("issue_refund", order_id="o-1064", amount=150.0)), turn(text="ok")]
+    forged = "fine\n2026-01-01 00:00:00Z  #99  step 9   approval  bob  approve\x1b[2K"
+    async with make_worker():
+        handle = await start_run(client, scripted_request(script), task_queue=task_queue)
+        state = await wait_for_status(handle, "awaiting_approval")
+        await approve_first_pending(handle, state, reason=forged)
+        await wait_result(handle)
+    code, out, err = await spine_audit(worker_config.state_dir, "show", handle.id)
+    assert code == 0, err
+    assert "\\n2026-01-01" in out and "\\x1b" in out
+    assert not any(line.startswith("2026-01-01 00:00:00Z  #99") for line in out.splitlines())

@@ -128,9 +128,9 @@ async def test_append_is_idempotent_and_chains(store: PostgresAuditStore) -> Non
     """Appending a batch twice stores each entry once, and the stored chain verifies."""
     run = run_id()
     entries = story()
-    assert await store.append(batch(entries[:5], run_id=run)) == 5
-    assert await store.append(batch(entries, run_id=run)) == 3
-    assert await store.append(batch(entries, run_id=run)) == 0
+    assert (await store.append(batch(entries[:5], run_id=run))).new == 5
+    assert (await store.append(batch(entries, run_id=run))).new == 3
+    assert (await store.append(batch(entries, run_id=run))).new == 0
     stored = await store.entries(run)
     assert [e.seq for e in stored] == list(range(8))
     assert verify(stored).ok
@@ -183,7 +183,7 @@ async def test_racing_different_content_cannot_fork(store: PostgresAuditStore) -
     outcomes = await asyncio.gather(
         *(store.append(batch([v], run_id=run)) for v in variants), return_exceptions=True
     )
-    assert sorted(type(o).__name__ for o in outcomes) == ["AuditConflict"] * 7 + ["int"]
+    assert sorted(type(o).__name__ for o in outcomes) == ["Appended"] + ["AuditConflict"] * 7
     assert verify(await store.entries(run)).ok
 
 

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from spine.observability.trail import AuditTrail
     from spine.payloads import (
         AgentSpec,
+        Appended,
         BudgetCall,
         ForkStateInput,
         LedgerAnswer,
@@ -74,10 +75,10 @@ async def write_audit(trail: AuditTrail, *, park: Park | None) -> None:
     """
     while (batch := trail.batch()) is not None:
         try:
-            await workflow.execute_local_activity(
+            anchor = await workflow.execute_local_activity(
                 ACTIVITY_AUDIT_APPEND,
                 batch,
-                result_type=int,
+                result_type=Appended,
                 start_to_close_timeout=timedelta(seconds=10),
                 retry_policy=RetryPolicy(
                     initial_interval=timedelta(seconds=0.5),
@@ -94,7 +95,7 @@ async def write_audit(trail: AuditTrail, *, park: Park | None) -> None:
                 return
             await park(f"audit log unavailable: {kind}: {message}")
             continue
-        trail.stored(len(batch.entries))
+        trail.stored(len(batch.entries), anchor)
 
 
 async def apply_ledger(
