@@ -66,7 +66,7 @@ class IdentityActivities:
         """Verify a claim; a problem with it is an answer, not an error."""
         if request.claim is None:
             return Verdict(
-                problem=f"unauthenticated: no {'spine-principal'!r} header (start and decide "
+                problem=f"unauthenticated: no {'spine_principal'!r} header (start and decide "
                 "with `spine`, or see `spine sign --help` for the Temporal CLI)"
             )
         if self.keyring.loaded_at is None and self._refresh is not None:

@@ -29,6 +29,7 @@ from spine.contract import ACTIVITY_MODEL_CALL, ACTIVITY_RESOLVE_AGENT, ScriptTu
 from spine.guardrails.policy import Policy
 from spine.payloads import (
     AgentSpec,
+    Appended,
     AuditBatch,
     ChatMessage,
     ModelCallInput,
@@ -153,7 +154,7 @@ class ModelActivities:
         *,
         search_attributes: bool = True,
         breakers: Breakers | None = None,
-        audit_append: Callable[[AuditBatch], Awaitable[int]] | None = None,
+        audit_append: Callable[[AuditBatch], Awaitable[Appended]] | None = None,
     ) -> None:
         self.registry = registry
         self.audit_append = audit_append
@@ -178,25 +179,27 @@ class ModelActivities:
         """One model turn."""
         try:
             async with heartbeating():
+                anchor = None
+                if call.audit is not None and call.audit.entries:
+                    anchor = await self._store_audit(call.audit)
                 result = await self._model_call(call)
+                result.audit = anchor
         except SpineError as err:
             raise err.to_application_error() from None  # message says it all; chains overflow
         result.attempt = activity.info().attempt
         return result
 
-    async def _store_audit(self, batch: AuditBatch) -> None:
+    async def _store_audit(self, batch: AuditBatch) -> Appended:
         """Store the audit entries the workflow queued since its last write (idempotent)."""
         if self.audit_append is None:
             raise AuditWriteFailed("this worker has no audit store for the queued audit entries")
         try:
-            await self.audit_append(batch)
+            return await self.audit_append(batch)
         except Exception as err:  # any store failure: the workflow's own audit path takes over
             kind = type(err).__name__
             raise AuditWriteFailed(f"audit entries not stored: {kind}: {err}") from None
 
     async def _model_call(self, call: ModelCallInput) -> ModelCallResult:
-        if call.audit is not None and call.audit.entries:
-            await self._store_audit(call.audit)
         # The scripted model answers from its script: it only needs the prefix verified.
         messages = await self.transcripts.extend(
             call.transcript_id,

@@ -21,6 +21,7 @@ from spine.client.alerts_cli import alerts
 from spine.client.audit_cli import audit
 from spine.client.budget_cli import budget
 from spine.client.codec_cli import codec_server
+from spine.client.identity_cli import login_cmd, sign_cmd, whoami_cmd
 from spine.client.output import compact, echo_json, follow, result_lines, run_async, usage_text
 from spine.client.replay_cli import replay
 from spine.client.runs import (
@@ -30,8 +31,8 @@ from spine.client.runs import (
     describe,
     get_run,
     get_state,
+    operate,
     signal_approval,
-    signal_operator,
     start_run,
     wait_result,
     web_ui_url,
@@ -121,6 +122,18 @@ def parse_model(spec: str | None, script: list[ScriptTurn] | None) -> ModelChoic
         raise click.UsageError(f"invalid --model: {summarise_validation(e)}") from e
 
 
+def _me(given: str | None, flag: str) -> str:
+    """`given`, else the logged-in principal (the one calls are signed as)."""
+    if given:
+        return given
+    from spine.client.identity import signer_from_env
+
+    signer = signer_from_env()
+    if signer is None or signer.default is None:
+        raise click.UsageError(f"{flag} is required when nobody is logged in (`spine login`)")
+    return signer.default
+
+
 # --- the command group -----------------------------------------------------------------------
 
 
@@ -180,7 +193,7 @@ def worker_cmd() -> None:
 @cli.command("run")
 @click.argument("agent")
 @click.argument("goal")
-@click.option("--user", required=True, help="Who the agent acts for.")
+@click.option("--user", help="Who the agent acts for: you (default: who `spine login` logged in).")
 @click.option("--role", required=True, help="The user's role; the policy decides what it may do.")
 @click.option("--account", required=True, help="The account the run is billed to.")
 @click.option(
@@ -201,7 +214,7 @@ def run_cmd(
     ctx: click.Context,
     agent: str,
     goal: str,
-    user: str,
+    user: str | None,
     role: str,
     account: str,
     model_spec: str | None,
@@ -223,7 +236,7 @@ def run_cmd(
         request = AgentRequest(
             agent=agent,
             goal=goal,
-            user=user,
+            user=_me(user, "--user"),
             role=role,
             account=account,
             model=model,
@@ -308,7 +321,7 @@ def _decision_command(decision: Literal["approve", "reject"]) -> click.Command:
 
     @click.argument("run")
     @click.argument("approval")
-    @click.option("--by", "by", required=True, help="Who decides.")
+    @click.option("--by", "by", help="Who decides: you (default: who `spine login` logged in).")
     @click.option("--role", required=True, help="Their role; the policy says who may approve.")
     @click.option("--reason", default="", help="Why, for the audit log.")
     @click.option(
@@ -319,11 +332,24 @@ def _decision_command(decision: Literal["approve", "reject"]) -> click.Command:
     )
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def command(
-        run: str, approval: str, by: str, role: str, reason: str, use_signal: bool, as_json: bool
+        run: str,
+        approval: str,
+        by: str | None,
+        role: str,
+        reason: str,
+        use_signal: bool,
+        as_json: bool,
     ) -> None:
-        payload = ApprovalDecision(
-            approval_id=approval, decision=decision, by=by, role=role, reason=reason
-        )
+        try:
+            payload = ApprovalDecision(
+                approval_id=approval,
+                decision=decision,
+                by=_me(by, "--by"),
+                role=role,
+                reason=reason,
+            )
+        except ValidationError as e:
+            raise click.UsageError(f"invalid decision: {summarise_validation(e)}") from e
         run_async(_decide(run, payload, use_signal, as_json, past))
 
     command.__doc__ = (
@@ -362,35 +388,50 @@ cli.add_command(_decision_command("reject"))
 @cli.command("operator")
 @click.argument("run")
 @click.argument("action", type=click.Choice(["retry", "skip", "compensate", "abort"]))
-@click.option("--by", "by", required=True, help="Who acts.")
+@click.option("--by", "by", help="Who acts: you (default: who `spine login` logged in).")
 @click.option("--role", required=True, help="Their role; the policy's operator_roles may act.")
 @click.option("--reason", default="", help="Why, for the record.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def operator_cmd(run: str, action: str, by: str, role: str, reason: str, as_json: bool) -> None:
+def operator_cmd(
+    run: str, action: str, by: str | None, role: str, reason: str, as_json: bool
+) -> None:
     """Tell a parked RUN what to do: retry the step, skip it, compensate, or abort.
 
     Parked runs (the dead-letter queue) are `temporal workflow list --query
-    'SpineStatus="parked"'`. The run checks the role itself; a refused command is recorded.
+    'SpineStatus="parked"'`. Sent through the `operate` update, signed as the logged-in
+    principal: a refusal (not an operator, not parked, not skippable) exits 1 with the reason.
     """
     # click.Choice has checked `action` against the Literal's values.
-    command = OperatorCommand(action=action, by=by, role=role, reason=reason)  # type: ignore[arg-type]
+    try:
+        command = OperatorCommand(action=action, by=_me(by, "--by"), role=role, reason=reason)  # type: ignore[arg-type]  # click.Choice checked it
+    except ValidationError as e:
+        raise click.UsageError(f"invalid command: {summarise_validation(e)}") from e
     run_async(_operate(run, command, as_json))
 
 
 async def _operate(workflow_id: str, command: OperatorCommand, as_json: bool) -> None:
     client = await connect()
     handle = get_run(client, workflow_id)
-    state = await get_state(handle)
-    if state.status != "parked":
-        raise SpineClientError(f"run {workflow_id!r} is {state.status}, not parked")
-    await signal_operator(handle, command)
+    state = await operate(handle, command)
     if as_json:
-        echo_json({"workflow_id": workflow_id, "signal": "operator", **command.model_dump()})
+        echo_json({"workflow_id": workflow_id, "update": "operate", "state": state.model_dump()})
     else:
-        click.echo(f"sent {command.action} to {workflow_id} (parked: {state.reason})")
+        click.echo(f"{command.action} accepted by {workflow_id} (it was {state.status})")
 
 
-for _verb in (alerts, audit, budget, codec_server, replay, slo, tools, trace):
+for _verb in (
+    alerts,
+    audit,
+    budget,
+    codec_server,
+    login_cmd,
+    replay,
+    sign_cmd,
+    slo,
+    tools,
+    trace,
+    whoami_cmd,
+):
     cli.add_command(_verb)
 
 

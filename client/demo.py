@@ -34,12 +34,14 @@ from spine.contract import (
     ScriptTurn,
     TokenUsage,
 )
+from spine.guardrails.identity import IdentityError
+from spine.guardrails.principals import VaultSigner, login_userpass
 
 DEMO_AGENT = "refund-agent"
 DEMO_USER = "alice"
 DEMO_ROLE = "support"
 DEMO_ACCOUNT = "acme"
-DEMO_APPROVER = "demo-supervisor"
+DEMO_APPROVER = "bob"
 DEMO_APPROVER_ROLE = "supervisor"
 DEMO_SERVICE_URL = "http://127.0.0.1:8400"
 
@@ -125,6 +127,25 @@ async def _check_service() -> None:
         ) from e
 
 
+def _demo_signer() -> VaultSigner:
+    """The demo signs as its two people: alice starts the run, bob approves the refund, each
+    with a real OpenBao login (`SPINE_DEMO_LOGINS`, dev-only, written by temporal-dev/up)."""
+    url, logins = os.environ.get("VAULT_ADDR"), os.environ.get("SPINE_DEMO_LOGINS")
+    if not (url and logins):
+        raise SpineClientError(
+            "the demo signs as alice and bob with their dev logins: run `make demo`, or "
+            "`temporal-dev/up` and `source temporal-dev/.env` (VAULT_ADDR, SPINE_DEMO_LOGINS)"
+        )
+    tokens = {}
+    try:
+        for pair in logins.split(","):
+            name, _, password = pair.partition(":")
+            tokens[name] = login_userpass(url, name, password)
+    except IdentityError as e:
+        raise SpineClientError(f"the demo cannot log its people in: {e}") from e
+    return VaultSigner(url=url, tokens=tokens)
+
+
 async def run_demo(
     echo: Callable[[str], None] = print, *, order_id: str | None = None
 ) -> AgentResult:
@@ -139,12 +160,18 @@ async def run_demo(
             configured, or the run ended without a result.
     """
     try:
-        client = await connect()
+        signer, unsigned = _demo_signer(), None
+    except SpineClientError as e:  # said after Temporal's state: that is the first thing to fix
+        signer, unsigned = None, e
+    try:
+        client = await connect(signer=signer)
     except TemporalUnreachable as e:
         raise SpineClientError(
             f"Temporal is not running at {e.address!r} ({e.cause}); "
             "run `make demo` or temporal-dev/up"
         ) from e
+    if unsigned is not None:
+        raise unsigned
     await _check_service()
     queue = task_queue()
     try:
@@ -187,7 +214,7 @@ async def run_demo(
                 decided.add(pending.approval_id)
                 echo(
                     f"  approval {pending.approval_id} for {_call_text(pending.tool, pending.args)}"
-                    f" — approved automatically by the demo as {DEMO_APPROVER!r}"
+                    f" — approved automatically by the demo, signed by {DEMO_APPROVER!r}"
                     f" (role {DEMO_APPROVER_ROLE})"
                 )
                 ack = await decide(

@@ -100,7 +100,9 @@ from spine.workflows.state import (
     apply_refusal,
     apply_retries,
     apply_tool_result,
+    begin,
     cumulative_amounts,
+    told,
 )
 from spine.workflows.turns import model_path
 
@@ -430,6 +432,8 @@ def _fold(
         else RunState(spec=spec)
     )
     state.spec = spec
+    if segment.input.carry is None:
+        begin(state, segment.input.goal)
     by_name = {t.name: t for t in spec.tools}
     for k in range(segment.first_step + 1, step + 1):
         turn = calls.turns[k]
@@ -465,7 +469,7 @@ def _fold(
             if said is None:
                 continue
             if said.is_error and (said.content or "").startswith(SKIPPED_PREFIX):
-                state.pending_messages.append(said)
+                told(state, said)
             elif said.is_error:
                 apply_refusal(state, call, said.content or "")
             elif call.name in by_name:

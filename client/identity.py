@@ -5,7 +5,7 @@
 ``SPINE_VAULT_TOKEN``). :class:`SigningInterceptor`, a Temporal client interceptor that
 :func:`spine.client.runs.connect` adds, signs each start, fork, decision and operator command with
 the logged-in principal's key in OpenBao's transit engine and sends the claim in the
-``spine-principal`` header. Workers verify it (:mod:`spine.guardrails.identity`).
+``spine_principal`` header. Workers verify it (:mod:`spine.guardrails.identity`).
 
 The Temporal CLI sends the same header with ``--headers``: ``spine sign`` prints it.
 """
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from temporalio.api.common.v1 import Payload
 from temporalio.client import (
     Interceptor,
@@ -104,16 +104,22 @@ def signer_from_env(env: Mapping[str, str] | None = None) -> VaultSigner | None:
 
 
 def header(claim: Claim) -> Payload:
-    """The ``spine-principal`` header's payload for `claim`."""
+    """The ``spine_principal`` header's payload for `claim`."""
     return PayloadConverter.default.to_payloads([claim.model_dump(mode="json")])[0]
 
 
-def _as_model(value: object, model: type[BaseModel]) -> BaseModel:
-    return value if isinstance(value, model) else model.model_validate(value)
+def _as_model(value: object, model: type[BaseModel]) -> BaseModel | None:
+    """`value` as `model`, or None when it is not one: sent unsigned, the worker refuses it."""
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        return None
 
 
 class SigningInterceptor(Interceptor):
-    """Signs Spine calls as a principal and sends the claim in the ``spine-principal`` header.
+    """Signs Spine calls as a principal and sends the claim in the ``spine_principal`` header.
 
     With one principal (a logged-in person) every call is signed as them; a signer holding
     several principals' tokens (the test kit) signs as the one the call names: the request's
@@ -145,12 +151,13 @@ class _Signing(OutboundInterceptor):
         )
 
     async def start_workflow(self, input: StartWorkflowInput) -> WorkflowHandle[Any, Any]:
-        if input.workflow == WORKFLOW_TYPE and input.args:
-            request = _as_model(input.args[0], AgentRequest)
-            assert isinstance(request, AgentRequest)
-            purpose: Purpose = "fork" if request.fork_from is not None else "start"
-            claim = await self._claim(request.user, purpose, input.id, request_digest(request))
-            input.headers = {**input.headers, PRINCIPAL_HEADER: header(claim)}
+        first = input.args[0] if input.args else None
+        if isinstance(first, AgentRequest) or (input.workflow == WORKFLOW_TYPE and first):
+            request = _as_model(first, AgentRequest)
+            if isinstance(request, AgentRequest):
+                purpose: Purpose = "fork" if request.fork_from is not None else "start"
+                claim = await self._claim(request.user, purpose, input.id, request_digest(request))
+                input.headers = {**input.headers, PRINCIPAL_HEADER: header(claim)}
         return await self.next.start_workflow(input)
 
     async def signal_workflow(self, input: SignalWorkflowInput) -> None:
@@ -158,10 +165,11 @@ class _Signing(OutboundInterceptor):
         if signed is not None and input.args:
             purpose, model = signed
             payload = _as_model(input.args[0], model)
-            claim = await self._claim(
-                str(getattr(payload, "by", "")), purpose, input.id, payload_digest(payload)
-            )
-            input.headers = {**input.headers, PRINCIPAL_HEADER: header(claim)}
+            if payload is not None:
+                claim = await self._claim(
+                    str(getattr(payload, "by", "")), purpose, input.id, payload_digest(payload)
+                )
+                input.headers = {**input.headers, PRINCIPAL_HEADER: header(claim)}
         await self.next.signal_workflow(input)
 
     async def start_workflow_update(self, input: StartWorkflowUpdateInput) -> Any:
@@ -169,10 +177,11 @@ class _Signing(OutboundInterceptor):
         if signed is not None and input.args:
             purpose, model = signed
             payload = _as_model(input.args[0], model)
-            claim = await self._claim(
-                str(getattr(payload, "by", "")), purpose, input.id, payload_digest(payload)
-            )
-            input.headers = {**input.headers, PRINCIPAL_HEADER: header(claim)}
+            if payload is not None:
+                claim = await self._claim(
+                    str(getattr(payload, "by", "")), purpose, input.id, payload_digest(payload)
+                )
+                input.headers = {**input.headers, PRINCIPAL_HEADER: header(claim)}
         elif input.update == LEDGER_UPDATE and input.args and isinstance(input.args[0], BaseModel):
             claim = await self._claim("", "ledger", input.id, payload_digest(input.args[0]))
             input.headers = {**input.headers, PRINCIPAL_HEADER: header(claim)}

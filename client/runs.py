@@ -312,6 +312,22 @@ async def signal_approval(handle: RunHandle, decision: ApprovalDecision) -> None
         await handle.signal("approval", decision)
 
 
+async def operate(handle: RunHandle, cmd: OperatorCommand) -> StateView:
+    """Send an operator command through the `operate` update: refused at once (wrong principal
+    or role, not parked, not skippable) with the reason; nothing is written to history then.
+
+    Raises:
+        SpineClientError: the command was refused, with the run's reason.
+    """
+    with _rpc_errors(handle, f"operator {cmd.action!r}"):
+        try:
+            return await handle.execute_update("operate", cmd, result_type=StateView)
+        except WorkflowUpdateFailedError as e:
+            raise SpineClientError(
+                f"operator {cmd.action} on run {handle.id!r} refused: {_failure_message(e.cause)}"
+            ) from e
+
+
 async def signal_operator(handle: RunHandle, cmd: OperatorCommand) -> None:
     """Send an operator command (retry, skip, compensate, abort) to a parked run."""
     with _rpc_errors(handle, f"operator {cmd.action!r} signal"):

@@ -164,15 +164,9 @@ class BudgetGate:
 
     def prompt_bound(self) -> int:
         """The most input tokens the next call can take: no tokenizer makes more tokens than
-        the prompt has bytes (the transcript, the tool schemas), nor, for the last prompt
-        grown by half, than a model just reported; never under :data:`MIN_PROMPT_TOKENS`."""
-        return int(
-            max(
-                self.state.context_bytes + self._tools_bytes,
-                self.state.budget.last_input_tokens * 1.5,
-                MIN_PROMPT_TOKENS,
-            )
-        )
+        the prompt has bytes (the transcript and the tool schemas, both counted as they are
+        sent), and never fewer than :data:`MIN_PROMPT_TOKENS` are assumed."""
+        return max(self.state.context_bytes + self._tools_bytes, MIN_PROMPT_TOKENS)
 
     def estimate(self, models: Models) -> float:
         """The most the next call may cost: :meth:`prompt_bound` in, a full answer out."""

@@ -5,7 +5,7 @@ worker) has an Ed25519 key in OpenBao's transit engine, ``transit/keys/spine-p-<
 OpenBao policy that lets only that principal's identity sign with it (the key name is templated
 on ``{{identity.entity.name}}``). A client signs a :class:`Claim` over exactly what it asks for —
 the purpose, the workflow id, a digest of the payload (which names the approval and the decision),
-and when — and sends it in the Temporal header ``spine-principal`` (``spine`` does this; the
+and when — and sends it in the Temporal header ``spine_principal`` (``spine`` does this; the
 Temporal CLI sends it with ``--headers``). The worker verifies the signature with the key's public
 half, read from OpenBao (:class:`Keyring`), and maps the principal, or its OpenBao identity groups,
 to roles and accounts through the policy. Free-text ``user``, ``by`` and ``role`` grant nothing:
@@ -56,7 +56,7 @@ class IdentityError(ValueError):
 
 
 class Claim(BaseModel):
-    """What a client signs and sends in the ``spine-principal`` header."""
+    """What a client signs and sends in the ``spine_principal`` header."""
 
     principal: str = Field(max_length=63)
     purpose: Purpose

@@ -129,7 +129,7 @@ class PolicyInterceptor(Interceptor):
 
 
 def read_claim(headers: Mapping[str, Payload]) -> Claim | None:
-    """The ``spine-principal`` claim in a call's headers, or None when there is none.
+    """The ``spine_principal`` claim in a call's headers, or None when there is none.
 
     Raises:
         IdentityError: the header is there but is not a claim.

@@ -2,7 +2,7 @@
 
 - :func:`seed_principal` (admin, used by ``temporal-dev/up`` and the test kit) makes a principal:
   an Ed25519 transit key ``spine-p-<name>``, an identity entity named ``<name>`` (with an alias
-  for its userpass login or AppRole), and the ``spine-principal`` policy that lets an entity sign
+  for its userpass login or AppRole), and the ``spine_principal`` policy that lets an entity sign
   only with its own key.
 - :class:`VaultKeyring` (workers) loads every principal's public keys and identity groups into a
   :class:`~spine.guardrails.identity.Keyring` and keeps them fresh.
@@ -41,7 +41,7 @@ from spine.guardrails.identity import (
 log = logging.getLogger(__name__)
 
 TRANSIT = "transit"
-POLICY = "spine-principal"
+POLICY = "spine_principal"
 #: Every entity may sign with its own key, and read its own token; nothing else.
 POLICY_HCL = f"""
 path "{TRANSIT}/sign/{KEY_PREFIX}{{{{identity.entity.name}}}}" {{ capabilities = ["update"] }}

@@ -26,7 +26,7 @@ UPDATE_DECIDE = "decide"
 SIGNAL_OPERATOR = "operator"
 UPDATE_OPERATE = "operate"
 #: The Temporal header carrying the caller's signed claim (spine.guardrails.identity).
-PRINCIPAL_HEADER = "spine-principal"
+PRINCIPAL_HEADER = "spine_principal"
 
 #: Activities every Spine worker serves (tools are ``tool.<name>``, see :func:`tool_activity`).
 ACTIVITY_RESOLVE_AGENT = "spine.resolve_agent"
@@ -173,7 +173,7 @@ class AgentRequest(BaseModel):
     """Input of `AgentWorkflow` (docs/contract.md).
 
     `user`, `role` and `account` are checked against the verified principal who started the
-    run (the ``spine-principal`` header): they grant nothing by themselves.
+    run (the ``spine_principal`` header): they grant nothing by themselves.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -268,7 +268,7 @@ class AgentResult(BaseModel):
 class ApprovalDecision(BaseModel):
     """Payload of the `approval` signal and the `decide` update.
 
-    `by` must be the principal who signed the ``spine-principal`` header, and `role` one the
+    `by` must be the principal who signed the ``spine_principal`` header, and `role` one the
     policy grants them; the signature binds the whole payload to this run.
     """
 

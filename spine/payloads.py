@@ -113,8 +113,11 @@ class ModelCallResult(BaseModel):
     model: str
     provider: str
     finish_reason: str = "stop"
-    confidence: float | None = None
+    confidence: float | None = Field(default=None, ge=0, le=1)
     attempt: int = 1
+    audit: Appended | None = Field(
+        default=None, description="Where the audit chain stood after the entries the call carried."
+    )
 
 
 class ToolCallInput(BaseModel):
@@ -304,6 +307,15 @@ class AuditEntry(BaseModel):
     at: str = Field(description="ISO 8601 UTC timestamp from workflow.now()")
     data: JsonObject = Field(default_factory=dict)
     policy_version: str = ""
+
+
+class Appended(BaseModel):
+    """What storing an audit batch did: entries new to the store, and where the run's chain
+    now stands (its number of entries and its head hash), anchored in the run's history."""
+
+    new: int
+    entries: int
+    head: str
 
 
 class AuditBatch(BaseModel):

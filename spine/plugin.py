@@ -104,6 +104,9 @@ class SpineConfig:
     """Settings tools read (``ctx.setting``): the environment, by default."""
     secrets: SecretResolver | None = None
     """Where tools' secrets come from (Vault); None: no secrets, tools that need one fail."""
+    identity: VaultSecrets | None = None
+    """The OpenBao holding the principals' keys; None: the one `secrets` reads from, else the
+    one ``VAULT_ADDR`` (with ``VAULT_TOKEN`` or ``VAULT_ROLE_ID``/``VAULT_SECRET_ID``) names."""
     providers: Mapping[str, ModelProvider] | None = None
     """Model providers by name; None: OpenAI and Anthropic from `settings`."""
     search_attributes: bool = True
@@ -275,22 +278,26 @@ class SpinePlugin(SimplePlugin):
             breakers=breakers,
             audit_append=audit.store.append,
         )
-        vault = self.config.secrets if isinstance(self.config.secrets, VaultSecrets) else None
-        loader = None
-        if vault is not None:
-            loader = VaultKeyring(self.keyring, vault.client, self.config.keyring_refresh_s)
-            loader.refresh()
-            self.keyring.refresher = loader.refresh_soon
-        else:
-            self.keyring.error = (
-                "no OpenBao configured (VAULT_ADDR), so no principal can be verified"
+        vault = (
+            self.config.identity
+            or (self.config.secrets if isinstance(self.config.secrets, VaultSecrets) else None)
+            or VaultSecrets.from_env(os.environ)
+        )
+        if vault is None:
+            raise ValueError(
+                "no OpenBao for principal keys: set VAULT_ADDR (with VAULT_TOKEN, or "
+                "VAULT_ROLE_ID and VAULT_SECRET_ID), or pass "
+                "SpineConfig(identity=VaultSecrets(...)); Spine verifies every start, decision "
+                "and command against the keys kept there"
             )
-        refresh = loader.refresh if loader else None
-        identity = IdentityActivities(self.keyring, client, self.policy, self.registry, refresh)
+        loader = VaultKeyring(self.keyring, vault.client, self.config.keyring_refresh_s)
+        loader.refresh()
+        self.keyring.refresher = loader.refresh_soon
+        identity = IdentityActivities(
+            self.keyring, client, self.policy, self.registry, loader.refresh
+        )
         budget = BudgetActivities(
-            signing_client(client, WorkerSigner(vault, self.config.worker_principal))
-            if vault is not None
-            else client,
+            signing_client(client, WorkerSigner(vault, self.config.worker_principal)),
             self.config.ledger_task_queue,
         )
         alerts = AlertActivities(

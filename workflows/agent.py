@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         WORKFLOW_TYPE,
         AgentResult,
         ApprovalDecision,
+        AuditAnchor,
         DecisionAck,
         OperatorCommand,
         StateView,
@@ -379,6 +380,7 @@ class AgentWorkflow:
             reason=self.view.reason,
             retries=self.state.retries,
             path=self.state.path,
+            audit=AuditAnchor(entries=self.state.audit_stored, head=self.state.audit_head),
         )
 
     # -------------------------------------------------------------------- platform helpers

@@ -96,6 +96,7 @@ class RunState(BaseModel):
     audit_head: str = Field(
         default="", description="The audit chain's head as the store last reported it."
     )
+    audit_stored: int = Field(default=0, description="Entries the store last reported.")
     untrusted: str = Field(
         default="", description="Tokens of every untrusted output seen (guardrails/taint.py)."
     )
@@ -236,6 +237,11 @@ def _tell_model(state: RunState, call: ToolCall, text: str) -> ChatMessage:
     message = ChatMessage(
         role="tool", tool_call_id=call.id, name=call.name, content=text, is_error=True
     )
+    return told(state, message)
+
+
+def told(state: RunState, message: ChatMessage) -> ChatMessage:
+    """`message` goes to the model with the next call."""
     state.pending_messages.append(message)
     state.context_bytes += _size(message)
     return message

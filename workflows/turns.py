@@ -184,7 +184,7 @@ class ModelTurns:
             call = call.model_copy(update={"audit": batch})
         try:
             result = await self._attempt(call)
-            self.trail.stored(sent)  # stored by the activity before it called the model
+            self.trail.stored(sent, result.audit)  # stored by the activity before the model
             return result
         except ActivityError as err:
             kind, message = failure_text(err)
@@ -202,7 +202,7 @@ class ModelTurns:
         healed.base_len, healed.base_digest = self._segment_base
         healed.new_messages = self._segment + self.state.pending_messages
         result = await self._attempt(healed)
-        self.trail.stored(sent)
+        self.trail.stored(sent, result.audit)
         return result
 
     async def _attempt(self, call: ModelCallInput) -> ModelCallResult:
