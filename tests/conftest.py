@@ -12,7 +12,6 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from spine.client.identity import SigningInterceptor
 from spine.client.testing import (
     DemoService,
     VaultDev,
@@ -22,7 +21,7 @@ from spine.client.testing import (
 )
 from spine.guardrails.secrets import VaultSecrets
 from spine.plugin import SpineConfig, build_worker
-from tests.helpers import TEST_PRINCIPALS, write_test_policy
+from tests.helpers import TEST_PRINCIPALS, signed_client, write_test_policy
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +42,7 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
 def client(temporal_env: WorkflowEnvironment, vault: VaultDev) -> Client:
     """The session's client: it signs each call as the principal the call names (the request's
     `user`, the decision's `by`), with that principal's OpenBao token."""
-    base = temporal_env.client
-    return Client(
-        base.service_client,
-        namespace=base.namespace,
-        data_converter=base.data_converter,
-        interceptors=[SigningInterceptor(vault.signer(vault.tokens))],
-    )
+    return signed_client(temporal_env.client, vault)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from spine.client.runs import RunHandle, get_state
 from spine.contract import (
@@ -16,6 +18,9 @@ from spine.contract import (
     TokenUsage,
 )
 
+#: The `spine` command of the venv running the tests.
+SPINE = str(Path(sys.executable).parent / "spine")
+
 
 def call(name: str, **args: object) -> ScriptToolCall:
     return ScriptToolCall(name=name, args=args)
@@ -26,13 +31,22 @@ def call(name: str, **args: object) -> ScriptToolCall:
 TEST_PRINCIPALS: dict[str, tuple[str, ...]] = {"carol": (), "mallory": ()}
 
 
-def policy_for_tests() -> dict:
-    """The default policy with the principals the tests use allowed on every account."""
+def policy_for_tests(*, cumulative: bool = False) -> dict:
+    """The default policy with the principals the tests use allowed on every account.
+
+    Without `cumulative` the refund total rule is left out: most tests refund one order more
+    than once on purpose, for other reasons; the tests of that rule ask for it.
+    """
     import tomllib
 
     from spine.guardrails.policy import DEFAULT_POLICY_PATH
 
     data = tomllib.loads(DEFAULT_POLICY_PATH.read_text())
+    if not cumulative:
+        rules = data["agents"]["refund-agent"]["approvals"]
+        data["agents"]["refund-agent"]["approvals"] = [
+            r for r in rules if "cumulative_above" not in r
+        ]
     for grant in data["principals"].values():
         grant["accounts"] = ["*"]
     data["principals"]["carol"] = {"roles": ["supervisor"], "accounts": ["*"]}
@@ -62,13 +76,29 @@ def turn(
     )
 
 
+#: The principal the tests act as for each role (the default policy grants them these).
+ROLE_USERS = {
+    "support": "alice",
+    "viewer": "vera",
+    "supervisor": "bob",
+    "director": "dana",
+    "operator": "ops",
+}
+
+
 def scripted_request(
-    script: list[ScriptTurn], *, role: str = "support", goal: str = "help", **model: object
+    script: list[ScriptTurn],
+    *,
+    role: str = "support",
+    goal: str = "help",
+    user: str | None = None,
+    **model: object,
 ) -> AgentRequest:
+    """A refund-agent run on the scripted model, by the principal who holds `role`."""
     return AgentRequest(
         agent="refund-agent",
         goal=goal,
-        user="alice",
+        user=user or ROLE_USERS.get(role, "alice"),
         role=role,
         account="acme",
         model=ModelChoice(provider="scripted", script=script, **model),  # type: ignore[arg-type]
@@ -104,7 +134,12 @@ async def wait_for_status(handle: RunHandle, status: str, timeout: float = 60.0)
 
 
 async def approve_first_pending(
-    handle: RunHandle, state: StateView, *, by: str = "bob", role: str = "supervisor"
+    handle: RunHandle,
+    state: StateView,
+    *,
+    by: str = "bob",
+    role: str = "supervisor",
+    reason: str = "",
 ) -> None:
     """Approve the run's first pending approval through the `decide` update."""
     from spine.client.runs import decide
@@ -117,6 +152,7 @@ async def approve_first_pending(
             decision="approve",
             by=by,
             role=role,
+            reason=reason,
         ),
     )
 
@@ -128,4 +164,148 @@ def policy_file(
     data = policy_for_tests()
     data["runtime"].update(runtime or {})
     data["agents"]["refund-agent"].update(agent or {})
+    return write_test_policy(tmp_path / name, data)
+
+
+def worker_keyring(vault):
+    """A keyring loaded from `vault` the way a worker loads it (for ledgers run on their own)."""
+    from spine.guardrails.identity import Keyring
+    from spine.guardrails.policy import Policy
+    from spine.guardrails.principals import VaultKeyring
+
+    keyring = Keyring(Policy.model_validate(policy_for_tests()).grants())
+    VaultKeyring(keyring, lambda fresh=False: vault.client()).refresh()
+    return keyring
+
+
+def worker_client(client, vault):
+    """`client`, signing as the worker's own principal (what a worker's budget activity uses)."""
+    from spine.guardrails.principals import VaultSigner
+    from spine.plugin import signing_client
+
+    signer = VaultSigner(vault.url, {"spine-worker": vault.token}, default="spine-worker")
+    return signing_client(client, signer)
+
+
+def signed_client(base, vault):
+    """`base` (a Temporal client) signing each call as the principal it names, with the tokens
+    the test OpenBao (`vault`) holds for them, as the session's `client` does."""
+    from temporalio.client import Client
+
+    from spine.client.identity import SigningInterceptor
+
+    return Client(
+        base.service_client,
+        namespace=base.namespace,
+        data_converter=base.data_converter,
+        interceptors=[SigningInterceptor(vault.signer(vault.tokens))],
+    )
+
+
+def signing_env(client, principal: str) -> dict[str, str]:
+    """Environment for a `spine` command that signs as `principal`, with the token the session's
+    signing client holds for them (what `spine login` would have stored)."""
+    from spine.client.identity import SigningInterceptor
+
+    [signer] = [
+        i.signer for i in client.config()["interceptors"] if isinstance(i, SigningInterceptor)
+    ]
+    return {
+        "VAULT_ADDR": signer.url,
+        "SPINE_VAULT_TOKEN": signer.tokens[principal],
+        "SPINE_PRINCIPAL": principal,
+        "SPINE_CREDENTIALS": "/nonexistent/spine-credentials.json",
+    }
+
+
+def principal_in(args: tuple[str, ...], default: str = "alice") -> str:
+    """Who a `spine` command line acts as: its --by, else its --user, else `default`."""
+    for flag in ("--by", "--user"):
+        if flag in args:
+            return args[args.index(flag) + 1]
+    return default
+
+
+class ForgedClaims:
+    """A client interceptor that sends whatever claim a test hands it (or none), as an attacker
+    with a Temporal client would: ``claims.next = claim`` before the call."""
+
+    def __new__(cls):  # a real temporalio client Interceptor, built lazily (imports are heavy)
+        from temporalio.client import Interceptor, OutboundInterceptor
+
+        from spine.client.identity import header
+        from spine.contract import PRINCIPAL_HEADER
+
+        class _Out(OutboundInterceptor):
+            def __init__(self, next, owner):
+                super().__init__(next)
+                self.owner = owner
+
+            def _stamp(self, input):
+                claim = self.owner.next
+                if claim is not None:
+                    input.headers = {**input.headers, PRINCIPAL_HEADER: header(claim)}
+
+            async def start_workflow(self, input):
+                self._stamp(input)
+                return await self.next.start_workflow(input)
+
+            async def signal_workflow(self, input):
+                self._stamp(input)
+                await self.next.signal_workflow(input)
+
+            async def start_workflow_update(self, input):
+                self._stamp(input)
+                return await self.next.start_workflow_update(input)
+
+        class _Forged(Interceptor):
+            next = None
+
+            def intercept_client(self, next):
+                return _Out(next, self)
+
+        return _Forged()
+
+
+def forged_client(client):
+    """A client on `client`'s server whose calls carry ``interceptor.next`` as their claim."""
+    from temporalio.client import Client
+
+    forged = ForgedClaims()
+    return (
+        Client(
+            client.service_client,
+            namespace=client.namespace,
+            data_converter=client.data_converter,
+            interceptors=[forged],
+        ),
+        forged,
+    )
+
+
+def signer_as(vault, name: str):
+    """A signer holding only `name`'s token (a person logged in as them)."""
+    from spine.guardrails.principals import VaultSigner
+
+    return VaultSigner(vault.url, {name: vault.tokens[name]}, default=name)
+
+
+def client_as(client, vault, name: str):
+    """`client`'s server, with every call signed as `name` (whatever the payload says)."""
+    from temporalio.client import Client
+
+    from spine.client.identity import SigningInterceptor
+
+    return Client(
+        client.service_client,
+        namespace=client.namespace,
+        data_converter=client.data_converter,
+        interceptors=[SigningInterceptor(signer_as(vault, name))],
+    )
+
+
+def custom_policy(tmp_path, change, *, cumulative: bool = False, name: str = "policy.toml"):
+    """The test policy after ``change(data)`` (a function that edits the parsed TOML)."""
+    data = policy_for_tests(cumulative=cumulative)
+    change(data)
     return write_test_policy(tmp_path / name, data)

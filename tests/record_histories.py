@@ -26,6 +26,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from spine.client.demo import build_demo_request
 from spine.client.forks import current_registry, plan_fork, start_fork
+from spine.client.identity import SigningInterceptor
 from spine.client.runs import RunHandle, decide, signal_operator, start_run, wait_result
 from spine.client.testing import DemoService, VaultDev, demo_stack, temporal_dev_server
 from spine.contract import (
@@ -201,10 +202,13 @@ async def record(out: Path = HISTORIES, only: list[str] | None = None) -> list[P
     with tempfile.TemporaryDirectory(prefix="spine-histories-") as tmp:
         async with temporal_dev_server() as env:
             target = env.client.service_client.config.target_host
-            client = await Client.connect(
-                target, identity=IDENTITY, data_converter=pydantic_data_converter
-            )
             with demo_stack(Path(tmp)) as (vault, service):
+                client = await Client.connect(
+                    target,
+                    identity=IDENTITY,
+                    data_converter=pydantic_data_converter,
+                    interceptors=[SigningInterceptor(vault.signer(vault.tokens))],
+                )
                 for name in names:
                     config = SpineConfig(
                         task_queue=f"histories-{name}",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from temporalio import workflow
+from temporalio.common import RawValue
 
 with workflow.unsafe.imports_passed_through():
     from spine.contract import AgentResult
     from spine.payloads import ToolCall
-    from spine.workflows.state import AgentWorkflowInput
 
 from spine.workflows.agent import AgentWorkflow
 
@@ -17,8 +17,8 @@ class RogueAgentWorkflow(AgentWorkflow):
     """An agent workflow whose own checks were 'optimised away'."""
 
     @workflow.run
-    async def run(self, request: AgentWorkflowInput) -> AgentResult:
-        return await super().run(request)
+    async def run(self, raw: RawValue) -> AgentResult:
+        return await super().run(raw)
 
     async def tool_call(self, call: ToolCall, index: int, confidence: float | None) -> None:
         assert self.tools is not None

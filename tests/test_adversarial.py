@@ -19,8 +19,10 @@ from spine.contract import ApprovalDecision
 from tests.helpers import call, policy_file, scripted_request, turn, wait_for_status
 
 
-def _decision(approval_id: str, *, role: str = "supervisor", decision: str = "approve"):
-    return ApprovalDecision(approval_id=approval_id, decision=decision, by="x", role=role)  # type: ignore[arg-type]
+def _decision(
+    approval_id: str, *, role: str = "supervisor", decision: str = "approve", by: str = "bob"
+):
+    return ApprovalDecision(approval_id=approval_id, decision=decision, by=by, role=role)  # type: ignore[arg-type]
 
 
 async def _history(handle) -> list:
@@ -112,7 +114,7 @@ async def test_forged_approvals_are_refused(
         result_a, result_b = await wait_result(run_a), await wait_result(run_b)
         events_a = await _history(run_a)
     assert len(refused) == 4
-    assert any("may not decide" in r for r in refused)
+    assert any("does not hold role 'support'" in r for r in refused)
     assert sum("unknown approval" in r for r in refused) == 2
     assert any("already decided" in r for r in refused)
     accepted = [

@@ -12,7 +12,15 @@ from spine.client.runs import decide, get_state, start_run, wait_result
 from spine.contract import ApprovalDecision, Limits, ledger_workflow_id
 from spine.payloads import BudgetView
 from spine.plugin import ledger_worker
-from tests.helpers import call, eventually, policy_file, scripted_request, turn
+from tests.helpers import (
+    call,
+    eventually,
+    policy_file,
+    scripted_request,
+    turn,
+    worker_client,
+    worker_keyring,
+)
 
 TURN_USD = (1000 * 1.00 + 100 * 4.00) / 1_000_000  # scripted price: 1.00 in / 4.00 out per 1M
 
@@ -74,7 +82,7 @@ async def test_concurrent_runs_never_exceed_the_daily_budget(
 
 
 async def test_ledger_unavailable_fails_closed(
-    client, make_worker, task_queue, tmp_path, new_account
+    client, make_worker, task_queue, tmp_path, new_account, vault
 ):
     """With no ledger answering, no model call is made; once it is back the run finishes."""
     account = new_account("closed")
@@ -92,7 +100,7 @@ async def test_ledger_unavailable_fails_closed(
         ]
         assert "spine.model_call" not in scheduled
         assert (await get_state(handle)).usage.usd == 0
-        async with ledger_worker(client, ledger_queue):
+        async with ledger_worker(client, ledger_queue, keyring=worker_keyring(vault)):
             result = await wait_result(handle)
     assert result.status == "completed", result.reason
 
@@ -134,7 +142,7 @@ async def test_run_degrades_then_asks_then_stops(
     assert any("switched scripted -> scripted-cheap" in p for p in result.path)
 
 
-async def test_ledger_window_resets_next_day(time_skipping_env):
+async def test_ledger_window_resets_next_day(time_skipping_env, vault):
     """A day's exhausted budget is available again the next (skipped-to) day."""
     from temporalio.worker import Worker
 
@@ -143,18 +151,18 @@ async def test_ledger_window_resets_next_day(time_skipping_env):
 
     env = time_skipping_env
     queue = f"ledger-{uuid.uuid4()}"
-    activities = BudgetActivities(env.client, queue)
+    activities = BudgetActivities(worker_client(env.client, vault), queue)
 
     def op(rid):
         return BudgetCall(
             account="tz",
             op=LedgerOp(  # noqa: E731
-                run_id="r", reserve_id=rid, reserve_usd=0.6, daily_limit_usd=1.0
+                run_id="r", reserve_id=f"r/{rid}", reserve_usd=0.6, daily_limit_usd=1.0
             ),
         )
 
     async with (
-        ledger_worker(env.client, queue),
+        ledger_worker(env.client, queue, keyring=worker_keyring(vault)),
         Worker(env.client, task_queue=f"{queue}-x", activities=[activities.apply]),
     ):
         first = await activities.apply(op("a"))
@@ -165,7 +173,7 @@ async def test_ledger_window_resets_next_day(time_skipping_env):
     assert first.day != third.day
 
 
-async def test_ledger_keeps_its_runs_short_and_forgets_old_settlements(time_skipping_env):
+async def test_ledger_keeps_its_runs_short_and_forgets_old_settlements(time_skipping_env, vault):
     """A busy ledger continues as new every MAX_UPDATES_PER_RUN updates (so a worker taking
     it over replays little, within the 30 s task timeout), and settled reservations older
     than an hour are not carried into the next run."""
@@ -181,12 +189,12 @@ async def test_ledger_keeps_its_runs_short_and_forgets_old_settlements(time_skip
     env = time_skipping_env
     queue = f"ledger-{uuid.uuid4()}"
     account = f"busy-{uuid.uuid4().hex[:6]}"
-    activities = BudgetActivities(env.client, queue)
+    activities = BudgetActivities(worker_client(env.client, vault), queue)
 
     async def burst(prefix: str, count: int) -> None:
         previous = None
         for i in range(count):
-            rid = f"{prefix}-{i}"
+            rid = f"r/{prefix}-{i}"
             commit = {previous: 0.001} if previous else {}
             await activities.apply(
                 BudgetCall(
@@ -203,7 +211,7 @@ async def test_ledger_keeps_its_runs_short_and_forgets_old_settlements(time_skip
             previous = rid
 
     async with (
-        ledger_worker(env.client, queue),
+        ledger_worker(env.client, queue, keyring=worker_keyring(vault)),
         Worker(env.client, task_queue=f"{queue}-x", activities=[activities.apply]),
     ):
         await burst("early", MAX_UPDATES_PER_RUN + 5)
@@ -226,8 +234,8 @@ async def test_ledger_keeps_its_runs_short_and_forgets_old_settlements(time_skip
                 break
     assert len(inputs) >= 3
     kept = inputs[0]["reservations"]
-    early = {rid: r["state"] for rid, r in kept.items() if rid.startswith("early-")}
+    early = {rid: r["state"] for rid, r in kept.items() if rid.startswith("r/early-")}
     # Committed two hours ago: forgotten. The last one was never settled: it expired after an
     # hour (released) and is kept for a day in case its run still commits.
-    assert early == {f"early-{MAX_UPDATES_PER_RUN + 4}": "released"}, early
-    assert sum(rid.startswith("late-") for rid in kept) > 0
+    assert early == {f"r/early-{MAX_UPDATES_PER_RUN + 4}": "released"}, early
+    assert sum(rid.startswith("r/late-") for rid in kept) > 0

@@ -38,7 +38,7 @@ async def _approve_as_they_appear(handles: list[RunHandle], approved: dict[str, 
                     ApprovalDecision(
                         approval_id=pending.approval_id,
                         decision="approve",
-                        by="chaos-supervisor",
+                        by="bob",
                         role="supervisor",
                         reason="chaos test",
                     ),

@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 
 from spine.client.runs import get_run, wait_result
-from tests.helpers import call, turn, wait_for_status
-
-SPINE = str(Path(sys.executable).parent / "spine")
+from tests.helpers import SPINE, call, principal_in, signing_env, turn, wait_for_status
 
 
 async def spine(client, task_queue: str, *args: str) -> tuple[int, str, str]:
@@ -19,6 +16,7 @@ async def spine(client, task_queue: str, *args: str) -> tuple[int, str, str]:
         **os.environ,
         "TEMPORAL_ADDRESS": client.service_client.config.target_host,
         "SPINE_TASK_QUEUE": task_queue,
+        **signing_env(client, principal_in(args)),
     }
     proc = await asyncio.create_subprocess_exec(
         SPINE, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -77,7 +75,7 @@ async def test_approve_then_approve_again_is_refused(client, make_worker, task_q
         state = await wait_for_status(handle, "awaiting_approval")
         approval = state.pending_approvals[0].approval_id
         code, out, err = await spine(
-            client, task_queue, "approve", handle.id, approval, "--by", "carol", "--role", "viewer"
+            client, task_queue, "approve", handle.id, approval, "--by", "vera", "--role", "viewer"
         )
         assert code == 1 and err.count("\n") == 1 and "may not decide" in err
         code, out, err = await spine(

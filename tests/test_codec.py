@@ -24,6 +24,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
 
 from spine.client.codec_cli import codec_server
+from spine.client.identity import SigningInterceptor
 from spine.client.runs import SpineClientError, connect, get_run, start_run, wait_result
 from spine.client.testing import REPO_ROOT, DemoService, VaultDev, binary, free_port, wait_until
 from spine.contract import AgentRequest, ScriptTurn
@@ -63,7 +64,7 @@ def keys() -> dict[str, bytes]:
 
 
 @pytest.fixture
-def connect_encrypted(client: Client, keys: dict[str, bytes]) -> Connect:
+def connect_encrypted(client: Client, keys: dict[str, bytes], vault: VaultDev) -> Connect:
     """Connect a second client to the session's server, encrypting with the keyring `ids`."""
 
     async def make(*ids: str) -> Client:
@@ -72,6 +73,7 @@ def connect_encrypted(client: Client, keys: dict[str, bytes]) -> Connect:
             client.service_client.config.target_host,
             namespace=client.namespace,
             data_converter=encrypted_data_converter(codec),
+            interceptors=[SigningInterceptor(vault.signer(vault.tokens))],
         )
 
     return make

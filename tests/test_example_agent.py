@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from examples.notes_agent.store import SummaryStore
 from spine.client.runs import decide
 from spine.client.testing import (
+    VaultDev,
     assert_approvals_asked,
     assert_side_effects,
     assert_spend_at_most,
@@ -20,6 +21,7 @@ from spine.client.testing import (
 )
 from spine.client.tools_cli import tools
 from spine.contract import ApprovalDecision, ScriptToolCall, ScriptTurn, TokenUsage
+from spine.guardrails.secrets import VaultSecrets
 from tests.helpers import wait_for_status
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "notes_agent"
@@ -33,13 +35,20 @@ def store(tmp_path: Path) -> SummaryStore:
     return SummaryStore(tmp_path / "notes.db")
 
 
-def notes_worker(client, store: SummaryStore):
-    return spine_worker(
-        client,
-        agent_modules=("examples.notes_agent",),
-        policy_path=EXAMPLE / "policy.toml",
-        settings={"NOTES_DB": str(store.path)},
-    )
+@pytest.fixture
+def notes_worker(vault: VaultDev):
+    """A notes-agent worker; principals' keys come from the test OpenBao (`vault`)."""
+
+    def make(client, store: SummaryStore):
+        return spine_worker(
+            client,
+            agent_modules=("examples.notes_agent",),
+            policy_path=EXAMPLE / "policy.toml",
+            settings={"NOTES_DB": str(store.path)},
+            identity=VaultSecrets(vault.url, token=vault.token),
+        )
+
+    return make
 
 
 def test_script_builder_makes_scripted_turns() -> None:
@@ -60,7 +69,7 @@ def test_script_builder_makes_scripted_turns() -> None:
     ]
 
 
-async def test_summary_is_read_and_saved_once(client, store: SummaryStore) -> None:
+async def test_summary_is_read_and_saved_once(client, store: SummaryStore, notes_worker) -> None:
     """The agent reads the note over MCP and saves one summary, keyed for idempotency."""
     turns = (
         script()
@@ -89,7 +98,9 @@ async def test_summary_is_read_and_saved_once(client, store: SummaryStore) -> No
     assert row["summary"] == SUMMARY and row["idempotency_key"] == saved.idempotency_key
 
 
-async def test_unsure_summary_waits_for_a_supervisor(client, store: SummaryStore) -> None:
+async def test_unsure_summary_waits_for_a_supervisor(
+    client, store: SummaryStore, notes_worker
+) -> None:
     """A summary proposed with low confidence is saved only after a supervisor approves."""
     turns = (
         script()
@@ -123,7 +134,9 @@ async def test_unsure_summary_waits_for_a_supervisor(client, store: SummaryStore
     assert len(store.list()) == 1
 
 
-async def test_rejection_deletes_the_saved_summary(client, store: SummaryStore) -> None:
+async def test_rejection_deletes_the_saved_summary(
+    client, store: SummaryStore, notes_worker
+) -> None:
     """Rejecting the second summary ends the run and compensates the first (deleted)."""
     turns = (
         script()
@@ -163,7 +176,7 @@ async def test_rejection_deletes_the_saved_summary(client, store: SummaryStore) 
     assert store.list() == [] and len(store.list(include_deleted=True)) == 1
 
 
-async def test_viewer_may_read_but_not_save(client, store: SummaryStore) -> None:
+async def test_viewer_may_read_but_not_save(client, store: SummaryStore, notes_worker) -> None:
     """Role viewer reads notes; its save is refused by policy and nothing is written."""
     turns = (
         script()

@@ -5,27 +5,28 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from spine.client.cli import cli
-from spine.client.forks import apply_changes, checkpoint, load_history
+from spine.client.forks import apply_changes, checkpoint, load_history, with_goal
 from spine.client.runs import get_run, start_run, wait_result
 from spine.client.testing import REPO_ROOT
 from spine.contract import SA_FORKED_FROM, AgentResult, Limits
 from tests.helpers import (
+    SPINE,
     call,
+    custom_policy,
     eventually,
     policy_file,
+    principal_in,
     scripted_request,
+    signing_env,
     turn,
     wait_for_status,
 )
 
-SPINE = str(Path(sys.executable).parent / "spine")
 TOKENS = (2000, 100)  # 0.0024 USD per scripted turn
 TURN_USD = 0.0024
 # Enough for three turns; the fourth's worst-case estimate does not fit: budget_exhausted, and
@@ -39,6 +40,7 @@ async def spine(client, task_queue: str, *args: str, **env: str) -> tuple[int, s
         **os.environ,
         "TEMPORAL_ADDRESS": client.service_client.config.target_host,
         "SPINE_TASK_QUEUE": task_queue,
+        **signing_env(client, principal_in(args)),
         **env,
     }
     proc = await asyncio.create_subprocess_exec(
@@ -318,8 +320,11 @@ async def test_fork_any_step_of_a_continued_as_new_run(
             assert len(point.request.model.script) == steps + 1 - step
         point = await checkpoint(history, 9, client.data_converter)
         changed = apply_changes(point, {"goal": "Also check o-1482 twice."})
-        assert changed.carry is not None
-        assert changed.carry.pending_messages[-1].content == "Also check o-1482 twice."
+        # Nothing of the state travels from the client: the worker rebuilds it from history.
+        assert changed.carry is None and changed.fork_from is not None
+        assert (changed.fork_from.workflow_id, changed.fork_from.step) == (handle.id, 9)
+        told = with_goal(point.carry, 9, request.goal, changed.goal)
+        assert told.pending_messages[-1].content == "Also check o-1482 twice."
         code, out, err = await spine(
             client, task_queue, "replay", handle.id, "--from-step", "9", "--wait", "--json"
         )
@@ -331,3 +336,84 @@ async def test_fork_any_step_of_a_continued_as_new_run(
         original.output,
     )
     assert result.usage == original.usage
+
+
+async def test_a_fork_runs_on_todays_policy_and_is_refused_where_it_narrowed(
+    client, make_worker, task_queue, new_account, tmp_path
+):
+    """A fork re-resolves grants and approval rules: with a rule added since (refunds above
+    30.00 wait) or the refund tool no longer granted, the fork is refused naming why."""
+    account = new_account()
+    stricter = custom_policy(
+        tmp_path,
+        lambda p: p["agents"]["refund-agent"]["approvals"].append(
+            {
+                "tool": "issue_refund",
+                "arg": "amount",
+                "above": 30.0,
+                "approver_roles": ["supervisor"],
+            }
+        ),
+        name="stricter.toml",
+    )
+    ungranted = custom_policy(
+        tmp_path,
+        lambda p: p["agents"]["refund-agent"]["roles"]["support"].remove("issue_refund"),
+        name="ungranted.toml",
+    )
+    async with make_worker():
+        handle, _ = await _out_of_budget(client, task_queue, "o-1476", account)
+    reasons = []
+    for policy in (stricter, ungranted):
+        async with make_worker(policy_path=policy):
+            code, out, err = await spine(
+                client,
+                task_queue,
+                "replay",
+                handle.id,
+                "--from-step",
+                "3",
+                "--set",
+                "limits.max_usd=0.5",
+                "--wait",
+                "--json",
+            )
+        assert code == 1, out
+        reasons.append(json.loads(out)["result"]["reason"])
+    assert (
+        "fork refused" in reasons[0]
+        and "a rule added since (issue_refund: amount above 30.00" in reasons[0]
+    )
+    assert "is not granted to role 'support'" in reasons[1]
+
+
+async def test_a_forks_audit_chain_starts_with_where_it_came_from(
+    client, make_worker, task_queue, worker_config, new_account
+):
+    """The fork's own chain opens with run_started naming the original run and step."""
+    from spine.observability.audit import SQLiteAuditStore
+
+    async with make_worker():
+        handle, _ = await _out_of_budget(client, task_queue, "o-1477", new_account())
+        code, out, err = await spine(
+            client,
+            task_queue,
+            "replay",
+            handle.id,
+            "--from-step",
+            "3",
+            "--set",
+            "limits.max_usd=0.5",
+            "--wait",
+            "--json",
+        )
+    assert code == 0, err
+    fork = json.loads(out)["workflow_id"]
+    store = SQLiteAuditStore(worker_config.state_dir / "audit.db")
+    try:
+        [chain] = [r for r in await store.run_ids() if r.startswith(f"{fork}:")]
+        first = (await store.entries(chain))[0]
+    finally:
+        await store.close()
+    assert first.kind == "run_started"
+    assert first.data["forked_from"] == {"workflow_id": handle.id, "step": 3}

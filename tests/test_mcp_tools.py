@@ -133,6 +133,7 @@ def mcp_agent(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         'version = "test"\n'
         '[prices]\nversion = "p"\n[prices.models]\n"scripted" = { input = 1.0, output = 4.0 }\n'
         '[agents.mcp-agent.roles]\nreader = ["read_note"]\n'
+        '[principals.alice]\nroles = ["reader"]\naccounts = ["*"]\n'
     )
     yield name, policy
     sys.modules.pop(name, None)

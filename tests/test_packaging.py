@@ -142,13 +142,14 @@ def _policy(tmp: Path) -> Path:
     """The default policy with the user's agent and role added."""
     text = (REPO / "guardrails" / "policy.toml").read_text()
     text += '\n[agents.shouter]\nmax_steps = 5\n[agents.shouter.roles]\nuser = ["shout"]\n'
+    text += '\n[principals.ada]\nroles = ["user"]\naccounts = ["own"]\n'
     path = tmp / "policy.toml"
     path.write_text(text)
     return path
 
 
 @pytest.mark.slow
-def test_spine_installs_into_a_user_project_and_runs_an_agent(tmp_path: Path, client):
+def test_spine_installs_into_a_user_project_and_runs_an_agent(tmp_path: Path, client, vault):
     """A wheel in a fresh venv: the user's own modules win, and a SpinePlugin worker runs."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -215,6 +216,13 @@ def test_spine_installs_into_a_user_project_and_runs_an_agent(tmp_path: Path, cl
         **{k: v for k, v in os.environ.items() if not k.startswith(("SPINE_", "VAULT_"))},
         "TEMPORAL_ADDRESS": client.service_client.config.target_host,
         "PYTHONPATH": "",
+        # The worker reads principals' keys from OpenBao; ada signs her start as `spine login`
+        # would have her do.
+        "VAULT_ADDR": vault.url,
+        "VAULT_TOKEN": vault.token,
+        "SPINE_VAULT_TOKEN": vault.seed_principals({"ada": ()})["ada"],
+        "SPINE_PRINCIPAL": "ada",
+        "SPINE_CREDENTIALS": str(tmp_path / "no-credentials.json"),
     }
     done = subprocess.run(
         [python, "main.py"], cwd=project, env=env, capture_output=True, text=True, timeout=300

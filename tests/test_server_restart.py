@@ -15,7 +15,7 @@ from spine.client.runs import RunHandle, get_run, get_state, start_run, wait_res
 from spine.client.testing import DemoService, VaultDev, free_port, temporal_dev_server
 from spine.guardrails.secrets import VaultSecrets
 from spine.plugin import SpineConfig, build_worker
-from tests.helpers import call, eventually, scripted_request, turn
+from tests.helpers import call, eventually, scripted_request, signed_client, turn
 
 REFUND = 30.0
 
@@ -79,7 +79,9 @@ async def test_run_resumes_after_temporal_server_restart(
         worker = build_worker(first.client, config=config)
         async with worker:
             handle: RunHandle = await start_run(
-                first.client, scripted_request(_script(orders)), task_queue=queue
+                signed_client(first.client, vault),
+                scripted_request(_script(orders)),
+                task_queue=queue,
             )
 
             async def refund_started() -> bool:

@@ -413,6 +413,7 @@ async def test_prometheus_metrics_from_the_worker(client, worker_config, task_qu
         namespace=client.namespace,
         runtime=telemetry.runtime,
         data_converter=pydantic_data_converter,
+        interceptors=client.config()["interceptors"],  # signs as the session's client does
     )
     script = [
         turn(call("lookup_order", order_id="o-1219")),

@@ -60,9 +60,11 @@ async def test_a_run_whose_transcript_was_lost_resends_it_and_completes(
     async with make_worker():
         handle = await start_run(client, build_demo_request("o-1065"), task_queue=task_queue)
         state = await wait_for_status(handle, "awaiting_approval")
+        # A run's transcript is keyed by its workflow id and first run id.
+        transcript = f"{handle.id}/{handle.first_execution_run_id}"
         with sqlite3.connect(worker_config.state_dir / "transcripts.db") as db:
             deleted = db.execute(
-                "DELETE FROM transcript WHERE transcript_id = ?", (handle.id,)
+                "DELETE FROM transcript WHERE transcript_id = ?", (transcript,)
             ).rowcount
         assert deleted > 0
         await approve_first_pending(handle, state)
@@ -77,6 +79,6 @@ async def test_a_run_whose_transcript_was_lost_resends_it_and_completes(
     assert failures == ["TranscriptUnavailable"]
     with sqlite3.connect(worker_config.state_dir / "transcripts.db") as db:
         (stored,) = db.execute(
-            "SELECT count(*) FROM transcript WHERE transcript_id = ?", (handle.id,)
+            "SELECT count(*) FROM transcript WHERE transcript_id = ?", (transcript,)
         ).fetchone()
     assert stored > deleted  # everything resent, plus what came after

@@ -29,7 +29,7 @@ from spine.client.runs import decide, start_run, wait_result, web_ui_url
 from spine.client.testing import DemoService, VaultDev, free_port, temporal_dev_server
 from spine.contract import ApprovalDecision
 from spine.guardrails.secrets import VaultSecrets
-from tests.helpers import wait_for_status
+from tests.helpers import signed_client, wait_for_status
 
 playwright_api = pytest.importorskip(
     "playwright.async_api", reason="playwright is not installed: pip install -e '.[dev]'"
@@ -88,8 +88,9 @@ async def test_demo_run_reads_like_a_story_in_the_web_ui(
             providers={},
         )
         request = build_demo_request(ORDER)
-        async with build_worker(env.client, config=config):
-            handle = await start_run(env.client, request, task_queue=config.task_queue)
+        client = signed_client(env.client, vault)
+        async with build_worker(client, config=config):
+            handle = await start_run(client, request, task_queue=config.task_queue)
             state = await wait_for_status(handle, "awaiting_approval")
             approval = state.pending_approvals[0].approval_id
             await decide(

@@ -31,7 +31,7 @@ from spine.client.testing import (
     stop_worker_process,
 )
 from spine.contract import AgentResult, RunStatus
-from tests.helpers import call, eventually, scripted_request, turn
+from tests.helpers import SPINE, call, eventually, scripted_request, signing_env, turn
 
 STATUSES = set(get_args(RunStatus))
 
@@ -132,6 +132,17 @@ async def test_run_started_by_temporal_cli_completes(
         "limits": {"max_steps": 10},
     }
     await spawn_worker(worker_env, worker_processes)
+    # alice signs the start (as `spine sign` prints it for `--headers`)
+    signed = await asyncio.to_thread(
+        subprocess.run,
+        [SPINE, "sign", "start", "--workflow-id", workflow_id, "--input", json.dumps(request)],
+        env={**os.environ, **signing_env(client, "alice")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    header = signed.stdout.strip()
 
     started = await temporal_cli(
         worker_env,
@@ -140,6 +151,7 @@ async def test_run_started_by_temporal_cli_completes(
         "--task-queue", worker_env["SPINE_TASK_QUEUE"],
         "--workflow-id", workflow_id,
         "--input", json.dumps(request),
+        "--headers", header,
     )  # fmt: skip
     assert started["workflowId"] == workflow_id and started["runId"]
 

@@ -128,7 +128,8 @@ async def test_account_budget_reserves_in_blocks_and_settles_what_was_spent():
     assert budget.may_call_model() is None
     spent = 0.0
     for step in range(2, BLOCK_CALLS + 2):
-        result = turn(input_tokens=1000, output_tokens=1024)  # what the estimate assumes
+        # A turn that uses what the estimate allowed for: the block runs out in a few calls.
+        result = turn(input_tokens=budget.prompt_bound(), output_tokens=state.agent.max_tokens)
         usd = budget.cost(result, "scripted")
         spent += usd
         apply_model_turn(state, result, usd)

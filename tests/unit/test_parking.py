@@ -9,8 +9,11 @@ from temporalio.exceptions import ApplicationError
 
 from spine.contract import OperatorCommand
 from spine.guardrails.parking import Parking
+from spine.payloads import PrincipalView
 from spine.workflows.state import StopRun
 from tests.unit.kit import FakeRun, state
+
+OPS = PrincipalView(name="ops", roles=["operator"])
 
 
 def command(action: str, role: str = "operator") -> OperatorCommand:
@@ -23,10 +26,17 @@ async def test_an_operator_retries_a_parked_step():
     parking = Parking(state(), run.hooks())
 
     def operator() -> None:
-        assert parking.problem(command("retry", role="viewer"), "parked") == (
+        assert parking.problem(command("retry", role="viewer"), "parked", OPS) == (
+            "principal 'ops' does not hold role 'viewer' (holds: operator)"
+        )
+        viewer = PrincipalView(name="ops", roles=["viewer"])
+        assert parking.problem(command("retry", role="viewer"), "parked", viewer) == (
             "role 'viewer' may not operate runs; allowed: operator, supervisor"
         )
-        assert parking.problem(command("skip"), "parked") == (
+        assert parking.problem(command("retry"), "parked", None) == (
+            "unauthenticated: the command carries no verified principal"
+        )
+        assert parking.problem(command("skip"), "parked", OPS) == (
             "a model turn cannot be skipped; use retry, compensate or abort"
         )
         parking.accept(command("retry"))
@@ -35,7 +45,7 @@ async def test_an_operator_retries_a_parked_step():
     got = await parking.park("model call at step 1 failed: ...", skippable=False)
     assert got.action == "retry"
     assert run.statuses == [("parked", "model call at step 1 failed: ..."), ("running", None)]
-    assert parking.problem(command("retry"), "running") == "the run is running, not parked"
+    assert parking.problem(command("retry"), "running", OPS) == "the run is running, not parked"
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,9 @@ FOLDED = {
     "pending_messages",
     "invalid_calls",
     "retries",
-    "untrusted_text",
+    "untrusted",
+    "untrusted_seen",
+    "context_bytes",
     "spec",
 }
 
