@@ -32,6 +32,14 @@ import jsonschema
 from pydantic import BaseModel, RootModel, ValidationError, model_validator
 from temporalio import activity
 
+from spine.activities.blobs import (
+    DEFAULT_INLINE_BYTES,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    REF_KEY,
+    BlobStore,
+    reference,
+)
+from spine.activities.blobs import encode as encode_output
 from spine.activities.breakers import Breakers
 from spine.activities.errors import (
     SecretMissing,
@@ -44,6 +52,7 @@ from spine.activities.errors import (
 )
 from spine.activities.heartbeat import heartbeating
 from spine.contract import ACCOUNT_PATTERN, JsonObject, tool_activity
+from spine.guardrails import taint
 from spine.payloads import (
     CompensationInput,
     ToolCallInput,
@@ -52,6 +61,7 @@ from spine.payloads import (
     ToolSchema,
 )
 
+#: Without a blob store (no claim check) outputs above this are refused, as before.
 MAX_OUTPUT_BYTES = 64 * 1024
 REDACTED = "[redacted]"
 
@@ -525,7 +535,15 @@ async def raise_for_status(response: httpx.Response) -> None:
 
 
 class ToolRunner:
-    """Runs tool calls for the activities: validate, inject secrets, call, validate, scrub."""
+    """Runs tool calls for the activities: validate, inject secrets, call, validate, scrub, and
+    store a large output by reference (see :mod:`spine.activities.blobs`).
+
+    Args:
+        blobs: Where large outputs and every untrusted output are stored; None: an output above
+            :data:`MAX_OUTPUT_BYTES` is refused (no claim check).
+        inline_bytes: Outputs whose JSON is larger go by reference.
+        max_output_bytes: Outputs whose JSON is larger are refused (`ToolOutputInvalid`).
+    """
 
     def __init__(
         self,
@@ -534,12 +552,19 @@ class ToolRunner:
         http: httpx.AsyncClient,
         settings: Mapping[str, str],
         breakers: Breakers | None = None,
+        *,
+        blobs: BlobStore | None = None,
+        inline_bytes: int = DEFAULT_INLINE_BYTES,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         self.registry = registry
         self.secrets = secrets
         self.http = http
         self.settings = settings
         self.breakers = breakers or Breakers()
+        self.blobs = blobs
+        self.inline_bytes = inline_bytes
+        self.max_output_bytes = max_output_bytes if blobs is not None else MAX_OUTPUT_BYTES
 
     async def run(self, call: ToolCallInput, attempt: int = 1) -> ToolCallResult:
         try:
@@ -580,13 +605,48 @@ class ToolRunner:
         except ValidationError as err:
             raise ToolOutputInvalid(f"{call.tool}: invalid output: {_one_line(err)}") from err
         dumped = _scrub(output.model_dump(mode="json"), list(values.values()))
-        size = len(json.dumps(dumped))
-        if size > MAX_OUTPUT_BYTES:
-            raise ToolOutputInvalid(
-                f"{call.tool}: output is {size} bytes, above the {MAX_OUTPUT_BYTES}-byte limit; "
+        return await self._deliver(call, definition, dumped, attempt)  # type: ignore[arg-type]  # _scrub keeps the shape
+
+    async def _deliver(
+        self, call: ToolCallInput, definition: ToolDefinition, output: JsonObject, attempt: int
+    ) -> ToolCallResult:
+        """The result history will hold: the output, or a reference to it in the blob store."""
+        data = encode_output(output)
+        size = len(data)
+        if size > self.max_output_bytes:
+            fix = (
                 "store large results and return a reference"
+                if self.blobs is None
+                else "return a smaller output, or raise SPINE_MAX_OUTPUT_BYTES"
             )
-        return ToolCallResult(output=dumped, attempt=attempt)  # type: ignore[arg-type]  # _scrub keeps the shape
+            raise ToolOutputInvalid(
+                f"{call.tool}: output is {size} bytes, above the {self.max_output_bytes}-byte "
+                f"limit; {fix}"
+            )
+        # An output that looks like a reference is stored too, so the model reads it as sent.
+        by_ref = size > self.inline_bytes or REF_KEY in output
+        if self.blobs is None or not (by_ref or definition.untrusted_output):
+            return ToolCallResult(output=output, attempt=attempt)
+        key = f"{call.step}:{call.call_id}:{call.tool}:{call.purpose}"
+        digest = await self.blobs.put_output(
+            call.run_id,
+            key,
+            call.tool,
+            output,
+            untrusted=definition.untrusted_output,
+            inline=not by_ref,
+            data=data,
+        )
+        if not by_ref:
+            return ToolCallResult(output=output, attempt=attempt)
+        tokens = None
+        if definition.untrusted_output:
+            # Taint checks remember every token of outside content: the workflow cannot read the
+            # stored output, so it gets the tokens' filter (guardrails/taint.py) instead.
+            tokens = taint.remember("", json.dumps(output, sort_keys=True))
+        return ToolCallResult(
+            output=reference(digest, size, call.tool), attempt=attempt, untrusted_filter=tokens
+        )
 
 
 async def _call_tool(definition: ToolDefinition, args: BaseModel, ctx: ToolContext) -> BaseModel:

@@ -458,7 +458,13 @@ def _fold(
                     )
                 apply_retries(state, output.attempt - 1)
                 apply_tool_result(
-                    state, call, descriptor, used.args, output.output, used.idempotency_key or ""
+                    state,
+                    call,
+                    descriptor,
+                    used.args,
+                    output.output,
+                    used.idempotency_key or "",
+                    output.untrusted_filter,
                 )
                 continue
             said = heard.get(call.id)

@@ -42,12 +42,15 @@ from temporalio.worker import Plugin as WorkerPlugin
 from temporalio.worker import Worker, WorkerConfig, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from spine.activities.blobs import DEFAULT_INLINE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, BlobStore
+from spine.activities.blobs import MIGRATIONS as BLOB_MIGRATIONS
 from spine.activities.breakers import Breakers
 from spine.activities.budget import BudgetActivities
 from spine.activities.identity import IdentityActivities
 from spine.activities.llm import ModelActivities
 from spine.activities.providers.base import ModelProvider
 from spine.activities.tools import Registry, SecretResolver, ToolRunner, make_tool_activities
+from spine.activities.transcript import MIGRATIONS as TRANSCRIPT_MIGRATIONS
 from spine.activities.transcript import TranscriptStore
 from spine.client.identity import SigningInterceptor
 from spine.contract import DEFAULT_LEDGER_TASK_QUEUE, DEFAULT_TASK_QUEUE, rate_limited_queue
@@ -57,7 +60,14 @@ from spine.guardrails.policy import Policy, load_policy
 from spine.guardrails.principals import VaultKeyring, VaultSigner
 from spine.guardrails.secrets import NoSecrets, VaultSecrets
 from spine.observability.alerts import AlertActivities, AlertEngine
-from spine.observability.audit import AuditActivities, AuditStore, store_from_env
+from spine.observability.audit import MIGRATIONS as AUDIT_MIGRATIONS
+from spine.observability.audit import (
+    AuditActivities,
+    AuditStore,
+    DatabaseAuditStore,
+    store_from_env,
+)
+from spine.store import Database, database_from_env
 from spine.workflows.agent import AgentWorkflow
 from spine.workflows.alerts import SpineAlertsWorkflow
 from spine.workflows.ledger import BudgetLedger
@@ -92,6 +102,15 @@ def _flag(env: Mapping[str, str], name: str, default: str = "1") -> bool:
     return env.get(name, default).strip().lower() not in ("0", "false", "no", "off")
 
 
+def _size(env: Mapping[str, str], name: str, default: int) -> int:
+    text = (env.get(name) or "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(f"{name}={text!r} is not a positive number of bytes")
+    return int(text)
+
+
 @dataclass
 class SpineConfig:
     """Everything a Spine worker needs besides the Temporal client. Defaults come from the env."""
@@ -109,7 +128,16 @@ class SpineConfig:
     search_attributes: bool = True
     max_concurrent_activities: int = 200
     audit_store: AuditStore | None = None
-    """The audit log; default: ``SPINE_AUDIT_DSN`` from `settings`, else SQLite in `state_dir`."""
+    """The audit log; default: ``SPINE_AUDIT_DSN`` from `settings`, else the shared database,
+    else SQLite (``audit.db``) in `state_dir`."""
+    database: Database | None = None
+    """Shared state (transcripts, large outputs; the audit log unless it has its own): default
+    ``SPINE_DATABASE_URL`` from `settings` (PostgreSQL), else SQLite (``state.db``) in
+    `state_dir`."""
+    inline_output_bytes: int = DEFAULT_INLINE_BYTES
+    """Tool outputs whose JSON is larger are stored in the shared database and go by reference."""
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    """Tool outputs whose JSON is larger are refused."""
     ledger: bool = True
     """Run the budget ledgers' worker next to this one (one per deployment is enough)."""
     ledger_task_queue: str = DEFAULT_LEDGER_TASK_QUEUE
@@ -121,7 +149,13 @@ class SpineConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> SpineConfig:
         """``SPINE_TASK_QUEUE``, ``SPINE_POLICY``, ``SPINE_STATE_DIR``, ``SPINE_AGENTS``,
         ``VAULT_*``, ``SPINE_SEARCH_ATTRIBUTES``, ``SPINE_LEDGER_WORKER``,
-        ``SPINE_LEDGER_TASK_QUEUE``; everything else is a setting tools may read."""
+        ``SPINE_LEDGER_TASK_QUEUE``, ``SPINE_INLINE_OUTPUT_BYTES``, ``SPINE_MAX_OUTPUT_BYTES``
+        (``SPINE_DATABASE_URL`` and ``SPINE_AUDIT_DSN`` are read from the settings when the
+        worker starts); everything else is a setting tools may read.
+
+        Raises:
+            ValueError: a size setting is not a positive whole number.
+        """
         env = dict(os.environ if env is None else env)
         modules = tuple(
             m.strip() for m in env.get("SPINE_AGENTS", "spine.demo.agent").split(",") if m.strip()
@@ -137,6 +171,8 @@ class SpineConfig:
             ledger=_flag(env, "SPINE_LEDGER_WORKER"),
             ledger_task_queue=env.get("SPINE_LEDGER_TASK_QUEUE") or DEFAULT_LEDGER_TASK_QUEUE,
             worker_principal=env.get("SPINE_WORKER_PRINCIPAL") or "spine-worker",
+            inline_output_bytes=_size(env, "SPINE_INLINE_OUTPUT_BYTES", DEFAULT_INLINE_BYTES),
+            max_output_bytes=_size(env, "SPINE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES),
         )
 
 
@@ -196,9 +232,22 @@ class _Served:
     """What one worker's activities hold open, closed when the worker stops."""
 
     http: httpx.AsyncClient
+    database: Database
     audit: AuditStore
     companions: list[Worker]
     keyring: VaultKeyring | None
+
+    async def migrate(self) -> None:
+        """Apply the shared-state migrations (idempotent; workers starting together are fine)."""
+        await self.database.migrate([*TRANSCRIPT_MIGRATIONS, *BLOB_MIGRATIONS])
+        if isinstance(self.audit, DatabaseAuditStore):
+            await self.audit.database.migrate(AUDIT_MIGRATIONS)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.audit.close()
+        if getattr(self.audit, "database", None) is not self.database:
+            await self.database.close()
 
 
 class SpinePlugin(SimplePlugin):
@@ -258,22 +307,33 @@ class SpinePlugin(SimplePlugin):
         breakers = Breakers(
             self.policy.runtime.breaker_threshold, self.policy.runtime.breaker_reset_s
         )
+        database = self.config.database or database_from_env(settings, self.config.state_dir)
+        blobs = BlobStore(database)
         runner = ToolRunner(
-            self.registry, self.config.secrets or NoSecrets(), http, settings, breakers
+            self.registry,
+            self.config.secrets or NoSecrets(),
+            http,
+            settings,
+            breakers,
+            blobs=blobs,
+            inline_bytes=self.config.inline_output_bytes,
+            max_output_bytes=self.config.max_output_bytes,
         )
         audit = AuditActivities(
-            self.config.audit_store or store_from_env(settings, self.config.state_dir)
+            self.config.audit_store
+            or store_from_env(settings, self.config.state_dir, database=database)
         )
         models = ModelActivities(
             self.registry,
             self.policy,
-            TranscriptStore(self.config.state_dir / "transcripts.db"),
+            TranscriptStore(database),
             self.config.providers
             if self.config.providers is not None
             else default_providers(settings),
             search_attributes=self.config.search_attributes,
             breakers=breakers,
             audit_append=audit.store.append,
+            blobs=blobs,
         )
         vault = self.config.secrets if isinstance(self.config.secrets, VaultSecrets) else None
         loader = None
@@ -310,7 +370,7 @@ class SpinePlugin(SimplePlugin):
         config = super().configure_worker(config)
         others = [p for p in config.get("plugins") or [] if p is not self]
         self._served[queue] = _Served(
-            http, audit.store, self._companions(config, runner, others), loader
+            http, database, audit.store, self._companions(config, runner, others), loader
         )
         return config
 
@@ -350,6 +410,7 @@ class SpinePlugin(SimplePlugin):
             asyncio.create_task(served.keyring.keep_fresh()) if served.keyring is not None else None
         )
         try:
+            await served.migrate()  # before any task: a database that is down stops the start
             async with contextlib.AsyncExitStack() as stack:
                 for companion in served.companions:
                     await stack.enter_async_context(companion)
@@ -357,8 +418,7 @@ class SpinePlugin(SimplePlugin):
         finally:
             if refreshing is not None:
                 refreshing.cancel()
-            await served.http.aclose()
-            await served.audit.close()
+            await served.close()
 
 
 def ledger_worker(

@@ -101,8 +101,8 @@ async def test_secret_value_appears_nowhere(
         "worker logs": caplog.text,
         "traces": trace_file.read_text(),
         "model prompts": prompts,
-        "audit log": (worker_config.state_dir / "audit.db").read_bytes().decode("latin-1"),
-        "transcripts": (worker_config.state_dir / "transcripts.db").read_bytes().decode("latin-1"),
+        "audit log": _database_text(worker_config.state_dir / "audit.db"),
+        "transcripts and outputs": _database_text(worker_config.state_dir / "state.db"),
     }
     assert len(places["traces"]) > 1000 and len(places["history"]) > 1000
     assert {name: text.count(secret) for name, text in places.items()} == dict.fromkeys(places, 0)
@@ -182,3 +182,10 @@ async def test_vault_down_fails_closed_then_recovers(
         private.stop()
     assert result.status == "completed", result.reason
     assert len(service.get("/v1/refunds?order_id=o-1082")) == 1
+
+
+def _database_text(path: Path) -> str:
+    """A SQLite database's bytes as text, its write-ahead log included (not checkpointed yet)."""
+    wal = path.with_name(path.name + "-wal")
+    data = path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    return data.decode("latin-1")

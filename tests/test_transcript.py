@@ -60,9 +60,9 @@ async def test_a_run_whose_transcript_was_lost_resends_it_and_completes(
     async with make_worker():
         handle = await start_run(client, build_demo_request("o-1065"), task_queue=task_queue)
         state = await wait_for_status(handle, "awaiting_approval")
-        with sqlite3.connect(worker_config.state_dir / "transcripts.db") as db:
+        with sqlite3.connect(worker_config.state_dir / "state.db") as db:
             deleted = db.execute(
-                "DELETE FROM transcript WHERE transcript_id = ?", (handle.id,)
+                "DELETE FROM spine_transcript WHERE transcript_id = ?", (handle.id,)
             ).rowcount
         assert deleted > 0
         await approve_first_pending(handle, state)
@@ -75,8 +75,8 @@ async def test_a_run_whose_transcript_was_lost_resends_it_and_completes(
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED
     ]
     assert failures == ["TranscriptUnavailable"]
-    with sqlite3.connect(worker_config.state_dir / "transcripts.db") as db:
+    with sqlite3.connect(worker_config.state_dir / "state.db") as db:
         (stored,) = db.execute(
-            "SELECT count(*) FROM transcript WHERE transcript_id = ?", (handle.id,)
+            "SELECT count(*) FROM spine_transcript WHERE transcript_id = ?", (handle.id,)
         ).fetchone()
     assert stored > deleted  # everything resent, plus what came after

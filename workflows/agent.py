@@ -338,7 +338,9 @@ class AgentWorkflow:
             return None
         except ApplicationError as err:  # a failure the model can correct: it is told
             return tools.refuse(call, f"error: {err.type}: {err.message}")
-        apply_tool_result(self.state, call, used, args, result.output, used_key)
+        apply_tool_result(
+            self.state, call, used, args, result.output, used_key, result.untrusted_filter
+        )
         if today:
             await self.account_totals([], add=dict(today))
         return None
