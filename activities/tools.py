@@ -37,6 +37,7 @@ from spine.activities.blobs import (
     DEFAULT_MAX_OUTPUT_BYTES,
     REF_KEY,
     BlobStore,
+    ref_digest,
     reference,
 )
 from spine.activities.blobs import encode as encode_output
@@ -574,8 +575,9 @@ class ToolRunner:
 
     async def _run(self, call: ToolCallInput, attempt: int) -> ToolCallResult:
         definition = self.registry.get(call.tool, call.version)
+        given = await self._dereference_undone(call, definition)
         try:
-            args = definition.input_model.model_validate(call.args)
+            args = definition.input_model.model_validate(given)
         except ValidationError as err:
             raise ToolInputInvalid(f"{call.tool}: invalid arguments: {_one_line(err)}") from err
         if definition.side_effects and not call.idempotency_key:
@@ -606,6 +608,22 @@ class ToolRunner:
             raise ToolOutputInvalid(f"{call.tool}: invalid output: {_one_line(err)}") from err
         dumped = _scrub(output.model_dump(mode="json"), list(values.values()))
         return await self._deliver(call, definition, dumped, attempt)  # type: ignore[arg-type]  # _scrub keeps the shape
+
+    async def _dereference_undone(
+        self, call: ToolCallInput, definition: ToolDefinition
+    ) -> JsonObject:
+        """A compensation's arguments, with the undone call's output read back from the store
+        when the run holds it by reference (the compensation needs what the call returned)."""
+        digest = ref_digest(call.args.get("output")) if definition.compensates else None
+        if digest is None or self.blobs is None:
+            return call.args
+        found = await self.blobs.resolve(call.run_id, [digest])
+        if digest not in found:
+            raise ToolInputInvalid(
+                f"{call.tool}: the output of the call it undoes ({digest}) is not stored for "
+                f"run {call.run_id!r}"
+            )
+        return {**call.args, "output": found[digest]}
 
     async def _deliver(
         self, call: ToolCallInput, definition: ToolDefinition, output: JsonObject, attempt: int

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import uuid
+from pathlib import Path
 
 import httpx
 from pydantic import BaseModel
