@@ -6,6 +6,7 @@ on free loopback ports; nothing is downloaded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import hvac
+from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
@@ -417,6 +419,39 @@ def postgres_server(*, port: int | None = None) -> Iterator[PostgresServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+async def set_current_build(
+    client: Client, deployment_name: str, build_id: str, *, timeout: float = 60.0
+) -> None:
+    """Make `build_id` the current version of worker deployment `deployment_name` (what
+    ``temporal worker deployment set-current-version`` does), waiting until a worker of that
+    build has polled so the server knows the version.
+
+    Raises:
+        TimeoutError: the version did not appear within `timeout` seconds.
+    """
+    from temporalio.api.workflowservice.v1 import SetWorkerDeploymentCurrentVersionRequest
+    from temporalio.service import RPCError
+
+    request = SetWorkerDeploymentCurrentVersionRequest(
+        namespace=client.namespace,
+        deployment_name=deployment_name,
+        build_id=build_id,
+        identity="spine-test-kit",
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await client.workflow_service.set_worker_deployment_current_version(request)
+            return
+        except RPCError as err:  # the version is not registered until its workers poll
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"build {build_id!r} of deployment {deployment_name!r} did not become "
+                    f"current within {timeout:.0f}s: {err.message}"
+                ) from err
+        await asyncio.sleep(0.25)
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """The checkout this test kit lives in; `start_worker_process` runs ``worker.py`` from here."""
 
@@ -551,7 +586,6 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeVar  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 from temporalio.api.common.v1 import Payloads  # noqa: E402
 from temporalio.api.history.v1 import HistoryEvent  # noqa: E402
-from temporalio.client import Client  # noqa: E402
 
 from spine.client.runs import RunHandle, start_run  # noqa: E402
 from spine.contract import (  # noqa: E402

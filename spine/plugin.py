@@ -35,11 +35,12 @@ from pathlib import Path
 
 import httpx
 from temporalio.client import Client
+from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.contrib.pydantic import PydanticPayloadConverter, pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.plugin import SimplePlugin
 from temporalio.worker import Plugin as WorkerPlugin
-from temporalio.worker import Worker, WorkerConfig, WorkflowRunner
+from temporalio.worker import Worker, WorkerConfig, WorkerDeploymentConfig, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from spine.activities.blobs import DEFAULT_INLINE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, BlobStore
@@ -138,18 +139,44 @@ class SpineConfig:
     """Tool outputs whose JSON is larger are stored in the shared database and go by reference."""
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     """Tool outputs whose JSON is larger are refused."""
-    ledger: bool = True
-    """Run the budget ledgers' worker next to this one (one per deployment is enough)."""
-    ledger_task_queue: str = DEFAULT_LEDGER_TASK_QUEUE
-    worker_principal: str = "spine-worker"
-    """The principal this worker signs its budget-ledger operations as (its OpenBao identity)."""
-    keyring_refresh_s: float = 30.0
+    deployment_name: str | None = None
+    """Temporal worker deployment this worker belongs to (``SPINE_DEPLOYMENT_NAME``); with
+    `build_id`, the worker (and its companions) run under worker versioning."""
+    build_id: str | None = None
+    """This worker's build (``SPINE_BUILD_ID``), e.g. the image tag or git commit."""
+
+    def deployment(
+        self, behaviour: VersioningBehavior = VersioningBehavior.PINNED
+    ) -> WorkerDeploymentConfig | None:
+        """Worker versioning settings with `behaviour` as the workflows' default, or None when
+        the worker is unversioned.
+
+        Agent runs (and alerts, and any workflow of yours on the worker) are pinned: a run stays
+        on the build it started on and moves to the current build at its next continue-as-new.
+        The budget ledgers' worker auto-upgrades (see :func:`ledger_worker`).
+
+        Raises:
+            ValueError: only one of `deployment_name` and `build_id` is set.
+        """
+        if not self.deployment_name and not self.build_id:
+            return None
+        if not (self.deployment_name and self.build_id):
+            raise ValueError(
+                "worker versioning needs both SPINE_DEPLOYMENT_NAME and SPINE_BUILD_ID "
+                f"(got deployment {self.deployment_name!r}, build {self.build_id!r})"
+            )
+        return WorkerDeploymentConfig(
+            version=WorkerDeploymentVersion(self.deployment_name, self.build_id),
+            use_worker_versioning=True,
+            default_versioning_behavior=behaviour,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SpineConfig:
         """``SPINE_TASK_QUEUE``, ``SPINE_POLICY``, ``SPINE_STATE_DIR``, ``SPINE_AGENTS``,
         ``VAULT_*``, ``SPINE_SEARCH_ATTRIBUTES``, ``SPINE_LEDGER_WORKER``,
-        ``SPINE_LEDGER_TASK_QUEUE``, ``SPINE_INLINE_OUTPUT_BYTES``, ``SPINE_MAX_OUTPUT_BYTES``
+        ``SPINE_LEDGER_TASK_QUEUE``, ``SPINE_INLINE_OUTPUT_BYTES``, ``SPINE_MAX_OUTPUT_BYTES``,
+        ``SPINE_DEPLOYMENT_NAME`` and ``SPINE_BUILD_ID``
         (``SPINE_DATABASE_URL`` and ``SPINE_AUDIT_DSN`` are read from the settings when the
         worker starts); everything else is a setting tools may read.
 
@@ -173,6 +200,8 @@ class SpineConfig:
             worker_principal=env.get("SPINE_WORKER_PRINCIPAL") or "spine-worker",
             inline_output_bytes=_size(env, "SPINE_INLINE_OUTPUT_BYTES", DEFAULT_INLINE_BYTES),
             max_output_bytes=_size(env, "SPINE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES),
+            deployment_name=env.get("SPINE_DEPLOYMENT_NAME") or None,
+            build_id=env.get("SPINE_BUILD_ID") or None,
         )
 
 
@@ -257,6 +286,8 @@ class SpinePlugin(SimplePlugin):
         config: Worker settings (default :meth:`SpineConfig.from_env`).
         policy: The policy; default: loaded from ``config.policy_path`` (or the built-in one).
         registry: The agents and tools; default: loaded from ``config.agent_modules``.
+        agent_workflow: The workflow class registered as ``AgentWorkflow``: Spine's, or a
+            build of it of your own (a subclass with ``@workflow.defn(name="AgentWorkflow")``).
 
     Raises:
         PolicyError, ToolDefinitionError: the policy or a tool definition is wrong (the
@@ -269,8 +300,13 @@ class SpinePlugin(SimplePlugin):
         *,
         policy: Policy | None = None,
         registry: Registry | None = None,
+        agent_workflow: type[AgentWorkflow] = AgentWorkflow,
     ) -> None:
         self.config = config or SpineConfig.from_env()
+        if not (isinstance(agent_workflow, type) and issubclass(agent_workflow, AgentWorkflow)):
+            raise TypeError(
+                f"agent_workflow must be AgentWorkflow or a subclass, not {agent_workflow!r}"
+            )
         self.policy = policy or load_policy(self.config.policy_path)
         self.registry = registry or load_registry(self.config.agent_modules)
         self.keyring = Keyring(self.policy.grants())
@@ -280,7 +316,7 @@ class SpinePlugin(SimplePlugin):
         super().__init__(
             "spine",
             data_converter=_converter,
-            workflows=[AgentWorkflow, SpineAlertsWorkflow],
+            workflows=[agent_workflow, SpineAlertsWorkflow],
             workflow_runner=sandbox,
             interceptors=[PolicyInterceptor(), IdentityInterceptor(self.keyring)],
             activities=self._activities,
@@ -368,6 +404,9 @@ class SpinePlugin(SimplePlugin):
             *make_tool_activities(runner),
         ]
         config = super().configure_worker(config)
+        deployment = self.config.deployment()
+        if deployment is not None:
+            config["deployment_config"] = deployment
         others = [p for p in config.get("plugins") or [] if p is not self]
         self._served[queue] = _Served(
             http, database, audit.store, self._companions(config, runner, others), loader
@@ -393,12 +432,18 @@ class SpinePlugin(SimplePlugin):
                     max_task_queue_activities_per_second=rate,
                     plugins=list(plugins),  # tool spans and metrics come from telemetry
                     max_concurrent_activities=self.config.max_concurrent_activities,
+                    deployment_config=self.config.deployment(),
                 )
             )
         if self.config.ledger:
             self._companion_queues.add(self.config.ledger_task_queue)
             companions.append(
-                ledger_worker(client, self.config.ledger_task_queue, keyring=self.keyring)
+                ledger_worker(
+                    client,
+                    self.config.ledger_task_queue,
+                    keyring=self.keyring,
+                    deployment=self.config.deployment(VersioningBehavior.AUTO_UPGRADE),
+                )
             )
         return companions
 
@@ -422,16 +467,27 @@ class SpinePlugin(SimplePlugin):
 
 
 def ledger_worker(
-    client: Client, task_queue: str = DEFAULT_LEDGER_TASK_QUEUE, *, keyring: Keyring
+    client: Client,
+    task_queue: str = DEFAULT_LEDGER_TASK_QUEUE,
+    *,
+    keyring: Keyring,
+    deployment: WorkerDeploymentConfig | None = None,
 ) -> Worker:
     """A worker serving only the per-account budget ledgers (`SpineBudgetLedger`); `keyring`
-    verifies that each operation was signed by a Spine worker."""
+    verifies that each operation was signed by a Spine worker.
+
+    Under worker versioning give it a `deployment` whose default behaviour is auto-upgrade: a
+    ledger is a long-lived entity every run of its account depends on, so it follows the current
+    build at its next task rather than keep an old build's workers alive (its code changes must
+    be replay-safe, with ``workflow.patched``).
+    """
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[BudgetLedger],
         workflow_runner=sandbox(),
         interceptors=[IdentityInterceptor(keyring)],
+        deployment_config=deployment,
     )
 
 
@@ -463,6 +519,7 @@ def build_worker(
     policy: Policy | None = None,
     extra_workflows: Sequence[type] = (),
     plugins: Sequence[WorkerPlugin] = (),
+    agent_workflow: type[AgentWorkflow] = AgentWorkflow,
 ) -> Worker:
     """A Temporal worker with :class:`SpinePlugin` on ``config.task_queue`` (what tests, the demo
     and ``spine worker`` use): ``async with build_worker(client) as worker: ...``."""
@@ -471,6 +528,6 @@ def build_worker(
         client,
         task_queue=config.task_queue,
         workflows=list(extra_workflows),
-        plugins=[SpinePlugin(config, policy=policy), *plugins],
+        plugins=[SpinePlugin(config, policy=policy, agent_workflow=agent_workflow), *plugins],
         max_concurrent_activities=config.max_concurrent_activities,
     )
