@@ -423,15 +423,23 @@ async def set_current_build(
     client: Client, deployment_name: str, build_id: str, *, timeout: float = 60.0
 ) -> None:
     """Make `build_id` the current version of worker deployment `deployment_name` (what
-    ``temporal worker deployment set-current-version`` does), waiting until a worker of that
-    build has polled so the server knows the version.
+    ``temporal worker deployment set-current-version`` does) and wait until the server has
+    propagated the change to the deployment's task queues.
+
+    A version is known to the server once one of its workers has polled, so this retries until
+    then.
 
     Raises:
-        TimeoutError: the version did not appear within `timeout` seconds.
+        TimeoutError: the version did not become current within `timeout` seconds.
     """
-    from temporalio.api.workflowservice.v1 import SetWorkerDeploymentCurrentVersionRequest
+    from temporalio.api.enums.v1 import RoutingConfigUpdateState
+    from temporalio.api.workflowservice.v1 import (
+        DescribeWorkerDeploymentRequest,
+        SetWorkerDeploymentCurrentVersionRequest,
+    )
     from temporalio.service import RPCError
 
+    service = client.workflow_service
     request = SetWorkerDeploymentCurrentVersionRequest(
         namespace=client.namespace,
         deployment_name=deployment_name,
@@ -439,17 +447,33 @@ async def set_current_build(
         identity="spine-test-kit",
     )
     deadline = time.monotonic() + timeout
-    while True:
+    last = ""
+    while time.monotonic() < deadline:
         try:
-            await client.workflow_service.set_worker_deployment_current_version(request)
-            return
+            await service.set_worker_deployment_current_version(request)
+            break
         except RPCError as err:  # the version is not registered until its workers poll
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"build {build_id!r} of deployment {deployment_name!r} did not become "
-                    f"current within {timeout:.0f}s: {err.message}"
-                ) from err
+            last = err.message
         await asyncio.sleep(0.25)
+    else:
+        raise TimeoutError(
+            f"build {build_id!r} of deployment {deployment_name!r} did not become current "
+            f"within {timeout:.0f}s: {last}"
+        )
+    describe = DescribeWorkerDeploymentRequest(
+        namespace=client.namespace, deployment_name=deployment_name
+    )
+    while time.monotonic() < deadline:
+        info = (await service.describe_worker_deployment(describe)).worker_deployment_info
+        current = info.routing_config.current_deployment_version.build_id
+        done = RoutingConfigUpdateState.ROUTING_CONFIG_UPDATE_STATE_COMPLETED
+        if current == build_id and info.routing_config_update_state == done:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(
+        f"build {build_id!r} of deployment {deployment_name!r} was set current but the change "
+        f"did not reach its task queues within {timeout:.0f}s"
+    )
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

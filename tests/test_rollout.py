@@ -27,9 +27,6 @@ from spine.client.runs import RunHandle, decide, start_run
 from spine.client.testing import DemoService, set_current_build
 from spine.contract import AgentResult, ApprovalDecision
 from spine.plugin import SpineConfig, build_worker
-from spine.workflows.agent import AgentWorkflow
-from spine.workflows.alerts import SpineAlertsWorkflow
-from spine.workflows.ledger import BudgetLedger
 from tests.helpers import call, scripted_request, turn, wait_for_status
 from tests.rollout_v2 import V2_MARK, AgentWorkflowV2
 
@@ -155,12 +152,7 @@ def test_versioning_settings() -> None:
     assert SpineConfig.from_env({}).deployment() is None
     with pytest.raises(ValueError, match="needs both SPINE_DEPLOYMENT_NAME and SPINE_BUILD_ID"):
         SpineConfig.from_env({"SPINE_BUILD_ID": "b7"}).deployment()
-    behaviours = {
-        cls.__name__: getattr(cls, "__temporal_workflow_definition").versioning_behavior
-        for cls in (AgentWorkflow, BudgetLedger, SpineAlertsWorkflow)
-    }
-    assert behaviours == {
-        "AgentWorkflow": VersioningBehavior.PINNED,
-        "BudgetLedger": VersioningBehavior.AUTO_UPGRADE,
-        "SpineAlertsWorkflow": VersioningBehavior.PINNED,
-    }
+    ledger = config.deployment(VersioningBehavior.AUTO_UPGRADE)
+    assert (
+        ledger is not None and ledger.default_versioning_behavior == VersioningBehavior.AUTO_UPGRADE
+    )
