@@ -43,6 +43,7 @@ from spine.activities.blobs import (
 from spine.activities.blobs import encode as encode_output
 from spine.activities.breakers import Breakers
 from spine.activities.errors import (
+    AuthenticationFailed,
     SecretMissing,
     SpineError,
     ToolFailed,
@@ -98,6 +99,9 @@ class SecretRef:
 
 
 class SecretResolver(Protocol):
+    """Where tools' secrets come from. A resolver that caches may also offer
+    ``invalidate(refs, account) -> bool`` (forget cached values; True if any was cached)."""
+
     async def resolve(self, refs: Sequence[SecretRef], account: str) -> dict[str, str]: ...
 
 
@@ -599,9 +603,23 @@ class ToolRunner:
             settings=self.settings,
             _secrets=values,
         )
-        result = await self.breakers.call(
-            definition.dependency, lambda: _call_tool(definition, args, ctx)
-        )
+        try:
+            result = await self.breakers.call(
+                definition.dependency, lambda: _call_tool(definition, args, ctx)
+            )
+        except AuthenticationFailed:
+            # The dependency refused a secret this worker had cached: it may have been rotated.
+            # Read it afresh and call once more (a refused request made no side effect).
+            invalidate = getattr(self.secrets, "invalidate", None)
+            if not (
+                definition.secrets and invalidate and invalidate(definition.secrets, call.account)
+            ):
+                raise
+            ctx._secrets = await self.secrets.resolve(definition.secrets, call.account)
+            values = {**{f"stale {k}": v for k, v in values.items()}, **ctx._secrets}
+            result = await self.breakers.call(
+                definition.dependency, lambda: _call_tool(definition, args, ctx)
+            )
         try:
             output = definition.output_model.model_validate(result, from_attributes=True)
         except ValidationError as err:

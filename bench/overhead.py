@@ -22,6 +22,7 @@ each (regular activity path) start at once and the wall time to finish them all 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -33,7 +34,15 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from bench.bare import BareInput, BareLoop, bare_lookup, bare_model
-from bench.common import bench_policy, bench_stack, parser, spine_request, write_results
+from bench.common import (
+    CpuMeter,
+    bench_policy,
+    bench_stack,
+    parser,
+    server_pids,
+    spine_request,
+    write_results,
+)
 from spine.client.runs import start_run
 from spine.guardrails.policy import load_policy
 from spine.guardrails.secrets import VaultSecrets
@@ -95,7 +104,14 @@ async def concurrently(run: Callable[[], Awaitable[float]], count: int) -> tuple
     return time.perf_counter() - start, statistics.median(durations)
 
 
-async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: Path | None):
+async def main(
+    steps: int,
+    rounds: int,
+    concurrent: int,
+    conc_steps: int,
+    out: Path | None,
+    skip_single: bool = False,
+):
     tmp = Path(tempfile.mkdtemp(prefix="spine-bench-overhead-"))
     policy = bench_policy(tmp, bench_agent={"max_steps": max(steps, conc_steps) + 5})
     assert load_policy(policy).rate_limits.get("demo-service") == RATE, "policy rate changed"
@@ -137,7 +153,7 @@ async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: P
             for path in paths:  # warm every path up
                 await arms.spine(path, 3)
                 await arms.bare(path, 3)
-            for r in range(rounds):
+            for r in range(rounds if not skip_single else 0):
                 for path in paths:
                     # Alternate which arm goes first, so neither always follows the other.
                     order = ("spine", "bare") if r % 2 == 0 else ("bare", "spine")
@@ -150,17 +166,31 @@ async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: P
                 ]
                 print(f"round {r + 1}/{rounds} (spine/bare ms): {', '.join(last)}", flush=True)
             conc: dict[str, dict[str, float]] = {}
+            meter = CpuMeter({"worker": [os.getpid()], "server": server_pids(stack.server.port)})
+            total_steps = concurrent * (conc_steps + 1)
             for arm in ("spine", "bare"):
+                meter.start()
                 wall, run_median = await concurrently(
                     lambda arm=arm: getattr(arms, arm)("activity", conc_steps), concurrent
                 )
-                conc[arm] = {"wall_s": wall, "run_median_s": run_median}
-                print(f"{concurrent} concurrent {arm} runs: {wall:.1f} s", flush=True)
+                used = meter.stop()
+                conc[arm] = {
+                    "wall_s": wall,
+                    "run_median_s": run_median,
+                    "worker_cpu_ms_per_step": used["worker"] * 1000 / total_steps,
+                    "server_cpu_ms_per_step": used["server"] * 1000 / total_steps,
+                }
+                print(
+                    f"{concurrent} concurrent {arm} runs: {wall:.1f} s; CPU per step: worker "
+                    f"{conc[arm]['worker_cpu_ms_per_step']:.1f} ms, server "
+                    f"{conc[arm]['server_cpu_ms_per_step']:.1f} ms",
+                    flush=True,
+                )
     telemetry.shutdown()
 
     print(f"\nper-step latency, single run ({steps + 1} steps per run, median of {rounds} rounds)")
     results: dict[str, object] = {"steps_per_run": steps + 1, "rounds": rounds, "single": {}}
-    for path in paths:
+    for path in paths if not skip_single else []:
         s = statistics.median(single[path]["spine"])
         b = statistics.median(single[path]["bare"])
         results["single"][path] = {  # type: ignore[index]
@@ -190,6 +220,13 @@ async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: P
         "spine_run_median_s": round(conc["spine"]["run_median_s"], 2),
         "bare_run_median_s": round(conc["bare"]["run_median_s"], 2),
         "ratio": round(s_wall / b_wall, 3),
+        "cpu_ms_per_step": {
+            arm: {
+                "worker": round(conc[arm]["worker_cpu_ms_per_step"], 2),
+                "server": round(conc[arm]["server_cpu_ms_per_step"], 2),
+            }
+            for arm in ("spine", "bare")
+        },
     }
     write_results(out, "overhead", results)
 
@@ -199,6 +236,7 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=None, help="tool steps per single run")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--concurrent", type=int, default=None, help="concurrent runs")
+    p.add_argument("--skip-single", action="store_true", help="only the concurrent arm")
     args = p.parse_args()
     asyncio.run(
         main(
@@ -207,5 +245,6 @@ if __name__ == "__main__":
             args.concurrent or (50 if args.quick else 200),
             10,
             args.out,
+            args.skip_single,
         )
     )
