@@ -203,19 +203,19 @@ async def three_workers_on_postgres(
 
 
 def postgres_pids(server: PostgresServer) -> list[int]:
-    """The PostgreSQL server's processes (the postmaster and its backends)."""
-    pids = []
+    """The PostgreSQL server's processes: its postmaster (by data dir) and the postmaster's
+    children (backends, writers)."""
+    stats = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 argv = (entry / "cmdline").read_bytes()
-            except OSError:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if b"postgres" in argv and (
-                str(server.datadir).encode() in argv or b"postgres: " in argv
-            ):
-                pids.append(int(entry.name))
-    return pids
+            stats[int(entry.name)] = (argv, ppid)
+    masters = {pid for pid, (argv, _) in stats.items() if str(server.datadir).encode() in argv}
+    return sorted(masters | {pid for pid, (_, ppid) in stats.items() if ppid in masters})
 
 
 async def main(
