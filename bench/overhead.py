@@ -354,6 +354,25 @@ async def main(
             for arm in ("spine", "bare")
         },
     }
+    if "spine_pg3" in conc:
+        pg = conc["spine_pg3"]
+        print(
+            f"  spine over 3 worker processes sharing PostgreSQL {pg['wall_s']:.1f} s "
+            f"({total / pg['wall_s']:.1f} steps/s)   ratio to bare {pg['wall_s'] / b_wall:.2f}"
+        )
+        results["concurrent_pg3"] = {
+            "runs": concurrent,
+            "steps_per_run": conc_steps + 1,
+            "wall_s": round(pg["wall_s"], 2),
+            "steps_per_s": round(total / pg["wall_s"], 1),
+            "run_median_s": round(pg["run_median_s"], 2),
+            "ratio_to_bare": round(pg["wall_s"] / b_wall, 3),
+            "cpu_ms_per_step": {
+                "workers": round(pg["worker_cpu_ms_per_step"], 2),
+                "server": round(pg["server_cpu_ms_per_step"], 2),
+                "postgres": round(pg["postgres_cpu_ms_per_step"], 2),
+            },
+        }
     write_results(out, "overhead", results)
 
 
@@ -363,6 +382,9 @@ if __name__ == "__main__":
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--concurrent", type=int, default=None, help="concurrent runs")
     p.add_argument("--skip-single", action="store_true", help="only the concurrent arm")
+    p.add_argument(
+        "--no-pg3", action="store_true", help="skip the arm over three workers sharing PostgreSQL"
+    )
     args = p.parse_args()
     asyncio.run(
         main(
@@ -372,5 +394,6 @@ if __name__ == "__main__":
             10,
             args.out,
             args.skip_single,
+            not args.no_pg3,
         )
     )
