@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -180,6 +180,19 @@ def _statements(script: str, dialect: Dialect) -> list[str]:
     return [s for s in statements if s.strip(" ;\n")]
 
 
+async def _uncancellable(work: Awaitable[T]) -> T:
+    """Await `work` to its end even if the caller is cancelled meanwhile (then re-raise the
+    cancellation): a COMMIT under way on the store's thread must finish before the connection
+    is used again."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+
+
 def redact_url(url: str) -> str:
     """The URL without its password, for messages."""
     parts = urllib.parse.urlsplit(url)
@@ -234,7 +247,8 @@ class SQLiteDatabase(Database):
             return lock
 
     def _connection(self) -> sqlite3.Connection:
-        """The store's connection, opened on first use (only ever called on its thread)."""
+        """The store's connection, opened on first use; used by one transaction at a time
+        (the store's lock), from the event loop or the store's thread."""
         if self._db is None:
             if self.read_only:
                 target, uri = f"{self.path.resolve().as_uri()}?mode=ro", True
@@ -251,18 +265,21 @@ class SQLiteDatabase(Database):
             self._db = db
         return self._db
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            try:
-                return fn(self._connection())
-            except sqlite3.Error as err:  # locked past the busy timeout, disk I/O, damage
-                if self._db is not None and not self._db.in_transaction:
-                    # Start the next call on a fresh connection, not one in an unknown state.
-                    self._db.close()
-                    self._db = None
-                raise StoreUnavailable(f"database {self} unavailable: {_first_line(err)}") from err
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn` on the connection, SQLite errors as :class:`StoreUnavailable`."""
+        try:
+            return fn(self._connection())
+        except sqlite3.Error as err:  # locked past the busy timeout, disk I/O, damage
+            if self._db is not None and not self._db.in_transaction:
+                # Start the next call on a fresh connection, not one in an unknown state.
+                self._db.close()
+                self._db = None
+            raise StoreUnavailable(f"database {self} unavailable: {_first_line(err)}") from err
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor(), call)
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn` on the store's own thread: for what may wait (a lock held by another process,
+        an fsync), so the event loop never does."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor(), self._call, fn)
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._guard:
@@ -270,40 +287,63 @@ class SQLiteDatabase(Database):
                 self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{self.path.name}")
             return self._thread
 
+    async def _begin(self, begin: str) -> None:
+        """Start a transaction: at once on the event loop when the file is free (the usual
+        case), else on the store's thread, waiting up to the busy timeout."""
+
+        def at_once(db: sqlite3.Connection) -> bool:
+            db.execute("PRAGMA busy_timeout = 0")
+            try:
+                db.execute(begin)
+                return True
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err):
+                    raise
+                return False
+            finally:
+                db.execute("PRAGMA busy_timeout = 30000")
+
+        if not self._call(at_once):
+            await self._run(lambda db: db.execute(begin))
+
     @contextlib.asynccontextmanager
-    async def _transaction(self, begin: str | None) -> AsyncIterator[Tx]:
+    async def _transaction(self, begin: str, durable: bool) -> AsyncIterator[Tx]:
+        # One transaction at a time on the connection. Statements run on the event loop (they
+        # touch pages in memory: microseconds); a durable COMMIT (fsync) runs on the store's
+        # thread: one thread hop per write, none per read.
         async with self._lock():
-            if begin:
-                await self._run(lambda db: db.execute(begin))
+            await self._begin(begin)
             try:
                 yield _SQLiteTx(self)
             except BaseException:
-                await self._rollback()
+                self._rollback()
                 raise
-            if begin:
-                try:
-                    await self._run(lambda db: db.execute("COMMIT"))
-                except BaseException:
-                    await self._rollback()
-                    raise
+            try:
+                if durable:
+                    await _uncancellable(self._run(lambda db: db.execute("COMMIT")))
+                else:
+                    self._call(lambda db: db.execute("COMMIT"))
+            except BaseException:
+                self._rollback()
+                raise
 
-    async def _rollback(self) -> None:
+    def _rollback(self) -> None:
         def rollback(db: sqlite3.Connection) -> None:
             if db.in_transaction:
                 db.execute("ROLLBACK")
 
         with contextlib.suppress(StoreUnavailable):
-            await asyncio.shield(self._run(rollback))
+            self._call(rollback)
 
     def transaction(self, *, lock: str | None = None) -> contextlib.AbstractAsyncContextManager[Tx]:
         if self.read_only:
             raise PermissionError(f"{self} is open read-only")
         # IMMEDIATE takes the write lock before reading, so two writers (from any process)
         # cannot both read the same state and then both write.
-        return self._transaction("BEGIN IMMEDIATE")
+        return self._transaction("BEGIN IMMEDIATE", durable=True)
 
     def reading(self) -> contextlib.AbstractAsyncContextManager[Tx]:
-        return self._transaction("BEGIN")
+        return self._transaction("BEGIN", durable=False)
 
     async def close(self) -> None:
         """Close the connection and its thread; a later call opens them again."""
@@ -325,13 +365,13 @@ class _SQLiteTx(Tx):
         self._database = database
 
     async def execute(self, sql: str, params: Params = ()) -> int:
-        return await self._database._run(lambda db: db.execute(sql, tuple(params)).rowcount)
+        return self._database._call(lambda db: db.execute(sql, tuple(params)).rowcount)
 
     async def executemany(self, sql: str, rows: Sequence[Params]) -> None:
-        await self._database._run(lambda db: db.executemany(sql, [tuple(r) for r in rows]))
+        self._database._call(lambda db: db.executemany(sql, [tuple(r) for r in rows]))
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
-        return await self._database._run(
+        return self._database._call(
             lambda db: [dict(r) for r in db.execute(sql, tuple(params)).fetchall()]
         )
 
