@@ -226,11 +226,17 @@ async def main(
     out: Path | None,
     skip_single: bool = False,
     pg3: bool = True,
+    no_tracing: bool = False,
 ):
     tmp = Path(tempfile.mkdtemp(prefix="spine-bench-overhead-"))
     policy = bench_policy(tmp, bench_agent={"max_steps": max(steps, conc_steps) + 5})
     assert load_policy(policy).rate_limits.get("demo-service") == RATE, "policy rate changed"
-    telemetry = telemetry_from_env({"SPINE_TRACE_FILE": str(tmp / "traces.jsonl")})
+    telemetry = telemetry_from_env(
+        {
+            "SPINE_TRACE_FILE": str(tmp / "traces.jsonl"),
+            **({"OTEL_SDK_DISABLED": "true"} if no_tracing else {}),
+        }
+    )
     llm = FakeLLMServer().start()
     async with bench_stack(tmp) as stack:
         client = stack.server.client
@@ -385,6 +391,9 @@ if __name__ == "__main__":
     p.add_argument(
         "--no-pg3", action="store_true", help="skip the arm over three workers sharing PostgreSQL"
     )
+    p.add_argument(
+        "--no-tracing", action="store_true", help="diagnostic: what tracing costs (not a figure)"
+    )
     args = p.parse_args()
     asyncio.run(
         main(
@@ -395,5 +404,6 @@ if __name__ == "__main__":
             args.out,
             args.skip_single,
             not args.no_pg3,
+            args.no_tracing,
         )
     )
