@@ -242,7 +242,8 @@ class ModelActivities:
             raise ModelRequestRejected(
                 f"provider {call.provider!r} is not configured on this worker"
             )
-        messages = await self._dereference(call.transcript_id, messages)
+        # Outputs are indexed by the workflow id (stable across continue-as-new), from Temporal.
+        messages = await self._dereference(activity.info().workflow_id, messages)
         tools = [self.registry.get(r.name, r.version).schema_for_model() for r in call.tools]
         request = ProviderRequest(
             model=call.model, messages=messages, tools=tools, max_tokens=call.max_tokens

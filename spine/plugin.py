@@ -144,6 +144,12 @@ class SpineConfig:
     `build_id`, the worker (and its companions) run under worker versioning."""
     build_id: str | None = None
     """This worker's build (``SPINE_BUILD_ID``), e.g. the image tag or git commit."""
+    ledger: bool = True
+    """Run the budget ledgers' worker next to this one (one per deployment is enough)."""
+    ledger_task_queue: str = DEFAULT_LEDGER_TASK_QUEUE
+    worker_principal: str = "spine-worker"
+    """The principal this worker signs its budget-ledger operations as (its OpenBao identity)."""
+    keyring_refresh_s: float = 30.0
 
     def deployment(
         self, behaviour: VersioningBehavior = VersioningBehavior.PINNED

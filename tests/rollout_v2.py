@@ -11,10 +11,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.common import RawValue
 
 with workflow.unsafe.imports_passed_through():
     from spine.contract import WORKFLOW_TYPE, AgentResult
-    from spine.workflows.state import AgentWorkflowInput
 
 from spine.workflows.agent import AgentWorkflow
 
@@ -24,8 +24,8 @@ V2_MARK = "finished on build v2"
 @workflow.defn(name=WORKFLOW_TYPE)
 class AgentWorkflowV2(AgentWorkflow):
     @workflow.run
-    async def run(self, request: AgentWorkflowInput) -> AgentResult:
+    async def run(self, raw: RawValue) -> AgentResult:
         await workflow.sleep(timedelta(milliseconds=10))
-        result = await super().run(request)
+        result = await super().run(raw)
         result.path.append(V2_MARK)
         return result

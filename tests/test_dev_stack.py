@@ -89,7 +89,8 @@ async def test_up_with_postgres_runs_the_demo_in_shared_state_mode(
     try:
         async with database.reading() as tx:
             stored = await tx.fetchone(
-                "SELECT count(*) AS n FROM spine_transcript WHERE transcript_id = ?", (run_id,)
+                "SELECT count(*) AS n FROM spine_transcript WHERE transcript_id LIKE ?",
+                (f"{run_id}%",),
             )
         assert stored is not None and stored["n"] > 0
         chains = [r for r in await DatabaseAuditStore(database).run_ids() if r.startswith(run_id)]

@@ -276,7 +276,8 @@ async def test_a_worker_on_postgres_keeps_nothing_on_its_own_disk(
     try:
         async with db.reading() as tx:
             found = await tx.fetchone(
-                "SELECT count(*) AS n FROM spine_transcript WHERE transcript_id = ?", (handle.id,)
+                "SELECT count(*) AS n FROM spine_transcript WHERE transcript_id LIKE ?",
+                (f"{handle.id}%",),
             )
         assert found is not None and found["n"] >= 10
     finally:
@@ -285,7 +286,4 @@ async def test_a_worker_on_postgres_keeps_nothing_on_its_own_disk(
     assert verified.returncode == 0 and "ok" in verified.stdout, verified.stderr
     traced = await asyncio.to_thread(spine_cli, "trace", handle.id, env=env)
     assert traced.returncode == 0, traced.stderr
-    assert (
-        "invoke_agent refund-agent" in traced.stdout
-        and "execute_tool issue_refund" in traced.stdout
-    )
+    assert "invoke_agent" in traced.stdout and "execute_tool issue_refund" in traced.stdout

@@ -62,7 +62,7 @@ async def test_a_run_whose_transcript_was_lost_resends_it_and_completes(
         state = await wait_for_status(handle, "awaiting_approval")
         with sqlite3.connect(worker_config.state_dir / "state.db") as db:
             deleted = db.execute(
-                "DELETE FROM spine_transcript WHERE transcript_id = ?", (handle.id,)
+                "DELETE FROM spine_transcript WHERE transcript_id LIKE ?", (f"{handle.id}%",)
             ).rowcount
         assert deleted > 0
         await approve_first_pending(handle, state)
@@ -77,6 +77,6 @@ async def test_a_run_whose_transcript_was_lost_resends_it_and_completes(
     assert failures == ["TranscriptUnavailable"]
     with sqlite3.connect(worker_config.state_dir / "state.db") as db:
         (stored,) = db.execute(
-            "SELECT count(*) FROM spine_transcript WHERE transcript_id = ?", (handle.id,)
+            "SELECT count(*) FROM spine_transcript WHERE transcript_id LIKE ?", (f"{handle.id}%",)
         ).fetchone()
     assert stored > deleted  # everything resent, plus what came after
