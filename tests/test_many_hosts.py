@@ -14,14 +14,12 @@ import asyncio
 import os
 import signal
 import subprocess
-import tomllib
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tomli_w
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
@@ -34,10 +32,9 @@ from spine.client.testing import (
     stop_worker_process,
 )
 from spine.contract import AgentResult
-from spine.guardrails.policy import DEFAULT_POLICY_PATH
 from spine.observability.audit import DatabaseAuditStore, verify
 from spine.store import open_database
-from tests.helpers import call, eventually, scripted_request, turn
+from tests.helpers import call, eventually, policy_file, scripted_request, turn
 
 pytestmark = pytest.mark.slow
 
@@ -101,11 +98,9 @@ async def test_runs_move_between_hosts_sharing_only_postgres(
 ) -> None:
     url = postgres.database(f"hosts_{uuid.uuid4().hex[:8]}")
     queue = f"hosts-{uuid.uuid4().hex[:8]}"
-    policy = tomllib.loads(DEFAULT_POLICY_PATH.read_text())
-    policy["runtime"]["continue_as_new_after_events"] = 100
-    policy["agents"]["refund-agent"]["max_steps"] = STEPS + 5
-    policy_path = tmp_path / "policy.toml"
-    policy_path.write_text(tomli_w.dumps(policy))
+    policy_path = policy_file(
+        tmp_path, runtime={"continue_as_new_after_events": 100}, agent={"max_steps": STEPS + 5}
+    )
     base = {
         "TEMPORAL_ADDRESS": client.service_client.config.target_host,
         "TEMPORAL_NAMESPACE": client.namespace,
