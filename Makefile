@@ -58,6 +58,8 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.overhead --quick --out $(QUICK)/overhead.json
 	$(BIN)/python -m bench.guards --quick
 	$(BIN)/python -m bench.long_runs --quick --out $(QUICK)/long_runs.json
+	$(BIN)/python -m bench.long_runs --quick --provider openai --out $(QUICK)/long_runs_openai.json
+	$(BIN)/python -m bench.long_runs --quick --provider anthropic --out $(QUICK)/long_runs_anthropic.json
 	$(BIN)/python -m bench.recovery --quick --out $(QUICK)/recovery.json
 	$(BIN)/python -m bench.peers --quick --out $(QUICK)/peers.json
 	$(BIN)/python -m bench.compound --quick --out $(QUICK)/compound.json
@@ -67,6 +69,8 @@ bench-full: $(BENCH_STAMP)
 	$(BIN)/python -m bench.overhead --out bench/results/overhead.json
 	$(BIN)/python -m bench.guards
 	$(BIN)/python -m bench.long_runs --out bench/results/long_runs.json
+	$(BIN)/python -m bench.long_runs --steps 2000 --provider openai --out bench/results/long_runs_openai.json
+	$(BIN)/python -m bench.long_runs --steps 2000 --provider anthropic --out bench/results/long_runs_anthropic.json
 	$(BIN)/python -m bench.recovery --out bench/results/recovery.json
 	$(BIN)/python -m bench.peers --out bench/results/peers.json
 	$(BIN)/python -m bench.compound --out bench/results/compound.json

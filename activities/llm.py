@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from temporalio import activity
 
+from spine.activities.blobs import BlobStore, ref_digest
 from spine.activities.breakers import Breakers
 from spine.activities.errors import (
     AuditWriteFailed,
@@ -155,8 +156,10 @@ class ModelActivities:
         search_attributes: bool = True,
         breakers: Breakers | None = None,
         audit_append: Callable[[AuditBatch], Awaitable[Appended]] | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.registry = registry
+        self.blobs = blobs
         self.audit_append = audit_append
         self.policy = policy
         self.transcripts = transcripts
@@ -199,6 +202,28 @@ class ModelActivities:
             kind = type(err).__name__
             raise AuditWriteFailed(f"audit entries not stored: {kind}: {err}") from None
 
+    async def _dereference(self, run_id: str, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """Tool results stored by reference, replaced by the outputs themselves (the model reads
+        them whole). Only references indexed for this run are followed; any other stays as it
+        is, so a tool or model cannot pull another run's output into this one."""
+        refs = [ref_digest(m.content) if m.role == "tool" else None for m in messages]
+        if self.blobs is None or not any(refs):
+            return messages
+        found = await self.blobs.resolve(run_id, [d for d in refs if d])
+        resolved = []
+        for message, ref in zip(messages, refs, strict=True):
+            if ref is not None and ref in found:
+                content = json.dumps(found[ref], sort_keys=True)
+                message = message.model_copy(update={"content": content})
+            elif ref is not None:
+                activity.logger.warning(
+                    "tool message refers to output %s, which run %s was not given; sent as is",
+                    ref,
+                    run_id,
+                )
+            resolved.append(message)
+        return resolved
+
     async def _model_call(self, call: ModelCallInput) -> ModelCallResult:
         # The scripted model answers from its script: it only needs the prefix verified.
         messages = await self.transcripts.extend(
@@ -220,6 +245,8 @@ class ModelActivities:
             raise ModelRequestRejected(
                 f"provider {call.provider!r} is not configured on this worker"
             )
+        # Outputs are indexed by the workflow id (stable across continue-as-new), from Temporal.
+        messages = await self._dereference(activity.info().workflow_id, messages)
         tools = [self.registry.get(r.name, r.version).schema_for_model() for r in call.tools]
         request = ProviderRequest(
             model=call.model, messages=messages, tools=tools, max_tokens=call.max_tokens

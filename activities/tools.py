@@ -32,8 +32,18 @@ import jsonschema
 from pydantic import BaseModel, RootModel, ValidationError, model_validator
 from temporalio import activity
 
+from spine.activities.blobs import (
+    DEFAULT_INLINE_BYTES,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    REF_KEY,
+    BlobStore,
+    ref_digest,
+    reference,
+)
+from spine.activities.blobs import encode as encode_output
 from spine.activities.breakers import Breakers
 from spine.activities.errors import (
+    AuthenticationFailed,
     DependencyUnavailable,
     SecretMissing,
     SpineError,
@@ -45,6 +55,7 @@ from spine.activities.errors import (
 )
 from spine.activities.heartbeat import heartbeating
 from spine.contract import ACCOUNT_PATTERN, JsonObject, tool_activity
+from spine.guardrails import taint
 from spine.guardrails.scrub import Scrubber
 from spine.payloads import (
     CompensationInput,
@@ -54,6 +65,7 @@ from spine.payloads import (
     ToolSchema,
 )
 
+#: Without a blob store (no claim check) outputs above this are refused, as before.
 MAX_OUTPUT_BYTES = 64 * 1024
 
 Risk = Literal["low", "medium", "high"]
@@ -88,6 +100,9 @@ class SecretRef:
 
 
 class SecretResolver(Protocol):
+    """Where tools' secrets come from. A resolver that caches may also offer
+    ``invalidate(refs, account) -> bool`` (forget cached values; True if any was cached)."""
+
     async def resolve(self, refs: Sequence[SecretRef], account: str) -> dict[str, str]: ...
 
 
@@ -513,7 +528,15 @@ async def raise_for_status(response: httpx.Response) -> None:
 
 
 class ToolRunner:
-    """Runs tool calls for the activities: validate, inject secrets, call, validate, scrub."""
+    """Runs tool calls for the activities: validate, inject secrets, call, validate, scrub, and
+    store a large output by reference (see :mod:`spine.activities.blobs`).
+
+    Args:
+        blobs: Where large outputs and every untrusted output are stored; None: an output above
+            :data:`MAX_OUTPUT_BYTES` is refused (no claim check).
+        inline_bytes: Outputs whose JSON is larger go by reference.
+        max_output_bytes: Outputs whose JSON is larger are refused (`ToolOutputInvalid`).
+    """
 
     def __init__(
         self,
@@ -522,12 +545,19 @@ class ToolRunner:
         http: httpx.AsyncClient,
         settings: Mapping[str, str],
         breakers: Breakers | None = None,
+        *,
+        blobs: BlobStore | None = None,
+        inline_bytes: int = DEFAULT_INLINE_BYTES,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         self.registry = registry
         self.secrets = secrets
         self.http = http
         self.settings = settings
         self.breakers = breakers or Breakers()
+        self.blobs = blobs
+        self.inline_bytes = inline_bytes
+        self.max_output_bytes = max_output_bytes if blobs is not None else MAX_OUTPUT_BYTES
 
     async def run(self, call: ToolCallInput, attempt: int = 1) -> ToolCallResult:
         try:
@@ -537,8 +567,9 @@ class ToolRunner:
 
     async def _run(self, call: ToolCallInput, attempt: int) -> ToolCallResult:
         definition = self.registry.get(call.tool, call.version)
+        given = await self._dereference_undone(call, definition)
         try:
-            args = definition.input_model.model_validate(call.args)
+            args = definition.input_model.model_validate(given)
         except ValidationError as err:
             raise ToolInputInvalid(f"{call.tool}: invalid arguments: {_one_line(err)}") from err
         if definition.side_effects and not call.idempotency_key:
@@ -560,21 +591,38 @@ class ToolRunner:
             settings=self.settings,
             _secrets=values,
         )
-        scrub = Scrubber(values.values())
         try:
-            result = await self.breakers.call(
-                definition.dependency, lambda: _call_tool(definition, args, ctx)
-            )
+            try:
+                result = await self.breakers.call(
+                    definition.dependency, lambda: _call_tool(definition, args, ctx)
+                )
+            except AuthenticationFailed:
+                # The dependency refused a secret this worker had cached: it may have been
+                # rotated. Read it afresh and call once more (a refused request made no side
+                # effect).
+                invalidate = getattr(self.secrets, "invalidate", None)
+                if not (
+                    definition.secrets
+                    and invalidate
+                    and invalidate(definition.secrets, call.account)
+                ):
+                    raise
+                ctx._secrets = await self.secrets.resolve(definition.secrets, call.account)
+                values = {**{f"stale {k}": v for k, v in values.items()}, **ctx._secrets}
+                result = await self.breakers.call(
+                    definition.dependency, lambda: _call_tool(definition, args, ctx)
+                )
         except SpineError as err:
             # Error messages leave the activity (history, logs, traces, the model): no secret.
-            err.message = scrub.text(err.message)
+            err.message = Scrubber(values.values()).text(err.message)
             raise
         except Exception as err:
             # An unexpected exception's text may quote a secret (an HTTP client quoting a header
             # value, say): it becomes a scrubbed, retryable failure without its chain.
             raise DependencyUnavailable(
-                f"{call.tool}: {type(err).__name__}: {scrub.text(str(err))}"
+                f"{call.tool}: {type(err).__name__}: {Scrubber(values.values()).text(str(err))}"
             ) from None
+        scrub = Scrubber(values.values())
         try:
             output = definition.output_model.model_validate(result, from_attributes=True)
         except ValidationError as err:
@@ -582,13 +630,64 @@ class ToolRunner:
                 f"{call.tool}: invalid output: {scrub.text(_one_line(err))}"
             ) from None
         dumped = scrub.value(output.model_dump(mode="json"))
-        size = len(json.dumps(dumped))
-        if size > MAX_OUTPUT_BYTES:
-            raise ToolOutputInvalid(
-                f"{call.tool}: output is {size} bytes, above the {MAX_OUTPUT_BYTES}-byte limit; "
-                "store large results and return a reference"
+        return await self._deliver(call, definition, dumped, attempt)  # type: ignore[arg-type]  # scrub keeps the shape
+
+    async def _dereference_undone(
+        self, call: ToolCallInput, definition: ToolDefinition
+    ) -> JsonObject:
+        """A compensation's arguments, with the undone call's output read back from the store
+        when the run holds it by reference (the compensation needs what the call returned)."""
+        digest = ref_digest(call.args.get("output")) if definition.compensates else None
+        if digest is None or self.blobs is None:
+            return call.args
+        found = await self.blobs.resolve(call.run_id, [digest])
+        if digest not in found:
+            raise ToolInputInvalid(
+                f"{call.tool}: the output of the call it undoes ({digest}) is not stored for "
+                f"run {call.run_id!r}"
             )
-        return ToolCallResult(output=dumped, attempt=attempt)  # type: ignore[arg-type]  # scrub keeps the shape
+        return {**call.args, "output": found[digest]}
+
+    async def _deliver(
+        self, call: ToolCallInput, definition: ToolDefinition, output: JsonObject, attempt: int
+    ) -> ToolCallResult:
+        """The result history will hold: the output, or a reference to it in the blob store."""
+        data = encode_output(output)
+        size = len(data)
+        if size > self.max_output_bytes:
+            fix = (
+                "store large results and return a reference"
+                if self.blobs is None
+                else "return a smaller output, or raise SPINE_MAX_OUTPUT_BYTES"
+            )
+            raise ToolOutputInvalid(
+                f"{call.tool}: output is {size} bytes, above the {self.max_output_bytes}-byte "
+                f"limit; {fix}"
+            )
+        # An output that looks like a reference is stored too, so the model reads it as sent.
+        by_ref = size > self.inline_bytes or REF_KEY in output
+        if self.blobs is None or not (by_ref or definition.untrusted_output):
+            return ToolCallResult(output=output, attempt=attempt)
+        key = f"{call.step}:{call.call_id}:{call.tool}:{call.purpose}"
+        digest = await self.blobs.put_output(
+            call.run_id,
+            key,
+            call.tool,
+            output,
+            untrusted=definition.untrusted_output,
+            inline=not by_ref,
+            data=data,
+        )
+        if not by_ref:
+            return ToolCallResult(output=output, attempt=attempt)
+        tokens = None
+        if definition.untrusted_output:
+            # Taint checks remember every token of outside content: the workflow cannot read the
+            # stored output, so it gets the tokens' filter (guardrails/taint.py) instead.
+            tokens = taint.remember("", json.dumps(output, sort_keys=True))
+        return ToolCallResult(
+            output=reference(digest, size, call.tool), attempt=attempt, untrusted_filter=tokens
+        )
 
 
 async def _call_tool(definition: ToolDefinition, args: BaseModel, ctx: ToolContext) -> BaseModel:

@@ -12,6 +12,11 @@ each continue-as-new); it is reported apart, since a real model has no script.
 
 Quick: 1,000 steps. Full: 10,000 steps. Policy: the shipped ``continue_as_new_after_events``
 (override with ``--can-after``).
+
+``--provider openai`` (or ``anthropic``) runs the same conversation through that provider's real
+SDK against the local wire-format server (tests/fakes/llm_server.py) instead of the scripted
+model: every model call then loads the whole transcript from the store and sends it, the path a
+real model pays, so the milliseconds per step early and late show what a long transcript costs.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from pathlib import Path
 from temporalio.api.enums.v1 import EventType
 
 from bench.common import bench_policy, bench_stack, parser, spine_request, write_results
+from spine.activities.providers import anthropic_provider_from_env, openai_provider_from_env
 from spine.client.runs import start_run
-from spine.contract import ACTIVITY_MODEL_CALL, SA_STEPS, ScriptToolCall, ScriptTurn
+from spine.contract import ACTIVITY_MODEL_CALL, SA_STEPS, ModelChoice, ScriptToolCall, ScriptTurn
 from spine.guardrails.policy import DEFAULT_POLICY_PATH
 from spine.guardrails.secrets import VaultSecrets
 from spine.plugin import SpineConfig, build_worker
+from tests.fakes.llm_server import FakeLLMServer, FakeToolCall
 
 WARN_EVENTS = 10_240
 WARN_BYTES = 10 * 1024 * 1024
@@ -80,7 +87,7 @@ async def chain(client, workflow_id: str) -> list[dict[str, object]]:
     return out
 
 
-async def run(steps: int, can_after: int | None) -> dict[str, object]:
+async def run(steps: int, can_after: int | None, provider: str = "scripted") -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="spine-bench-long-"))
     shipped = tomllib.loads(DEFAULT_POLICY_PATH.read_text())["runtime"][
         "continue_as_new_after_events"
@@ -92,15 +99,30 @@ async def run(steps: int, can_after: int | None) -> dict[str, object]:
     async with bench_stack(tmp) as stack:
         client = stack.server.client
         queue = f"bench-long-{uuid.uuid4().hex[:6]}"
+        llm = FakeLLMServer().start()
         config = SpineConfig(
             task_queue=queue,
             state_dir=tmp / "state",
             policy_path=policy,
             settings={"SPINE_DEMO_URL": stack.service.url},
             secrets=VaultSecrets(stack.vault.url, token=stack.vault.token),
-            providers={},
+            providers={
+                "openai": openai_provider_from_env(llm.env()),
+                "anthropic": anthropic_provider_from_env(llm.env()),
+            },
         )
         request = spine_request(script(steps), max_steps=steps + 5)
+        if provider != "scripted":
+            enqueue = llm.enqueue_openai if provider == "openai" else llm.enqueue_anthropic
+            for turn in script(steps):
+                if turn.tool_calls:
+                    call = turn.tool_calls[0]
+                    enqueue(tool_calls=[FakeToolCall(call.name, dict(call.args or {}))])
+                else:
+                    enqueue(turn.text)
+            name = "gpt-4.1" if provider == "openai" else "claude-sonnet-4-5"
+            request.model = ModelChoice(provider=provider, name=name)  # type: ignore[arg-type]
+        step_times: list[float] = []
         async with build_worker(client, config=config):
             began = time.monotonic()
             handle = await start_run(
@@ -110,14 +132,20 @@ async def run(steps: int, can_after: int | None) -> dict[str, object]:
                 task_queue=queue,
             )
             waiting = asyncio.ensure_future(handle.result())
+            last = (began, 0)
             while not waiting.done():
                 await asyncio.wait([waiting], timeout=30)
                 if not waiting.done():
                     described = await client.get_workflow_handle(handle.id).describe()
-                    step = described.typed_search_attributes.get(STEPS)
-                    print(f"  ... {time.monotonic() - began:.0f}s: step {step}", flush=True)
+                    step = described.typed_search_attributes.get(STEPS) or 0
+                    now = time.monotonic()
+                    if step > last[1]:
+                        step_times.append((now - last[0]) / (step - last[1]) * 1000)
+                    last = (now, step)
+                    print(f"  ... {now - began:.0f}s: step {step}", flush=True)
             result = waiting.result()
             wall = time.monotonic() - began
+        llm.stop()
         runs = await chain(client, handle.id)
 
     per_step = [b for r in runs for b in r["step_bytes"]]
@@ -137,10 +165,13 @@ async def run(steps: int, can_after: int | None) -> dict[str, object]:
             "steps": steps,
             "continue_as_new_after_events": can_after or shipped,
             "tool": "lookup_order (HTTP to the demo service, Vault secret)",
+            "provider": provider,
         },
         "result": {"status": result.status, "steps": result.steps, "reason": result.reason},
         "wall_s": wall,
         "ms_per_step": wall / steps * 1000,
+        "ms_per_step_first_30s": step_times[0] if step_times else None,
+        "ms_per_step_last_30s": step_times[-1] if step_times else None,
         "runs_in_chain": len(runs),
         "max_events_per_run": max(r["events"] for r in runs),
         "max_bytes_per_run": max(r["bytes"] for r in runs),
@@ -181,15 +212,26 @@ def report(data: dict[str, object]) -> None:
     )
     for b in data["buckets"]:  # type: ignore[union-attr]
         print(f"  steps {b['steps']:>13}: {b['bytes_per_step']:.0f} B/step")
+    if data["ms_per_step_first_30s"] is not None:
+        print(
+            f"ms/step ({data['setup']['provider']}): first 30 s "
+            f"{data['ms_per_step_first_30s']:.0f}, last 30 s {data['ms_per_step_last_30s']:.0f}"
+        )
 
 
 def main() -> None:
     p = parser(__doc__, "1,000 steps")
     p.add_argument("--steps", type=int, default=None, help="override the number of steps")
     p.add_argument("--can-after", type=int, default=None, help="continue_as_new_after_events")
+    p.add_argument(
+        "--provider",
+        choices=["scripted", "openai", "anthropic"],
+        default="scripted",
+        help="the model: scripted, or a real SDK against the local wire-format server",
+    )
     args = p.parse_args()
     steps = args.steps or (1_000 if args.quick else 10_000)
-    data = asyncio.run(run(steps, args.can_after))
+    data = asyncio.run(run(steps, args.can_after, args.provider))
     report(data)
     write_results(args.out, "long_runs", data)
 

@@ -22,6 +22,7 @@ each (regular activity path) start at once and the wall time to finish them all 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -32,16 +33,35 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from bench.bare import BareInput, BareLoop, bare_lookup, bare_model
-from bench.common import bench_policy, bench_stack, parser, spine_request, write_results
+from bench.bare import BareInput, BareLoop, bare_chat, bare_lookup, bare_model
+from bench.common import (
+    CpuMeter,
+    Stack,
+    bench_policy,
+    bench_stack,
+    parser,
+    server_pids,
+    spine_request,
+    write_results,
+)
+from spine.activities.providers import anthropic_provider_from_env, openai_provider_from_env
 from spine.client.runs import start_run
+from spine.client.testing import (
+    PostgresServer,
+    postgres_server,
+    start_worker_process,
+    stop_worker_process,
+)
+from spine.contract import ModelChoice
 from spine.guardrails.policy import load_policy
 from spine.guardrails.secrets import VaultSecrets
 from spine.observability.telemetry import telemetry_from_env
 from spine.plugin import SpineConfig, build_worker
+from tests.fakes.llm_server import FakeLLMServer, FakeToolCall
 from tests.helpers import call, turn
 
 SPINE_QUEUE = "bench-spine"
+PG3_QUEUE = "bench-spine-pg3"
 BARE_QUEUE = "bench-bare"
 #: The policy's `demo-service` rate limit, given to the bare loop's rate-limited queue too.
 RATE = 50.0
@@ -51,27 +71,62 @@ SPINE_TOOL = {
     "rate_limited": "lookup_order",
     "local": "lookup_order_local",
 }
+#: Single-run arms: (tool path, model provider). The provider arms send the model's every call
+#: through the real SDK to the local wire-format server (tests/fakes/llm_server.py): Spine loads
+#: the transcript from its store, the bare loop carries it in the workflow.
+SINGLE = {
+    "activity": ("activity", "scripted"),
+    "rate_limited": ("rate_limited", "scripted"),
+    "local": ("local", "scripted"),
+    "openai": ("activity", "openai"),
+    "anthropic": ("activity", "anthropic"),
+}
 
 
 class Arms:
-    def __init__(self, client: Client, url: str, api_key: str) -> None:
-        self.client, self.url, self.api_key = client, url, api_key
+    def __init__(
+        self, client: Client, url: str, api_key: str, llm: FakeLLMServer | None = None
+    ) -> None:
+        self.client, self.url, self.api_key, self.llm = client, url, api_key, llm
 
-    async def spine(self, path: str, steps: int) -> float:
+    def _script_llm(self, provider: str, steps: int) -> None:
+        """Queue the model's replies on the local wire-format server: `steps` lookups, then
+        the answer (both arms hear the same conversation)."""
+        assert self.llm is not None
+        enqueue = self.llm.enqueue_openai if provider == "openai" else self.llm.enqueue_anthropic
+        for i in range(steps):
+            order = f"o-{1100 + i % 50}"
+            enqueue(tool_calls=[FakeToolCall("lookup_order_open", {"order_id": order})])
+        enqueue("done")
+
+    async def spine(
+        self, path: str, steps: int, provider: str = "scripted", queue: str = SPINE_QUEUE
+    ) -> float:
         """One Spine run of `steps` lookups and a final answer; seconds."""
         tool = SPINE_TOOL[path]
         script = [turn(call(tool, order_id=f"o-{1100 + i % 50}")) for i in range(steps)]
         script.append(turn(text="done"))
         request = spine_request(script, agent="bench-agent", max_steps=steps + 2)
+        if provider != "scripted":
+            self._script_llm(provider, steps)
+            name = "gpt-4.1" if provider == "openai" else "claude-sonnet-4-5"
+            request.model = ModelChoice(provider=provider, name=name)  # type: ignore[arg-type]
         start = time.perf_counter()
-        handle = await start_run(self.client, request, task_queue=SPINE_QUEUE)
+        handle = await start_run(self.client, request, task_queue=queue)
         result = await handle.result()
         elapsed = time.perf_counter() - start
         if result.status != "completed":
             raise RuntimeError(f"spine run {handle.id} ended {result.status}: {result.reason}")
         return elapsed
 
-    async def bare(self, path: str, steps: int) -> float:
+    async def bare(self, path: str, steps: int, provider: str = "scripted") -> float:
+        llm_url = ""
+        if provider != "scripted":
+            assert self.llm is not None
+            self._script_llm(provider, steps)
+            llm_url = (
+                self.llm.base_url_openai if provider == "openai" else self.llm.base_url_anthropic
+            )
         start = time.perf_counter()
         await self.client.execute_workflow(
             BareLoop.run,
@@ -81,6 +136,8 @@ class Arms:
                 api_key=self.api_key,
                 path=path,  # type: ignore[arg-type]
                 rate_limited_queue=f"{BARE_QUEUE}--rl",
+                provider="" if provider == "scripted" else provider,
+                llm_base_url=llm_url,
             ),
             id=f"bare-{uuid.uuid4()}",
             task_queue=BARE_QUEUE,
@@ -95,11 +152,92 @@ async def concurrently(run: Callable[[], Awaitable[float]], count: int) -> tuple
     return time.perf_counter() - start, statistics.median(durations)
 
 
-async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: Path | None):
+async def three_workers_on_postgres(
+    stack: Stack, arms: Arms, policy: Path, concurrent: int, conc_steps: int, tmp: Path
+) -> dict[str, float]:
+    """The concurrent load over three `python worker.py` processes, each with its own state
+    dir, sharing a PostgreSQL server (started here) through SPINE_DATABASE_URL."""
+    total_steps = concurrent * (conc_steps + 1)
+    with postgres_server() as pg:
+        url = pg.database("bench")
+        env = {**stack.worker_env(PG3_QUEUE, policy=policy), "SPINE_DATABASE_URL": url}
+        started = []
+        try:
+            for i in range(3):
+                worker_env = {**env, "SPINE_STATE_DIR": str(tmp / f"pg3-host-{i}")}
+                log = tmp / f"pg3-worker-{i}.log"
+                started.append(
+                    await asyncio.to_thread(start_worker_process, worker_env, log_file=log)
+                )
+            await arms.spine("activity", 3, queue=PG3_QUEUE)  # warm up
+            meter = CpuMeter(
+                {
+                    "worker": [p.pid for p in started],
+                    "server": server_pids(stack.server.port),
+                    "postgres": postgres_pids(pg),
+                }
+            )
+            meter.start()
+            wall, run_median = await concurrently(
+                lambda: arms.spine("activity", conc_steps, queue=PG3_QUEUE), concurrent
+            )
+            used = meter.stop()
+        finally:
+            for process in started:
+                stop_worker_process(process)
+    found = {
+        "wall_s": wall,
+        "run_median_s": run_median,
+        "worker_cpu_ms_per_step": used["worker"] * 1000 / total_steps,
+        "server_cpu_ms_per_step": used["server"] * 1000 / total_steps,
+        "postgres_cpu_ms_per_step": used["postgres"] * 1000 / total_steps,
+    }
+    print(
+        f"{concurrent} concurrent spine runs over 3 worker processes sharing PostgreSQL: "
+        f"{wall:.1f} s; CPU per step: workers {found['worker_cpu_ms_per_step']:.1f} ms, server "
+        f"{found['server_cpu_ms_per_step']:.1f} ms, PostgreSQL "
+        f"{found['postgres_cpu_ms_per_step']:.1f} ms",
+        flush=True,
+    )
+    return found
+
+
+def postgres_pids(server: PostgresServer) -> list[int]:
+    """The PostgreSQL server's processes: its postmaster (by data dir) and the postmaster's
+    children (backends, writers)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            stats[int(entry.name)] = (argv, ppid)
+    masters = {pid for pid, (argv, _) in stats.items() if str(server.datadir).encode() in argv}
+    return sorted(masters | {pid for pid, (_, ppid) in stats.items() if ppid in masters})
+
+
+async def main(
+    steps: int,
+    rounds: int,
+    concurrent: int,
+    conc_steps: int,
+    out: Path | None,
+    skip_single: bool = False,
+    pg3: bool = True,
+    no_tracing: bool = False,
+):
     tmp = Path(tempfile.mkdtemp(prefix="spine-bench-overhead-"))
     policy = bench_policy(tmp, bench_agent={"max_steps": max(steps, conc_steps) + 5})
     assert load_policy(policy).rate_limits.get("demo-service") == RATE, "policy rate changed"
-    telemetry = telemetry_from_env({"SPINE_TRACE_FILE": str(tmp / "traces.jsonl")})
+    telemetry = telemetry_from_env(
+        {
+            "SPINE_TRACE_FILE": str(tmp / "traces.jsonl"),
+            **({"OTEL_SDK_DISABLED": "true"} if no_tracing else {}),
+        }
+    )
+    llm = FakeLLMServer().start()
     async with bench_stack(tmp) as stack:
         client = stack.server.client
         config = SpineConfig(
@@ -109,7 +247,10 @@ async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: P
             agent_modules=("spine.demo.agent", "bench.agents"),
             settings={"SPINE_DEMO_URL": stack.service.url},
             secrets=VaultSecrets(stack.vault.url, token=stack.vault.token),
-            providers={},
+            providers={
+                "openai": openai_provider_from_env(llm.env()),
+                "anthropic": anthropic_provider_from_env(llm.env()),
+            },
         )
         spine_worker = build_worker(
             client,
@@ -120,7 +261,7 @@ async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: P
             client,
             task_queue=BARE_QUEUE,
             workflows=[BareLoop],
-            activities=[bare_model, bare_lookup],
+            activities=[bare_model, bare_lookup, bare_chat],
             max_concurrent_activities=config.max_concurrent_activities,
         )
         bare_rl_worker = Worker(
@@ -130,19 +271,21 @@ async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: P
             max_task_queue_activities_per_second=RATE,
             max_concurrent_activities=config.max_concurrent_activities,
         )
-        arms = Arms(client, stack.service.url, stack.service.api_key)
-        paths = list(SPINE_TOOL)
+        arms = Arms(client, stack.service.url, stack.service.api_key, llm)
+        paths = list(SINGLE)
         single: dict[str, dict[str, list[float]]] = {p: {"spine": [], "bare": []} for p in paths}
         async with spine_worker, bare_worker, bare_rl_worker:
             for path in paths:  # warm every path up
-                await arms.spine(path, 3)
-                await arms.bare(path, 3)
-            for r in range(rounds):
+                tool_path, provider = SINGLE[path]
+                await arms.spine(tool_path, 3, provider)
+                await arms.bare(tool_path, 3, provider)
+            for r in range(rounds if not skip_single else 0):
                 for path in paths:
                     # Alternate which arm goes first, so neither always follows the other.
                     order = ("spine", "bare") if r % 2 == 0 else ("bare", "spine")
                     for arm in order:
-                        seconds = await getattr(arms, arm)(path, steps)
+                        tool_path, provider = SINGLE[path]
+                        seconds = await getattr(arms, arm)(tool_path, steps, provider)
                         single[path][arm].append(seconds / (steps + 1))
                 last = [
                     f"{p} {single[p]['spine'][-1] * 1000:.0f}/{single[p]['bare'][-1] * 1000:.0f}"
@@ -150,17 +293,36 @@ async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: P
                 ]
                 print(f"round {r + 1}/{rounds} (spine/bare ms): {', '.join(last)}", flush=True)
             conc: dict[str, dict[str, float]] = {}
+            meter = CpuMeter({"worker": [os.getpid()], "server": server_pids(stack.server.port)})
+            total_steps = concurrent * (conc_steps + 1)
             for arm in ("spine", "bare"):
+                meter.start()
                 wall, run_median = await concurrently(
                     lambda arm=arm: getattr(arms, arm)("activity", conc_steps), concurrent
                 )
-                conc[arm] = {"wall_s": wall, "run_median_s": run_median}
-                print(f"{concurrent} concurrent {arm} runs: {wall:.1f} s", flush=True)
+                used = meter.stop()
+                conc[arm] = {
+                    "wall_s": wall,
+                    "run_median_s": run_median,
+                    "worker_cpu_ms_per_step": used["worker"] * 1000 / total_steps,
+                    "server_cpu_ms_per_step": used["server"] * 1000 / total_steps,
+                }
+                print(
+                    f"{concurrent} concurrent {arm} runs: {wall:.1f} s; CPU per step: worker "
+                    f"{conc[arm]['worker_cpu_ms_per_step']:.1f} ms, server "
+                    f"{conc[arm]['server_cpu_ms_per_step']:.1f} ms",
+                    flush=True,
+                )
+            if pg3:
+                conc["spine_pg3"] = await three_workers_on_postgres(
+                    stack, arms, policy, concurrent, conc_steps, tmp
+                )
     telemetry.shutdown()
+    llm.stop()
 
     print(f"\nper-step latency, single run ({steps + 1} steps per run, median of {rounds} rounds)")
     results: dict[str, object] = {"steps_per_run": steps + 1, "rounds": rounds, "single": {}}
-    for path in paths:
+    for path in paths if not skip_single else []:
         s = statistics.median(single[path]["spine"])
         b = statistics.median(single[path]["bare"])
         results["single"][path] = {  # type: ignore[index]
@@ -190,7 +352,33 @@ async def main(steps: int, rounds: int, concurrent: int, conc_steps: int, out: P
         "spine_run_median_s": round(conc["spine"]["run_median_s"], 2),
         "bare_run_median_s": round(conc["bare"]["run_median_s"], 2),
         "ratio": round(s_wall / b_wall, 3),
+        "cpu_ms_per_step": {
+            arm: {
+                "worker": round(conc[arm]["worker_cpu_ms_per_step"], 2),
+                "server": round(conc[arm]["server_cpu_ms_per_step"], 2),
+            }
+            for arm in ("spine", "bare")
+        },
     }
+    if "spine_pg3" in conc:
+        pg = conc["spine_pg3"]
+        print(
+            f"  spine over 3 worker processes sharing PostgreSQL {pg['wall_s']:.1f} s "
+            f"({total / pg['wall_s']:.1f} steps/s)   ratio to bare {pg['wall_s'] / b_wall:.2f}"
+        )
+        results["concurrent_pg3"] = {
+            "runs": concurrent,
+            "steps_per_run": conc_steps + 1,
+            "wall_s": round(pg["wall_s"], 2),
+            "steps_per_s": round(total / pg["wall_s"], 1),
+            "run_median_s": round(pg["run_median_s"], 2),
+            "ratio_to_bare": round(pg["wall_s"] / b_wall, 3),
+            "cpu_ms_per_step": {
+                "workers": round(pg["worker_cpu_ms_per_step"], 2),
+                "server": round(pg["server_cpu_ms_per_step"], 2),
+                "postgres": round(pg["postgres_cpu_ms_per_step"], 2),
+            },
+        }
     write_results(out, "overhead", results)
 
 
@@ -199,6 +387,13 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=None, help="tool steps per single run")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--concurrent", type=int, default=None, help="concurrent runs")
+    p.add_argument("--skip-single", action="store_true", help="only the concurrent arm")
+    p.add_argument(
+        "--no-pg3", action="store_true", help="skip the arm over three workers sharing PostgreSQL"
+    )
+    p.add_argument(
+        "--no-tracing", action="store_true", help="diagnostic: what tracing costs (not a figure)"
+    )
     args = p.parse_args()
     asyncio.run(
         main(
@@ -207,5 +402,8 @@ if __name__ == "__main__":
             args.concurrent or (50 if args.quick else 200),
             10,
             args.out,
+            args.skip_single,
+            not args.no_pg3,
+            args.no_tracing,
         )
     )

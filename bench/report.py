@@ -249,6 +249,8 @@ def markdown(results: Path) -> str:
             "activity": "tool as a regular activity",
             "rate_limited": "tool in a fleet-wide rate-limit group",
             "local": "tool as a local activity",
+            "openai": "OpenAI SDK to the local wire-format server, tool as an activity",
+            "anthropic": "Anthropic SDK to the local wire-format server, tool as an activity",
         }
         lines += [
             "**Overhead** — a Spine step (every guard, audit log and tracing on) vs a bare "
@@ -268,8 +270,23 @@ def markdown(results: Path) -> str:
             f"| {c['runs']} concurrent runs of {c['steps_per_run']} steps (throughput) "
             f"| {c['spine_steps_per_s']:.1f} steps/s | {c['bare_steps_per_s']:.1f} steps/s "
             f"| {c['ratio']:.2f} |",
-            "",
         ]
+        pg = overhead.get("concurrent_pg3")
+        if pg:
+            lines.append(
+                f"| the same over 3 worker processes sharing PostgreSQL "
+                f"| {pg['steps_per_s']:.1f} steps/s | {c['bare_steps_per_s']:.1f} steps/s "
+                f"| {pg['ratio_to_bare']:.2f} |"
+            )
+        cpu = c.get("cpu_ms_per_step")
+        if cpu:
+            lines += [
+                "",
+                f"CPU per step in the concurrent arm (from /proc): worker "
+                f"{cpu['spine']['worker']:.1f} ms (bare {cpu['bare']['worker']:.1f} ms), Temporal "
+                f"server {cpu['spine']['server']:.1f} ms (bare {cpu['bare']['server']:.1f} ms).",
+            ]
+        lines.append("")
     recovery = _load(results, "recovery")
     if recovery:
         lines += [

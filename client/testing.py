@@ -6,6 +6,7 @@ on free loopback ports; nothing is downloaded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import hvac
+from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
@@ -287,6 +289,193 @@ def demo_stack(tmp: Path) -> Iterator[tuple[VaultDev, DemoService]]:
             vault.stop()
 
 
+class PostgresUnavailable(RuntimeError):
+    """PostgreSQL's server binaries (or a user to run them as) are not on this machine."""
+
+
+def postgres_bin() -> Path | None:
+    """The newest PostgreSQL server bin directory (``SPINE_TEST_PG_BIN`` overrides): Debian's
+    ``/usr/lib/postgresql/<version>/bin``, else wherever ``initdb`` is on PATH."""
+    if given := os.environ.get("SPINE_TEST_PG_BIN"):
+        return Path(given)
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@dataclass
+class PostgresServer:
+    """A running PostgreSQL server of its own (trust auth for user ``spine`` on 127.0.0.1)."""
+
+    dsn: str
+    """``postgresql://spine@127.0.0.1:<port>/postgres``: what ``SPINE_DATABASE_URL`` takes."""
+    port: int
+    bindir: Path
+    datadir: Path
+    user: str | None
+    """The OS user the server runs as (``postgres`` when this process is root), or None."""
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run one of the server's programs (``pg_ctl``, ``psql``, ...) as the server's user."""
+        return subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            user=self.user,
+            cwd=self.datadir.parent,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def database(self, name: str) -> str:
+        """Create database `name` (if new) and return its DSN: one database per test or run."""
+        found = self.run(
+            "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "spine", "-d", "postgres",
+            "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'",
+        )  # fmt: skip
+        if found.stdout.strip() != "1":
+            made = self.run(
+                "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "spine", name
+            )
+            if made.returncode != 0:
+                raise RuntimeError(f"createdb {name} failed: {made.stderr.strip()}")
+        return self.dsn.rsplit("/", 1)[0] + f"/{name}"
+
+    def stop(self) -> None:
+        self.run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+
+
+@contextlib.contextmanager
+def postgres_server(*, port: int | None = None) -> Iterator[PostgresServer]:
+    """Start a throw-away PostgreSQL server from the installed binaries on a free port.
+
+    Its data lives in a temporary directory, removed afterwards; fsync is off (a test server).
+    The server refuses to run as root, so under root it runs as the ``postgres`` user Debian's
+    package creates.
+
+    Raises:
+        PostgresUnavailable: no server binaries (``apt-get install -y postgresql``, or set
+            ``SPINE_TEST_PG_BIN``), or root with no ``postgres`` user.
+        RuntimeError: the server did not start (its log's tail is in the message).
+    """
+    import pwd
+    import tempfile
+
+    bindir = postgres_bin()
+    if bindir is None or not (bindir / "pg_ctl").exists():
+        raise PostgresUnavailable(
+            "PostgreSQL server binaries not found (apt-get install -y postgresql, or set "
+            "SPINE_TEST_PG_BIN to the directory holding initdb and pg_ctl)"
+        )
+    user = None
+    account = None
+    if os.geteuid() == 0:
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            raise PostgresUnavailable(
+                "running as root and there is no 'postgres' user to run the server as"
+            ) from None
+        user = account.pw_name
+    root = Path(tempfile.mkdtemp(prefix="spine-pg-"))
+    if account is not None:
+        os.chown(root, account.pw_uid, account.pw_gid)
+    port = port or free_port()
+    server = PostgresServer(
+        dsn=f"postgresql://spine@127.0.0.1:{port}/postgres",
+        port=port,
+        bindir=bindir,
+        datadir=root / "data",
+        user=user,
+    )
+    try:
+        init = server.run(
+            "initdb", "-D", str(server.datadir), "-U", "spine", "--auth=trust", "-E", "UTF8",
+            "--no-sync",
+        )  # fmt: skip
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed: {init.stderr.strip()[-2000:]}")
+        options = (
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        )
+        start = server.run(
+            "pg_ctl", "-D", str(server.datadir), "-o", options, "-l", str(root / "log"),
+            "-w", "-t", "60", "start",
+        )  # fmt: skip
+        if start.returncode != 0:
+            log = (
+                (root / "log").read_text(errors="replace")[-2000:]
+                if (root / "log").exists()
+                else ""
+            )
+            raise RuntimeError(f"PostgreSQL did not start: {start.stderr.strip()} {log}")
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def set_current_build(
+    client: Client, deployment_name: str, build_id: str, *, timeout: float = 60.0
+) -> None:
+    """Make `build_id` the current version of worker deployment `deployment_name` (what
+    ``temporal worker deployment set-current-version`` does) and wait until the server has
+    propagated the change to the deployment's task queues.
+
+    A version is known to the server once one of its workers has polled, so this retries until
+    then.
+
+    Raises:
+        TimeoutError: the version did not become current within `timeout` seconds.
+    """
+    from temporalio.api.enums.v1 import RoutingConfigUpdateState
+    from temporalio.api.workflowservice.v1 import (
+        DescribeWorkerDeploymentRequest,
+        SetWorkerDeploymentCurrentVersionRequest,
+    )
+    from temporalio.service import RPCError
+
+    service = client.workflow_service
+    request = SetWorkerDeploymentCurrentVersionRequest(
+        namespace=client.namespace,
+        deployment_name=deployment_name,
+        build_id=build_id,
+        identity="spine-test-kit",
+    )
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            await service.set_worker_deployment_current_version(request)
+            break
+        except RPCError as err:  # the version is not registered until its workers poll
+            last = err.message
+        await asyncio.sleep(0.25)
+    else:
+        raise TimeoutError(
+            f"build {build_id!r} of deployment {deployment_name!r} did not become current "
+            f"within {timeout:.0f}s: {last}"
+        )
+    describe = DescribeWorkerDeploymentRequest(
+        namespace=client.namespace, deployment_name=deployment_name
+    )
+    while time.monotonic() < deadline:
+        info = (await service.describe_worker_deployment(describe)).worker_deployment_info
+        current = info.routing_config.current_deployment_version.build_id
+        done = RoutingConfigUpdateState.ROUTING_CONFIG_UPDATE_STATE_COMPLETED
+        if current == build_id and info.routing_config_update_state == done:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(
+        f"build {build_id!r} of deployment {deployment_name!r} was set current but the change "
+        f"did not reach its task queues within {timeout:.0f}s"
+    )
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """The checkout this test kit lives in; `start_worker_process` runs ``worker.py`` from here."""
 
@@ -421,7 +610,6 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeVar  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 from temporalio.api.common.v1 import Payloads  # noqa: E402
 from temporalio.api.history.v1 import HistoryEvent  # noqa: E402
-from temporalio.client import Client  # noqa: E402
 
 from spine.client.runs import RunHandle, start_run  # noqa: E402
 from spine.contract import (  # noqa: E402

@@ -1,6 +1,8 @@
-"""`spine trace RUN`: a run's spans from the local trace file, as a tree.
+"""`spine trace RUN`: a run's spans from the shared database or the local trace file, as a tree.
 
-The worker writes one span per line to the trace file when no OTLP endpoint is configured (see
+With ``SPINE_DATABASE_URL`` set (and no ``SPINE_TRACE_FILE``), workers store spans in the shared
+database and this reads them from there, whichever host ran the run. Otherwise the worker writes
+one span per line to the trace file when no OTLP endpoint is configured (see
 `spine.observability.telemetry`). A run's trace is found through the `spine.run.id` attribute
 (the workflow
 id) that every Spine span carries; each span is shown with its start offset, duration, tokens and
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import click
+
+from spine.store import redact_url, shared_database
 
 SpanRecord = dict[str, object]
 """One line of the trace file (see `spine.observability.telemetry.span_record`)."""
@@ -217,17 +221,29 @@ def _nested(spans: list[SpanRecord]) -> list[dict[str, object]]:
     "--file",
     "path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Trace file (default: SPINE_TRACE_FILE, else $SPINE_STATE_DIR/traces.jsonl).",
+    help="Trace file (default: the shared database with SPINE_DATABASE_URL, else "
+    "SPINE_TRACE_FILE, else $SPINE_STATE_DIR/traces.jsonl).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def trace(run: str, path: Path | None, as_json: bool) -> None:
     """Show RUN's trace (a workflow id): spans as a tree with durations, tokens and cost."""
+    env = os.environ
+    if path is None and shared_database(env) and not env.get("SPINE_TRACE_FILE"):
+        spans = _from_database(env, run)
+        if not spans:
+            raise click.ClickException(
+                f"no spans for run {run!r} in the shared database "
+                f"({redact_url(env['SPINE_DATABASE_URL'].strip())}); check the workflow id, and "
+                "that the worker traced it (spans are stored about a second after they end)"
+            )
+        _show(run, spans, as_json)
+        return
     if path is None:
         from spine.observability.telemetry import (
             default_trace_file,  # lazily: it loads OpenTelemetry
         )
 
-        path = default_trace_file(os.environ)
+        path = default_trace_file(env)
     if not path.exists():
         raise click.ClickException(
             f"no trace file at '{path}'; the worker writes it when OTEL_EXPORTER_OTLP_ENDPOINT is "
@@ -243,8 +259,34 @@ def trace(run: str, path: Path | None, as_json: bool) -> None:
             f"no spans for run {run!r} in '{path}' ({len(every)} spans read); check the workflow "
             "id, and that the worker traced it (spans are flushed about a second after they end)"
         )
+    _show(run, spans, as_json)
+
+
+def _show(run: str, spans: list[SpanRecord], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"run": run, "totals": totals(spans), "spans": _nested(spans)}))
         return
     for line in render(spans, run):
         click.echo(line)
+
+
+def _from_database(env: Mapping[str, str], run: str) -> list[SpanRecord]:
+    """The run's spans from the shared database (`SPINE_DATABASE_URL`)."""
+    import asyncio
+
+    from spine.observability.spans import SpanStore  # lazily: it loads OpenTelemetry
+    from spine.store import StoreUnavailable, database_from_env
+
+    async def read() -> list[SpanRecord]:
+        database = database_from_env(env, read_only=True)
+        try:
+            return await SpanStore(database).for_run(run)
+        finally:
+            await database.close()
+
+    try:
+        return asyncio.run(read())
+    except StoreUnavailable as err:
+        raise click.ClickException(err.message) from None
+    except ValueError as err:  # an unsupported SPINE_DATABASE_URL
+        raise click.ClickException(str(err)) from None

@@ -9,8 +9,10 @@ call the gate
 1. switches to the policy's cheaper model once past ``soft_fraction`` of a budget;
 2. asks a person to approve going on once past ``approval_fraction`` (below 100%);
 3. stops the run when the next call could take it over its own limit;
-4. reserves on the ledger, in blocks of :data:`BLOCK_CALLS` calls (one ledger round trip per
-   block), settling what the previous block really cost; no reservation, no model call.
+4. reserves on the ledger in blocks sized to the account's headroom (:meth:`BudgetGate.block_size`:
+   the calls the run may still make, while that is a small share of what the account has left;
+   one ledger round trip per block), settling what the previous block really cost; no
+   reservation, no model call.
 
 After each call it charges the turn and stops the run if it went over. Waiting (for a person or
 for the ledger) is done through the functions the caller passes in, so the gate is tested without
@@ -26,8 +28,13 @@ from spine.contract import Limits, TokenUsage
 from spine.payloads import AgentSpec, LedgerAnswer, LedgerOp, ModelCallResult, digest
 from spine.workflows.state import RunState, StopRun
 
-#: Model calls one account-ledger reservation covers (one ledger round trip per block).
+#: Model calls one account-ledger reservation covers at least (when the run has that many left).
 BLOCK_CALLS = 4
+#: Model calls one reservation covers at most.
+BLOCK_MAX_CALLS = 64
+#: The share of the account's remaining budget one reservation may take: 50 runs' blocks at once
+#: before blocks shrink towards one call, so a budget is spread over many runs near its limit.
+HEADROOM_SHARE = 0.02
 #: The smallest prompt (tokens) a reservation assumes before the run has seen one.
 MIN_PROMPT_TOKENS = 1000
 
@@ -182,10 +189,10 @@ class BudgetGate:
         if budget.block_id is not None and budget.block_spent_usd + estimate <= budget.block_usd:
             return  # the block reserved earlier still covers this call
         self._close_block()
-        # Reserve for a few calls at once; near the limit, fall back to just this call.
+        # Reserve for the calls ahead at once; near the limit, fall back to just this call.
         reservation = f"{self.run_id}/{self.state.step}"
         answer: LedgerAnswer | None = None
-        for size in (estimate * BLOCK_CALLS, estimate):
+        for size in (self.block_size(estimate), estimate):
             answer = await self._apply(ledger, reservation, size)
             self._record(
                 "budget",
@@ -206,6 +213,26 @@ class BudgetGate:
                 return
         assert answer is not None
         raise exhausted(answer.reason, self.spec)
+
+    def block_size(self, estimate: float) -> float:
+        """USD one reservation covers: the model calls the run may still make (at least
+        :data:`BLOCK_CALLS`, at most :data:`BLOCK_MAX_CALLS`), cut to :data:`HEADROOM_SHARE` of
+        what the account has left as the ledger last said, and to what the run may still spend.
+
+        A quiet account's run reserves once for its whole length; near the account's limit the
+        blocks shrink, and a denied block falls back to one call (see `_reserve`).
+        """
+        remaining = max(self.max_steps - self.state.step + 1, 1)
+        calls = float(min(remaining, BLOCK_MAX_CALLS))
+        limits = [x for x in (self.rules.daily_usd, self.rules.monthly_usd) if x is not None]
+        if limits and estimate > 0:
+            headroom = min(limits) * max(1.0 - self.state.budget.ledger_fraction, 0.0)
+            calls = min(calls, headroom * HEADROOM_SHARE / estimate)
+        calls = max(calls, float(min(BLOCK_CALLS, remaining)))
+        size = estimate * calls
+        if self.max_usd is not None:
+            size = min(size, max(self.max_usd - self.state.usage.usd, estimate))
+        return max(size, estimate)
 
     def _close_block(self) -> None:
         """What the open block really cost is committed with the next ledger call."""

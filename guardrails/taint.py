@@ -59,6 +59,19 @@ def remember(filter_b64: str, text: str) -> str:
     return base64.b64encode(bytes(bits)).decode()
 
 
+def union(filter_b64: str, other_b64: str) -> str:
+    """The filter of every token in either (a run remembering an output it was given as a
+    filter: one stored by reference, whose text the workflow never holds)."""
+    if not filter_b64:
+        return other_b64
+    if not other_b64:
+        return filter_b64
+    mine, theirs = base64.b64decode(filter_b64), base64.b64decode(other_b64)
+    if len(mine) != len(theirs):
+        raise ValueError("taint filters of different sizes cannot be joined")
+    return base64.b64encode(bytes(a | b for a, b in zip(mine, theirs, strict=True))).decode()
+
+
 def _seen(bits: bytes, token: str) -> bool:
     return all(bits[p // 8] & (1 << (p % 8)) for p in _positions(token))
 

@@ -38,11 +38,9 @@ crash between recording and notifying loses that notification (the alert stays i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
-import sqlite3
 import urllib.parse
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,7 +55,7 @@ from temporalio import activity
 from spine.activities.errors import DependencyUnavailable, SpineError
 from spine.contract import ACTIVITY_ALERTS_CHECK, JsonObject
 from spine.guardrails.policy import AlertRule, Alerts, Policy
-from spine.observability.audit import AuditConflict, AuditStore, SQLiteAuditStore
+from spine.observability.audit import AuditConflict, AuditStore, DatabaseAuditStore
 from spine.payloads import AuditBatch, AuditEntry
 
 log = logging.getLogger("spine.alerts")
@@ -482,14 +480,17 @@ async def load_records(store: AuditStore, *, since: datetime, active_since: date
     """Finished runs and tool calls from `since` on, plus every tool call of the runs that made
     one from `active_since` on (the loop rule counts whole runs).
 
-    SQLite stores are read with one query on a read-only connection; other stores run by run
-    (every chain is read, so a large PostgreSQL log is slow to check).
+    Spine's stores (SQLite or PostgreSQL) are read with one query; any other store run by run.
 
     Raises:
         DependencyUnavailable: the store cannot be read.
     """
-    if isinstance(store, SQLiteAuditStore):
-        rows = await asyncio.to_thread(_sqlite_rows, store, since, active_since)
+    if isinstance(store, DatabaseAuditStore):
+        found = await store.recent(_second(since), _second(active_since))
+        rows = [
+            (r["run_id"], r["agent"], r["account"], r["kind"], r["at"], _json(r["data"]))
+            for r in found
+        ]
     else:
         rows = await _generic_rows(store, since, active_since)
     runs: list[RunRecord] = []
@@ -526,26 +527,6 @@ async def load_records(store: AuditStore, *, since: datetime, active_since: date
 
 
 _Row = tuple[str, str, str, str, str, object]
-
-# `at` is ISO 8601 UTC text from workflow.now(); comparing text against the whole second below
-# never drops a later entry, and the exact cut is made on parsed times afterwards.
-_SQLITE_QUERY = """
-SELECT run_id, agent, account, kind, at, data FROM spine_audit
-WHERE (kind = 'run_outcome' AND at >= :since)
-   OR (kind = 'tool_call' AND (at >= :since OR run_id IN (
-        SELECT run_id FROM spine_audit WHERE kind = 'tool_call' AND at >= :active)))
-"""
-
-
-def _sqlite_rows(store: SQLiteAuditStore, since: datetime, active_since: datetime) -> list[_Row]:
-    uri = f"{store.path.resolve().as_uri()}?mode=ro"
-    params = {"since": _second(since), "active": _second(active_since)}
-    try:
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
-            rows = db.execute(_SQLITE_QUERY, params).fetchall()
-    except sqlite3.Error as e:
-        raise DependencyUnavailable(f"audit store {store} unreadable for alerts: {e}") from e
-    return [(r[0], r[1], r[2], r[3], r[4], _json(r[5])) for r in rows]
 
 
 async def _generic_rows(store: AuditStore, since: datetime, active_since: datetime) -> list[_Row]:

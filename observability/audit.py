@@ -30,30 +30,28 @@ what :func:`verify` catches.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import importlib.util
 import json
-import sqlite3
-import threading
-import urllib.parse
-import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+from typing import Literal, Protocol
 
 from pydantic import BaseModel
 from temporalio import activity
 
-from spine.activities.errors import DependencyUnavailable, SpineError, TerminalError, TransientError
+from spine.activities.errors import SpineError, TerminalError, TransientError
 from spine.contract import ACTIVITY_AUDIT_APPEND, JsonObject
 from spine.payloads import Appended, AuditBatch, AuditEntry
+from spine.store import (
+    Database,
+    Migration,
+    PostgresDatabase,
+    SQLiteDatabase,
+    database_from_env,
+    redact_url,
+    shared_database,
+)
 
-if TYPE_CHECKING:
-    from psycopg_pool import AsyncConnectionPool
-
-T = TypeVar("T")
 Row = dict[str, str | int]
 """One entry as table columns (data as canonical JSON text)."""
 
@@ -408,9 +406,18 @@ def _entry_from_row(row: Mapping[str, object]) -> StoredEntry:
     return StoredEntry.model_construct(**values)
 
 
-# --- SQLite ----------------------------------------------------------------------------------
+# --- the store, on SQLite or PostgreSQL ------------------------------------------------------
 
-_SQLITE_SCHEMA = """
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM spine_audit"
+_INSERT = (
+    f"INSERT INTO spine_audit ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
+
+MIGRATIONS = (
+    Migration(
+        "audit",
+        1,
+        sqlite="""
 CREATE TABLE IF NOT EXISTS spine_audit (
     run_id          TEXT    NOT NULL,
     seq             INTEGER NOT NULL,
@@ -431,131 +438,8 @@ CREATE TRIGGER IF NOT EXISTS spine_audit_no_update BEFORE UPDATE ON spine_audit
 BEGIN SELECT RAISE(ABORT, 'spine_audit is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS spine_audit_no_delete BEFORE DELETE ON spine_audit
 BEGIN SELECT RAISE(ABORT, 'spine_audit is append-only'); END;
-"""
-
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM spine_audit"
-
-
-class SQLiteAuditStore:
-    """The audit log in a SQLite file (default ``SPINE_STATE_DIR/audit.db``).
-
-    Every worker writing to it must share the file (one host, or a shared volume); use
-    :class:`PostgresAuditStore` otherwise. Calls run in a thread on one connection per store,
-    kept open: closing the last connection to a WAL database checkpoints it, which would cost
-    several fsyncs per append. Commits are fully synchronous: an append the workflow saw succeed
-    must survive a power cut, or the next batch would find a gap no retry can fill.
-    """
-
-    def __init__(self, path: Path, *, read_only: bool = False) -> None:
-        self.path = Path(path)
-        self.read_only = read_only
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-        if read_only:
-            if not self.path.is_file():
-                raise FileNotFoundError(f"no audit log at {str(self.path)!r}")
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            db = self._connection()
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SQLITE_SCHEMA)
-
-    def __str__(self) -> str:
-        return f"sqlite:///{self.path}"
-
-    def _connection(self) -> sqlite3.Connection:
-        """The store's connection, opened on first use (call with `_lock` held)."""
-        if self._db is None:
-            if self.read_only:
-                target, uri = f"{self.path.resolve().as_uri()}?mode=ro", True
-            else:
-                target, uri = str(self.path), False
-            # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE), nothing implicit.
-            # The connection moves between the executor's threads, one call at a time (`_lock`).
-            db = sqlite3.connect(
-                target, uri=uri, timeout=30, isolation_level=None, check_same_thread=False
-            )
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA synchronous=FULL")
-            self._db = db
-        return self._db
-
-    async def append(self, batch: AuditBatch) -> Appended:
-        if not batch.entries:
-            return Appended(new=0, entries=0, head=GENESIS_HASH)
-        rows = _prepare(batch)
-        return await asyncio.to_thread(self._call, self._append, rows)
-
-    async def entries(self, run_id: str) -> list[StoredEntry]:
-        return await asyncio.to_thread(self._call, self._entries, run_id)
-
-    async def run_ids(self) -> list[str]:
-        return await asyncio.to_thread(self._call, self._run_ids)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._close)
-
-    def _close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-    def _call(self, fn: Callable[..., T], *args: object) -> T:
-        with self._lock:
-            try:
-                return fn(self._connection(), *args)
-            except sqlite3.Error as e:  # locked past the busy timeout, disk I/O, a damaged file
-                # Start the next call on a fresh connection rather than one in an unknown state.
-                if self._db is not None:
-                    self._db.close()
-                    self._db = None
-                raise DependencyUnavailable(f"audit store {self} unavailable: {e}") from e
-
-    @staticmethod
-    def _append(db: sqlite3.Connection, rows: list[Row]) -> Appended:
-        run_id, first, last = rows[0]["run_id"], int(rows[0]["seq"]), rows[-1]["seq"]
-        # IMMEDIATE takes the write lock before reading, so two appends for one run (from any
-        # process) cannot both see the same head and fork the chain.
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            stored = {
-                row["seq"]: row
-                for row in db.execute(
-                    f"{_SELECT} WHERE run_id = ? AND seq BETWEEN ? AND ?",
-                    (run_id, first - 1, last),
-                )
-            }
-            new, head = _link(rows, stored)
-            db.executemany(
-                f"INSERT INTO spine_audit ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                [tuple(row[c] for c in _COLUMNS) for row in new],
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        return Appended(new=len(new), entries=int(last) + 1, head=head)
-
-    @staticmethod
-    def _entries(db: sqlite3.Connection, run_id: str) -> list[StoredEntry]:
-        rows = db.execute(f"{_SELECT} WHERE run_id = ? ORDER BY seq", (run_id,)).fetchall()
-        return [_entry_from_row(dict(row)) for row in rows]
-
-    @staticmethod
-    def _run_ids(db: sqlite3.Connection) -> list[str]:
-        return [r[0] for r in db.execute("SELECT DISTINCT run_id FROM spine_audit ORDER BY 1")]
-
-
-# --- PostgreSQL ------------------------------------------------------------------------------
-
-# Namespaces Spine's advisory locks (first key) among other users of the database.
-_PG_LOCK_CLASS = zlib.crc32(b"spine_audit") & 0x7FFFFFFF
-
-_PG_SCHEMA = """
+""",
+        postgresql="""
 CREATE TABLE IF NOT EXISTS spine_audit (
     run_id          text   NOT NULL,
     seq             bigint NOT NULL,
@@ -578,17 +462,102 @@ CREATE OR REPLACE TRIGGER spine_audit_no_change BEFORE UPDATE OR DELETE ON spine
 FOR EACH ROW EXECUTE FUNCTION spine_audit_append_only();
 CREATE OR REPLACE TRIGGER spine_audit_no_truncate BEFORE TRUNCATE ON spine_audit
 FOR EACH STATEMENT EXECUTE FUNCTION spine_audit_append_only();
-"""
+""",
+    ),
+    Migration(
+        "audit",
+        2,
+        sqlite="CREATE INDEX IF NOT EXISTS spine_audit_kind_at ON spine_audit (kind, at);",
+        postgresql="CREATE INDEX IF NOT EXISTS spine_audit_kind_at ON spine_audit (kind, at);",
+    ),
+)
+"""The audit log's schema; applied at worker start (and by a writable store on first use)."""
 
 
-class PostgresAuditStore:
-    """The audit log in PostgreSQL (14 or later), for workers on several hosts.
+class DatabaseAuditStore:
+    """The audit log in a shared-state :class:`~spine.store.Database` (SQLite or PostgreSQL).
 
-    Appends for one run are serialised by a transaction-scoped advisory lock on the run id;
-    appends for different runs proceed in parallel. Uses a small psycopg connection pool, opened
-    on first use; call :meth:`close` when done. For defence in depth, give the workers' database
-    role only SELECT and INSERT on ``spine_audit``.
+    An append checks and inserts in one transaction holding the run's lock (the whole file in
+    SQLite, an advisory lock on the run id in PostgreSQL), so concurrent appends for one run, from
+    any process or host, cannot fork its chain; appends for different runs proceed in parallel
+    on PostgreSQL. For defence in depth, give the workers' database role only SELECT and INSERT
+    on ``spine_audit``.
     """
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.read_only = database.read_only
+
+    def __str__(self) -> str:
+        return str(self.database)
+
+    async def _ready(self) -> None:
+        if not self.read_only:
+            await self.database.migrate(MIGRATIONS)
+
+    async def append(self, batch: AuditBatch) -> Appended:
+        if not batch.entries:
+            return Appended(new=0, entries=0, head=GENESIS_HASH)
+        rows = _prepare(batch)
+        await self._ready()
+        first, last = int(rows[0]["seq"]), int(rows[-1]["seq"])
+        async with self.database.transaction(lock=batch.run_id) as tx:
+            found = await tx.fetchall(
+                f"{_SELECT} WHERE run_id = ? AND seq BETWEEN ? AND ?",
+                (batch.run_id, first - 1, last),
+            )
+            new, head = _link(rows, {int(r["seq"]): r for r in found})
+            await tx.executemany(_INSERT, [tuple(row[c] for c in _COLUMNS) for row in new])
+        return Appended(new=len(new), entries=last + 1, head=head)
+
+    async def entries(self, run_id: str) -> list[StoredEntry]:
+        await self._ready()
+        async with self.database.reading() as tx:
+            rows = await tx.fetchall(f"{_SELECT} WHERE run_id = ? ORDER BY seq", (run_id,))
+        return [_entry_from_row(row) for row in rows]
+
+    async def run_ids(self) -> list[str]:
+        await self._ready()
+        async with self.database.reading() as tx:
+            rows = await tx.fetchall("SELECT DISTINCT run_id FROM spine_audit ORDER BY run_id")
+        return [str(r["run_id"]) for r in rows]
+
+    async def recent(self, since: str, active_since: str) -> list[dict[str, object]]:
+        """Run outcomes and tool calls `at` or after `since`, plus every tool call of the runs
+        that made one at or after `active_since` (ISO text, compared as text): what alerts read,
+        in one query on either database."""
+        await self._ready()
+        async with self.database.reading() as tx:
+            return await tx.fetchall(
+                "SELECT run_id, agent, account, kind, at, data FROM spine_audit "
+                "WHERE (kind = 'run_outcome' AND at >= ?) "
+                "OR (kind = 'tool_call' AND (at >= ? OR run_id IN ("
+                "SELECT run_id FROM spine_audit WHERE kind = 'tool_call' AND at >= ?)))",
+                (since, since, active_since),
+            )
+
+    async def close(self) -> None:
+        await self.database.close()
+
+
+class SQLiteAuditStore(DatabaseAuditStore):
+    """The audit log in its own SQLite file (default ``SPINE_STATE_DIR/audit.db``).
+
+    Every worker writing to it must share the file (one host); with workers on several hosts set
+    ``SPINE_DATABASE_URL`` (or ``SPINE_AUDIT_DSN``) to a PostgreSQL database instead.
+    """
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        try:
+            database = SQLiteDatabase(Path(path), read_only=read_only)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no audit log at {str(path)!r}") from None
+        super().__init__(database)
+        self.path = database.path
+
+
+class PostgresAuditStore(DatabaseAuditStore):
+    """The audit log in PostgreSQL (14 or later), for workers on several hosts."""
 
     def __init__(
         self,
@@ -598,146 +567,45 @@ class PostgresAuditStore:
         max_connections: int = 10,
         timeout_s: float = 10.0,
     ) -> None:
-        if importlib.util.find_spec("psycopg") is None or not importlib.util.find_spec(
-            "psycopg_pool"
-        ):
-            raise ImportError(
-                "the PostgreSQL audit store needs psycopg 3 and its pool: "
-                "pip install 'psycopg[binary,pool]'"
+        super().__init__(
+            PostgresDatabase(
+                dsn, read_only=read_only, max_connections=max_connections, timeout_s=timeout_s
             )
+        )
         self.dsn = dsn
-        self.read_only = read_only
-        self.max_connections = max_connections
-        self.timeout_s = timeout_s
-        self._pool: AsyncConnectionPool | None = None
-        self._opening = asyncio.Lock()
-
-    def __str__(self) -> str:
-        return redact_dsn(self.dsn)
-
-    async def _get_pool(self) -> AsyncConnectionPool:
-        if self._pool is not None:
-            return self._pool
-        async with self._opening:
-            if self._pool is None:
-                from psycopg_pool import AsyncConnectionPool
-
-                pool = AsyncConnectionPool(
-                    self.dsn,
-                    min_size=1,
-                    max_size=self.max_connections,
-                    timeout=self.timeout_s,
-                    open=False,
-                    kwargs={"connect_timeout": max(1, int(self.timeout_s))},
-                )
-                await pool.open(wait=False)
-                if not self.read_only:
-                    try:
-                        async with pool.connection() as conn, conn.transaction():
-                            # Serialise schema creation between workers starting together.
-                            await conn.execute(
-                                "SELECT pg_advisory_xact_lock(%s, 0)", (_PG_LOCK_CLASS,)
-                            )
-                            await conn.execute(_PG_SCHEMA)
-                    except BaseException:
-                        await pool.close()
-                        raise
-                self._pool = pool
-        return self._pool
-
-    async def append(self, batch: AuditBatch) -> Appended:
-        if not batch.entries:
-            return Appended(new=0, entries=0, head=GENESIS_HASH)
-        rows = _prepare(batch)
-        async with self._errors():
-            pool = await self._get_pool()
-            async with pool.connection() as conn, conn.transaction():
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                    (_PG_LOCK_CLASS, batch.run_id),
-                )
-                cur = await conn.execute(
-                    f"{_SELECT} WHERE run_id = %s AND seq BETWEEN %s AND %s",
-                    (batch.run_id, int(rows[0]["seq"]) - 1, rows[-1]["seq"]),
-                )
-                names = [c.name for c in cur.description or ()]
-                stored = {r[1]: dict(zip(names, r, strict=True)) for r in await cur.fetchall()}
-                new, head = _link(rows, stored)
-                if new:
-                    async with conn.cursor() as ins:
-                        await ins.executemany(
-                            f"INSERT INTO spine_audit ({', '.join(_COLUMNS)}) "
-                            f"VALUES ({', '.join(['%s'] * len(_COLUMNS))})",
-                            [tuple(row[c] for c in _COLUMNS) for row in new],
-                        )
-        return Appended(new=len(new), entries=int(rows[-1]["seq"]) + 1, head=head)
-
-    async def entries(self, run_id: str) -> list[StoredEntry]:
-        async with self._errors():
-            pool = await self._get_pool()
-            async with pool.connection() as conn:
-                cur = await conn.execute(f"{_SELECT} WHERE run_id = %s ORDER BY seq", (run_id,))
-                names = [c.name for c in cur.description or ()]
-                rows = await cur.fetchall()
-        return [_entry_from_row(dict(zip(names, r, strict=True))) for r in rows]
-
-    async def run_ids(self) -> list[str]:
-        async with self._errors():
-            pool = await self._get_pool()
-            async with pool.connection() as conn:
-                cur = await conn.execute("SELECT DISTINCT run_id FROM spine_audit ORDER BY 1")
-                return [r[0] for r in await cur.fetchall()]
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
-
-    @asynccontextmanager
-    async def _errors(self) -> AsyncIterator[None]:
-        """Map connection trouble to `DependencyUnavailable` (retryable), naming the database."""
-        import psycopg
-        from psycopg_pool import PoolTimeout
-
-        try:
-            yield
-        except psycopg.errors.UndefinedTable as e:
-            raise DependencyUnavailable(
-                f"audit store {self} has no spine_audit table yet; a worker creates it"
-            ) from e
-        except (psycopg.Error, PoolTimeout) as e:  # down, refused, permissions: operator-fixable
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise DependencyUnavailable(f"audit store {self} unavailable: {first}") from e
 
 
-def redact_dsn(dsn: str) -> str:
-    """The DSN without its password, for messages."""
-    parts = urllib.parse.urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+redact_dsn = redact_url
 
 
 # --- configuration and the activity ----------------------------------------------------------
 
 
 def store_from_env(
-    env: Mapping[str, str], state_dir: Path, *, read_only: bool = False
+    env: Mapping[str, str],
+    state_dir: Path,
+    *,
+    read_only: bool = False,
+    database: Database | None = None,
 ) -> AuditStore:
-    """The audit store that `SPINE_AUDIT_DSN` names, else SQLite at `state_dir/audit.db`.
+    """The audit store the environment names.
 
-    `SPINE_AUDIT_DSN` is ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` or a
-    ``postgresql://`` (or ``postgres://``) URL. With `read_only`, nothing is created.
+    ``SPINE_AUDIT_DSN`` first (``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``
+    or a ``postgresql://`` / ``postgres://`` URL), an override for the audit log alone; else the
+    shared database of ``SPINE_DATABASE_URL`` (`database`, when the caller has it open already);
+    else SQLite at `state_dir/audit.db`. With `read_only`, nothing is created.
 
     Raises:
-        ValueError: the DSN has another scheme.
+        ValueError: the DSN or URL has another scheme.
         FileNotFoundError: `read_only` and the SQLite file does not exist.
         ImportError: a PostgreSQL DSN, but psycopg is not installed.
     """
     dsn = (env.get("SPINE_AUDIT_DSN") or "").strip()
     if not dsn:
+        if shared_database(env):
+            if database is None:
+                database = database_from_env(env, state_dir, read_only=read_only)
+            return DatabaseAuditStore(database)
         return SQLiteAuditStore(Path(state_dir) / DEFAULT_AUDIT_DB, read_only=read_only)
     if dsn.startswith("sqlite:///"):
         return SQLiteAuditStore(Path(dsn.removeprefix("sqlite:///")), read_only=read_only)

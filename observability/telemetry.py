@@ -89,7 +89,9 @@ from spine.contract import ACTIVITY_MODEL_CALL, WORKFLOW_TYPE, tool_of
 from spine.guardrails.budget import price
 from spine.guardrails.interceptor import guards_of_current_run
 from spine.observability import metrics
+from spine.observability.spans import DatabaseSpanExporter
 from spine.payloads import ToolCallInput
+from spine.store import open_database, redact_url, shared_database
 from spine.workflows.state import AgentWorkflowInput
 
 log = logging.getLogger("spine.telemetry")
@@ -794,6 +796,8 @@ class Telemetry:
     trace_file: Path | None
     otlp_endpoint: str | None
     metrics_address: str | None
+    trace_database: str | None = None
+    """The shared database spans go to (``SPINE_DATABASE_URL``, password hidden), or None."""
     runtime: Runtime | None = None
     """Pass to ``Client.connect(runtime=...)`` for Prometheus metrics; None when they are off."""
     _processors: list[SpanProcessor] = field(default_factory=list, repr=False)
@@ -817,6 +821,7 @@ class Telemetry:
         else:
             sinks = [f"OTLP {self.otlp_endpoint}"] if self.otlp_endpoint else []
             sinks += [f"file {self.trace_file}"] if self.trace_file else []
+            sinks += [f"database {self.trace_database}"] if self.trace_database else []
             where = f"traces to {' and '.join(sinks)}, content {'on' if self.content else 'off'}"
         metrics_at = (
             f"Prometheus metrics on http://{self.metrics_address}/metrics"
@@ -858,6 +863,8 @@ def telemetry_from_env(env: Mapping[str, str] | None = None) -> Telemetry:
             timeout, certificates) are read by the exporter from the process environment.
         SPINE_TRACE_FILE: also (or, without OTLP, instead) append spans to this JSONL file;
             default without OTLP: ``$SPINE_STATE_DIR/traces.jsonl`` (``.spine/traces.jsonl``).
+        SPINE_DATABASE_URL: with neither of the two above, spans go to the shared database
+            (table ``spine_span``), where ``spine trace`` reads them.
         SPINE_TRACE_CONTENT=1: record prompts, completions, tool arguments and results.
         OTEL_SDK_DISABLED=true: no spans (metrics still work).
         OTEL_SERVICE_NAME: the service name on spans (default ``spine-worker``).
@@ -879,7 +886,12 @@ def telemetry_from_env(env: Mapping[str, str] | None = None) -> Telemetry:
             "http/protobuf: unset OTEL_EXPORTER_OTLP_PROTOCOL or set it to 'http/protobuf' "
             "(and point OTEL_EXPORTER_OTLP_ENDPOINT at the collector's HTTP port, usually 4318)"
         )
-    trace_file = default_trace_file(env) if (env.get("SPINE_TRACE_FILE") or not endpoint) else None
+    to_database = shared_database(env) and not endpoint and not env.get("SPINE_TRACE_FILE")
+    trace_file = (
+        default_trace_file(env)
+        if (env.get("SPINE_TRACE_FILE") or not (endpoint or to_database))
+        else None
+    )
     address = env.get("SPINE_METRICS_ADDR") or None
     runtime = None
     if address:
@@ -897,6 +909,9 @@ def telemetry_from_env(env: Mapping[str, str] | None = None) -> Telemetry:
         otlp_endpoint=endpoint if tracing else None,
         metrics_address=address,
         runtime=runtime,
+        trace_database=redact_url(env["SPINE_DATABASE_URL"].strip())
+        if to_database and tracing
+        else None,
     )
     if not tracing:
         return telemetry
@@ -910,6 +925,10 @@ def telemetry_from_env(env: Mapping[str, str] | None = None) -> Telemetry:
         telemetry._processors.append(
             BatchSpanProcessor(JsonlSpanExporter(trace_file), schedule_delay_millis=1000)
         )
+    if telemetry.trace_database:
+        url = env["SPINE_DATABASE_URL"]
+        exporter = DatabaseSpanExporter(lambda: open_database(url))
+        telemetry._processors.append(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
     for processor in telemetry._processors:
         fanout.add(processor)
     return telemetry

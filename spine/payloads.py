@@ -140,8 +140,16 @@ class ToolCallInput(BaseModel):
 
 
 class ToolCallResult(BaseModel):
-    output: JsonObject
+    output: JsonObject = Field(
+        description="The tool's output, or a reference to it in the shared store when large "
+        '({"$spine_output": "sha256:...", "bytes": N, "tool": name}).'
+    )
     attempt: int = 1
+    untrusted_filter: str | None = Field(
+        default=None,
+        description="For an untrusted output stored by reference: the taint filter of all its "
+        "tokens (guardrails/taint.py), which the run remembers in place of the output.",
+    )
 
 
 class ToolDescriptor(BaseModel):

@@ -35,19 +35,23 @@ from pathlib import Path
 
 import httpx
 from temporalio.client import Client
+from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.contrib.pydantic import PydanticPayloadConverter, pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.plugin import SimplePlugin
 from temporalio.worker import Plugin as WorkerPlugin
-from temporalio.worker import Worker, WorkerConfig, WorkflowRunner
+from temporalio.worker import Worker, WorkerConfig, WorkerDeploymentConfig, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from spine.activities.blobs import DEFAULT_INLINE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, BlobStore
+from spine.activities.blobs import MIGRATIONS as BLOB_MIGRATIONS
 from spine.activities.breakers import Breakers
 from spine.activities.budget import BudgetActivities
 from spine.activities.identity import IdentityActivities
 from spine.activities.llm import ModelActivities
 from spine.activities.providers.base import ModelProvider
 from spine.activities.tools import Registry, SecretResolver, ToolRunner, make_tool_activities
+from spine.activities.transcript import MIGRATIONS as TRANSCRIPT_MIGRATIONS
 from spine.activities.transcript import TranscriptStore
 from spine.client.identity import SigningInterceptor
 from spine.contract import DEFAULT_LEDGER_TASK_QUEUE, DEFAULT_TASK_QUEUE, rate_limited_queue
@@ -57,7 +61,14 @@ from spine.guardrails.policy import Policy, load_policy
 from spine.guardrails.principals import VaultKeyring, VaultSigner
 from spine.guardrails.secrets import NoSecrets, VaultSecrets
 from spine.observability.alerts import AlertActivities, AlertEngine
-from spine.observability.audit import AuditActivities, AuditStore, store_from_env
+from spine.observability.audit import MIGRATIONS as AUDIT_MIGRATIONS
+from spine.observability.audit import (
+    AuditActivities,
+    AuditStore,
+    DatabaseAuditStore,
+    store_from_env,
+)
+from spine.store import Database, database_from_env
 from spine.workflows.agent import AgentWorkflow
 from spine.workflows.alerts import SpineAlertsWorkflow
 from spine.workflows.ledger import BudgetLedger
@@ -92,6 +103,15 @@ def _flag(env: Mapping[str, str], name: str, default: str = "1") -> bool:
     return env.get(name, default).strip().lower() not in ("0", "false", "no", "off")
 
 
+def _size(env: Mapping[str, str], name: str, default: int) -> int:
+    text = (env.get(name) or "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(f"{name}={text!r} is not a positive number of bytes")
+    return int(text)
+
+
 @dataclass
 class SpineConfig:
     """Everything a Spine worker needs besides the Temporal client. Defaults come from the env."""
@@ -112,7 +132,21 @@ class SpineConfig:
     search_attributes: bool = True
     max_concurrent_activities: int = 200
     audit_store: AuditStore | None = None
-    """The audit log; default: ``SPINE_AUDIT_DSN`` from `settings`, else SQLite in `state_dir`."""
+    """The audit log; default: ``SPINE_AUDIT_DSN`` from `settings`, else the shared database,
+    else SQLite (``audit.db``) in `state_dir`."""
+    database: Database | None = None
+    """Shared state (transcripts, large outputs; the audit log unless it has its own): default
+    ``SPINE_DATABASE_URL`` from `settings` (PostgreSQL), else SQLite (``state.db``) in
+    `state_dir`."""
+    inline_output_bytes: int = DEFAULT_INLINE_BYTES
+    """Tool outputs whose JSON is larger are stored in the shared database and go by reference."""
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    """Tool outputs whose JSON is larger are refused."""
+    deployment_name: str | None = None
+    """Temporal worker deployment this worker belongs to (``SPINE_DEPLOYMENT_NAME``); with
+    `build_id`, the worker (and its companions) run under worker versioning."""
+    build_id: str | None = None
+    """This worker's build (``SPINE_BUILD_ID``), e.g. the image tag or git commit."""
     ledger: bool = True
     """Run the budget ledgers' worker next to this one (one per deployment is enough)."""
     ledger_task_queue: str = DEFAULT_LEDGER_TASK_QUEUE
@@ -120,11 +154,44 @@ class SpineConfig:
     """The principal this worker signs its budget-ledger operations as (its OpenBao identity)."""
     keyring_refresh_s: float = 30.0
 
+    def deployment(
+        self, behaviour: VersioningBehavior = VersioningBehavior.PINNED
+    ) -> WorkerDeploymentConfig | None:
+        """Worker versioning settings with `behaviour` as the workflows' default, or None when
+        the worker is unversioned.
+
+        Agent runs (and alerts, and any workflow of yours on the worker) are pinned: a run stays
+        on the build it started on and moves to the current build at its next continue-as-new.
+        The budget ledgers' worker auto-upgrades (see :func:`ledger_worker`).
+
+        Raises:
+            ValueError: only one of `deployment_name` and `build_id` is set.
+        """
+        if not self.deployment_name and not self.build_id:
+            return None
+        if not (self.deployment_name and self.build_id):
+            raise ValueError(
+                "worker versioning needs both SPINE_DEPLOYMENT_NAME and SPINE_BUILD_ID "
+                f"(got deployment {self.deployment_name!r}, build {self.build_id!r})"
+            )
+        return WorkerDeploymentConfig(
+            version=WorkerDeploymentVersion(self.deployment_name, self.build_id),
+            use_worker_versioning=True,
+            default_versioning_behavior=behaviour,
+        )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SpineConfig:
         """``SPINE_TASK_QUEUE``, ``SPINE_POLICY``, ``SPINE_STATE_DIR``, ``SPINE_AGENTS``,
         ``VAULT_*``, ``SPINE_SEARCH_ATTRIBUTES``, ``SPINE_LEDGER_WORKER``,
-        ``SPINE_LEDGER_TASK_QUEUE``; everything else is a setting tools may read."""
+        ``SPINE_LEDGER_TASK_QUEUE``, ``SPINE_INLINE_OUTPUT_BYTES``, ``SPINE_MAX_OUTPUT_BYTES``,
+        ``SPINE_DEPLOYMENT_NAME`` and ``SPINE_BUILD_ID``
+        (``SPINE_DATABASE_URL`` and ``SPINE_AUDIT_DSN`` are read from the settings when the
+        worker starts); everything else is a setting tools may read.
+
+        Raises:
+            ValueError: a size setting is not a positive whole number.
+        """
         env = dict(os.environ if env is None else env)
         modules = tuple(
             m.strip() for m in env.get("SPINE_AGENTS", "spine.demo.agent").split(",") if m.strip()
@@ -140,6 +207,10 @@ class SpineConfig:
             ledger=_flag(env, "SPINE_LEDGER_WORKER"),
             ledger_task_queue=env.get("SPINE_LEDGER_TASK_QUEUE") or DEFAULT_LEDGER_TASK_QUEUE,
             worker_principal=env.get("SPINE_WORKER_PRINCIPAL") or "spine-worker",
+            inline_output_bytes=_size(env, "SPINE_INLINE_OUTPUT_BYTES", DEFAULT_INLINE_BYTES),
+            max_output_bytes=_size(env, "SPINE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES),
+            deployment_name=env.get("SPINE_DEPLOYMENT_NAME") or None,
+            build_id=env.get("SPINE_BUILD_ID") or None,
         )
 
 
@@ -199,9 +270,22 @@ class _Served:
     """What one worker's activities hold open, closed when the worker stops."""
 
     http: httpx.AsyncClient
+    database: Database
     audit: AuditStore
     companions: list[Worker]
     keyring: VaultKeyring | None
+
+    async def migrate(self) -> None:
+        """Apply the shared-state migrations (idempotent; workers starting together are fine)."""
+        await self.database.migrate([*TRANSCRIPT_MIGRATIONS, *BLOB_MIGRATIONS])
+        if isinstance(self.audit, DatabaseAuditStore):
+            await self.audit.database.migrate(AUDIT_MIGRATIONS)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.audit.close()
+        if getattr(self.audit, "database", None) is not self.database:
+            await self.database.close()
 
 
 class SpinePlugin(SimplePlugin):
@@ -211,6 +295,8 @@ class SpinePlugin(SimplePlugin):
         config: Worker settings (default :meth:`SpineConfig.from_env`).
         policy: The policy; default: loaded from ``config.policy_path`` (or the built-in one).
         registry: The agents and tools; default: loaded from ``config.agent_modules``.
+        agent_workflow: The workflow class registered as ``AgentWorkflow``: Spine's, or a
+            build of it of your own (a subclass with ``@workflow.defn(name="AgentWorkflow")``).
 
     Raises:
         PolicyError, ToolDefinitionError: the policy or a tool definition is wrong (the
@@ -223,8 +309,13 @@ class SpinePlugin(SimplePlugin):
         *,
         policy: Policy | None = None,
         registry: Registry | None = None,
+        agent_workflow: type[AgentWorkflow] = AgentWorkflow,
     ) -> None:
         self.config = config or SpineConfig.from_env()
+        if not (isinstance(agent_workflow, type) and issubclass(agent_workflow, AgentWorkflow)):
+            raise TypeError(
+                f"agent_workflow must be AgentWorkflow or a subclass, not {agent_workflow!r}"
+            )
         self.policy = policy or load_policy(self.config.policy_path)
         self.registry = registry or load_registry(self.config.agent_modules)
         self.keyring = Keyring(self.policy.grants())
@@ -234,7 +325,7 @@ class SpinePlugin(SimplePlugin):
         super().__init__(
             "spine",
             data_converter=_converter,
-            workflows=[AgentWorkflow, SpineAlertsWorkflow],
+            workflows=[agent_workflow, SpineAlertsWorkflow],
             workflow_runner=sandbox,
             interceptors=[PolicyInterceptor(), IdentityInterceptor(self.keyring)],
             activities=self._activities,
@@ -261,22 +352,33 @@ class SpinePlugin(SimplePlugin):
         breakers = Breakers(
             self.policy.runtime.breaker_threshold, self.policy.runtime.breaker_reset_s
         )
+        database = self.config.database or database_from_env(settings, self.config.state_dir)
+        blobs = BlobStore(database)
         runner = ToolRunner(
-            self.registry, self.config.secrets or NoSecrets(), http, settings, breakers
+            self.registry,
+            self.config.secrets or NoSecrets(),
+            http,
+            settings,
+            breakers,
+            blobs=blobs,
+            inline_bytes=self.config.inline_output_bytes,
+            max_output_bytes=self.config.max_output_bytes,
         )
         audit = AuditActivities(
-            self.config.audit_store or store_from_env(settings, self.config.state_dir)
+            self.config.audit_store
+            or store_from_env(settings, self.config.state_dir, database=database)
         )
         models = ModelActivities(
             self.registry,
             self.policy,
-            TranscriptStore(self.config.state_dir / "transcripts.db"),
+            TranscriptStore(database),
             self.config.providers
             if self.config.providers is not None
             else default_providers(settings),
             search_attributes=self.config.search_attributes,
             breakers=breakers,
             audit_append=audit.store.append,
+            blobs=blobs,
         )
         vault = (
             self.config.identity
@@ -315,9 +417,12 @@ class SpinePlugin(SimplePlugin):
             *make_tool_activities(runner),
         ]
         config = super().configure_worker(config)
+        deployment = self.config.deployment()
+        if deployment is not None:
+            config["deployment_config"] = deployment
         others = [p for p in config.get("plugins") or [] if p is not self]
         self._served[queue] = _Served(
-            http, audit.store, self._companions(config, runner, others), loader
+            http, database, audit.store, self._companions(config, runner, others), loader
         )
         return config
 
@@ -340,12 +445,18 @@ class SpinePlugin(SimplePlugin):
                     max_task_queue_activities_per_second=rate,
                     plugins=list(plugins),  # tool spans and metrics come from telemetry
                     max_concurrent_activities=self.config.max_concurrent_activities,
+                    deployment_config=self.config.deployment(),
                 )
             )
         if self.config.ledger:
             self._companion_queues.add(self.config.ledger_task_queue)
             companions.append(
-                ledger_worker(client, self.config.ledger_task_queue, keyring=self.keyring)
+                ledger_worker(
+                    client,
+                    self.config.ledger_task_queue,
+                    keyring=self.keyring,
+                    deployment=self.config.deployment(VersioningBehavior.AUTO_UPGRADE),
+                )
             )
         return companions
 
@@ -357,6 +468,7 @@ class SpinePlugin(SimplePlugin):
             asyncio.create_task(served.keyring.keep_fresh()) if served.keyring is not None else None
         )
         try:
+            await served.migrate()  # before any task: a database that is down stops the start
             async with contextlib.AsyncExitStack() as stack:
                 for companion in served.companions:
                     await stack.enter_async_context(companion)
@@ -364,21 +476,31 @@ class SpinePlugin(SimplePlugin):
         finally:
             if refreshing is not None:
                 refreshing.cancel()
-            await served.http.aclose()
-            await served.audit.close()
+            await served.close()
 
 
 def ledger_worker(
-    client: Client, task_queue: str = DEFAULT_LEDGER_TASK_QUEUE, *, keyring: Keyring
+    client: Client,
+    task_queue: str = DEFAULT_LEDGER_TASK_QUEUE,
+    *,
+    keyring: Keyring,
+    deployment: WorkerDeploymentConfig | None = None,
 ) -> Worker:
     """A worker serving only the per-account budget ledgers (`SpineBudgetLedger`); `keyring`
-    verifies that each operation was signed by a Spine worker."""
+    verifies that each operation was signed by a Spine worker.
+
+    Under worker versioning give it a `deployment` whose default behaviour is auto-upgrade: a
+    ledger is a long-lived entity every run of its account depends on, so it follows the current
+    build at its next task rather than keep an old build's workers alive (its code changes must
+    be replay-safe, with ``workflow.patched``).
+    """
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[BudgetLedger],
         workflow_runner=sandbox(),
         interceptors=[IdentityInterceptor(keyring)],
+        deployment_config=deployment,
     )
 
 
@@ -410,6 +532,7 @@ def build_worker(
     policy: Policy | None = None,
     extra_workflows: Sequence[type] = (),
     plugins: Sequence[WorkerPlugin] = (),
+    agent_workflow: type[AgentWorkflow] = AgentWorkflow,
 ) -> Worker:
     """A Temporal worker with :class:`SpinePlugin` on ``config.task_queue`` (what tests, the demo
     and ``spine worker`` use): ``async with build_worker(client) as worker: ...``."""
@@ -418,6 +541,6 @@ def build_worker(
         client,
         task_queue=config.task_queue,
         workflows=list(extra_workflows),
-        plugins=[SpinePlugin(config, policy=policy), *plugins],
+        plugins=[SpinePlugin(config, policy=policy, agent_workflow=agent_workflow), *plugins],
         max_concurrent_activities=config.max_concurrent_activities,
     )

@@ -3,7 +3,8 @@
 Reads its settings from the environment (:meth:`SpineConfig.from_env`), connects with Spine's
 data converter, runs a Temporal worker with :class:`~spine.plugin.SpinePlugin` and telemetry
 until SIGINT/SIGTERM, then drains in-flight tasks. Startup mistakes (policy, tool definitions,
-telemetry settings, an unreachable Temporal) are one line on stderr and exit status 2.
+telemetry settings, an unreachable Temporal, a shared database that cannot be reached or
+migrated) are one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from spine.client.runs import SpineClientError, connect
 from spine.guardrails.policy import PolicyError, load_policy
 from spine.observability.telemetry import TelemetryError, telemetry_from_env
 from spine.plugin import SpineConfig, SpinePlugin
+from spine.store import StoreUnavailable
 
 log = logging.getLogger("spine.worker")
 
@@ -87,6 +89,12 @@ def main() -> None:
     try:
         asyncio.run(run_worker())
     except (PolicyError, ToolDefinitionError, TelemetryError, SpineClientError) as err:
+        print(f"spine worker: error: {err}", file=sys.stderr)
+        code = 2
+    except StoreUnavailable as err:  # the shared database is down or refuses the migrations
+        print(f"spine worker: error: {err.message}", file=sys.stderr)
+        code = 2
+    except ValueError as err:  # a malformed setting (SPINE_DATABASE_URL, a size, ...)
         print(f"spine worker: error: {err}", file=sys.stderr)
         code = 2
     # Leave without interpreter finalisation: the SDK's native threads can still touch Python

@@ -14,14 +14,17 @@ from temporalio.worker import Worker
 
 from spine.client.testing import (
     DemoService,
+    PostgresServer,
+    PostgresUnavailable,
     VaultDev,
     demo_stack,
+    postgres_server,
     temporal_dev_server,
     temporal_time_skipping,
 )
 from spine.guardrails.secrets import VaultSecrets
 from spine.plugin import SpineConfig, build_worker
-from tests.helpers import TEST_PRINCIPALS, signed_client, write_test_policy
+from tests.helpers import TEST_PRINCIPALS, signed_client, unavailable, write_test_policy
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +69,20 @@ def vault(stack: tuple[VaultDev, DemoService]) -> VaultDev:
 @pytest.fixture(scope="session")
 def service(stack: tuple[VaultDev, DemoService]) -> DemoService:
     return stack[1]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the session's own, on a free port (fails under CI if missing)."""
+    try:
+        server = postgres_server()
+        running = server.__enter__()
+    except PostgresUnavailable as err:
+        unavailable(str(err))
+    try:
+        yield running
+    finally:
+        server.__exit__(None, None, None)
 
 
 @pytest.fixture

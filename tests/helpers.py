@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
+
+import pytest
 
 from spine.client.runs import RunHandle, get_state
 from spine.contract import (
@@ -20,6 +26,27 @@ from spine.contract import (
 
 #: The `spine` command of the venv running the tests.
 SPINE = str(Path(sys.executable).parent / "spine")
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run (``CI=true``, as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test whose outside dependency (PostgreSQL, Chromium) is missing; under CI fail
+    instead, so a green CI run means every such test ran."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing dependency fails the test instead of skipping)")
+    pytest.skip(reason)
+
+
+def require_module(name: str, reason: str) -> ModuleType:
+    """`pytest.importorskip`, but failing under CI (see :func:`unavailable`)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        unavailable(reason)
 
 
 def call(name: str, **args: object) -> ScriptToolCall:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -40,6 +42,9 @@ from spine.contract import (
 from spine.guardrails.secrets import VaultSecrets
 from tests.helpers import call, policy_file, scripted_request, turn, wait_for_status
 
+if TYPE_CHECKING:
+    from spine.plugin import SpineConfig
+
 HISTORIES = Path(__file__).parent / "histories"
 IDENTITY = "spine-history-recorder"  # not pid@host: the files are committed
 
@@ -47,11 +52,19 @@ IDENTITY = "spine-history-recorder"  # not pid@host: the files are committed
 class Recorder:
     """Runs scenarios on one worker and writes their histories."""
 
-    def __init__(self, client: Client, vault: VaultDev, service: DemoService, queue: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        vault: VaultDev,
+        service: DemoService,
+        queue: str,
+        config: SpineConfig | None = None,
+    ) -> None:
         self.client = client
         self.vault = vault
         self.service = service
         self.queue = queue
+        self.config = config
 
     async def start(self, name: str, request: AgentRequest) -> RunHandle:
         return await start_run(
@@ -171,17 +184,73 @@ async def fork(r: Recorder) -> RunHandle:
     return await start_fork(r.client, plan, task_queue=r.queue, link_attribute=True)
 
 
+async def large_output(r: Recorder) -> RunHandle:
+    """Tool outputs above the worker's inline limit go by reference (claim check): a lookup and
+    an untrusted document, then the answer."""
+    doc = r.service.post(
+        "/v1/documents", {"order_id": "o-1005", "text": "The parcel arrived crushed. " * 20}
+    )
+    assert isinstance(doc, dict)
+    script = [
+        turn(call("lookup_order", order_id="o-1005")),
+        turn(call("fetch_document", document_id=doc["document_id"])),
+        turn(text="Read the order and its document."),
+    ]
+    request = scripted_request(script)
+    request.account = r.account("large-output")
+    return await r.start("large-output", request)
+
+
+async def rollout(r: Recorder) -> RunHandle:
+    """Worker versioning: a run of build r1 waits for approval while build r2 becomes current;
+    approved, it makes its refund on r1, then continues as new onto r2 and completes there."""
+    from spine.client.testing import set_current_build
+    from spine.plugin import build_worker
+
+    assert r.config is not None and r.config.deployment_name
+    await set_current_build(r.client, r.config.deployment_name, "r1")
+    request = build_demo_request("o-1006")
+    request.account = r.account("rollout")
+    handle = await r.start("rollout", request)
+    state = await wait_for_status(handle, "awaiting_approval")
+    newer = dataclasses.replace(r.config, build_id="r2")
+    async with build_worker(r.client, config=newer):
+        await set_current_build(r.client, r.config.deployment_name, "r2")
+        await decide(
+            handle,
+            ApprovalDecision(
+                approval_id=state.pending_approvals[0].approval_id,
+                decision="approve",
+                by="bob",
+                role="supervisor",
+            ),
+        )
+        await wait_result(handle)
+    return handle
+
+
 SCENARIOS: dict[str, Callable[[Recorder], Awaitable[RunHandle]]] = {
     "demo-approval": demo_approval,
     "compensation": compensation,
     "park-retry": park_retry,
     "continue-as-new": continue_as_new,
     "fork": fork,
+    "large-output": large_output,
+    "rollout": rollout,
 }
 
 
 #: Policy `[runtime]` overrides per scenario (the rest run on the default policy).
 RUNTIME: dict[str, dict[str, object]] = {"continue-as-new": {"continue_as_new_after_events": 100}}
+#: Worker settings per scenario.
+CONFIG: dict[str, dict[str, object]] = {
+    "large-output": {"inline_output_bytes": 100},
+    "rollout": {
+        "deployment_name": "history-rollout",
+        "build_id": "r1",
+        "ledger_task_queue": "histories-rollout-ledger",
+    },
+}
 
 
 def _clear(out: Path, names: list[str]) -> None:
@@ -219,8 +288,9 @@ async def record(out: Path = HISTORIES, only: list[str] | None = None) -> list[P
                         settings={"SPINE_DEMO_URL": service.url},
                         secrets=VaultSecrets(vault.url, token=vault.token),
                         providers={},
+                        **CONFIG.get(name, {}),  # type: ignore[arg-type]  # SpineConfig fields
                     )
-                    recorder = Recorder(client, vault, service, config.task_queue)
+                    recorder = Recorder(client, vault, service, config.task_queue, config)
                     async with build_worker(client, config=config):
                         handle = await SCENARIOS[name](recorder)
                         result: AgentResult = await wait_result(handle)

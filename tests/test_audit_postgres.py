@@ -1,118 +1,38 @@
-"""The audit log on a real PostgreSQL server, started by the test from the installed binaries.
+"""The audit log on a real PostgreSQL server, started by the tests from the installed binaries
+(`spine.client.testing.postgres_server`).
 
 Skipped, with the reason, when psycopg or the server binaries (Debian: ``apt-get install -y
-postgresql``, found under ``/usr/lib/postgresql/*/bin``) are missing. The server refuses to run
-as root, so under root it runs as the ``postgres`` user that package creates.
+postgresql``, found under ``/usr/lib/postgresql/*/bin``) are missing; under ``CI=true`` that
+fails instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
+import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
 from spine.activities.errors import DependencyUnavailable
-from spine.client.testing import free_port
+from spine.client.testing import PostgresServer, free_port
 from spine.observability.audit import AuditConflict, AuditGap, PostgresAuditStore, verify
 from spine.payloads import AuditEntry
+from tests.helpers import require_module
 from tests.test_audit import batch, one_error_line, spine_audit, story
 
-psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install psycopg)")
-
-
-def _server_bin() -> Path | None:
-    """The newest PostgreSQL server bin directory (`SPINE_TEST_PG_BIN` overrides)."""
-    if given := os.environ.get("SPINE_TEST_PG_BIN"):
-        return Path(given)
-    found = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
-    )
-    if found:
-        return found[-1].parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-@dataclass
-class PgServer:
-    dsn: str
-    bindir: Path
-    datadir: Path
-    user: str | None
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.bindir / args[0]), *args[1:]],
-            user=self.user,
-            cwd=self.datadir.parent,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+psycopg = require_module("psycopg", "psycopg is not installed (pip install psycopg)")
 
 
 @pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    bindir = _server_bin()
-    if bindir is None or not (bindir / "pg_ctl").exists():
-        pytest.skip(
-            "PostgreSQL server binaries not found (apt-get install -y postgresql, or set "
-            "SPINE_TEST_PG_BIN to the directory holding initdb and pg_ctl)"
-        )
-    user = None
-    if os.geteuid() == 0:
-        try:
-            account = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the server as")
-        user = account.pw_name
-    root = Path(tempfile.mkdtemp(prefix="spine-pg-"))
-    if user is not None:
-        os.chown(root, account.pw_uid, account.pw_gid)
-    port = free_port()
-    server = PgServer(
-        dsn=f"postgresql://spine@127.0.0.1:{port}/postgres",
-        bindir=bindir,
-        datadir=root / "data",
-        user=user,
-    )
-    try:
-        init = server.run(
-            "initdb", "-D", str(server.datadir), "-U", "spine", "--auth=trust", "-E", "UTF8",
-            "--no-sync",
-        )  # fmt: skip
-        assert init.returncode == 0, init.stderr
-        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        start = server.run(
-            "pg_ctl", "-D", str(server.datadir), "-o", options, "-l", str(root / "log"),
-            "-w", "-t", "60", "start",
-        )  # fmt: skip
-        assert start.returncode == 0, (start.stdout, start.stderr, _log(root))
-        yield server
-    finally:
-        server.run("pg_ctl", "-D", str(server.datadir), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _log(root: Path) -> str:
-    try:
-        return (root / "log").read_text()[-2000:]
-    except OSError:
-        return ""
+def pg_server(postgres: PostgresServer) -> PostgresServer:
+    """A database of this module's own on the session's PostgreSQL server."""
+    return dataclasses.replace(postgres, dsn=postgres.database("audit_tests"))
 
 
 @pytest.fixture
-async def store(pg_server: PgServer) -> AsyncIterator[PostgresAuditStore]:
+async def store(pg_server: PostgresServer) -> AsyncIterator[PostgresAuditStore]:
     store = PostgresAuditStore(pg_server.dsn)
     try:
         yield store
@@ -188,7 +108,7 @@ async def test_racing_different_content_cannot_fork(store: PostgresAuditStore) -
 
 
 async def test_table_refuses_update_delete_truncate(
-    store: PostgresAuditStore, pg_server: PgServer
+    store: PostgresAuditStore, pg_server: PostgresServer
 ) -> None:
     """The table's triggers refuse UPDATE, DELETE and TRUNCATE: it is append-only."""
     run = run_id()
@@ -203,7 +123,7 @@ async def test_table_refuses_update_delete_truncate(
                 await conn.execute(sql)
 
 
-async def test_edited_entry_is_named(store: PostgresAuditStore, pg_server: PgServer) -> None:
+async def test_edited_entry_is_named(store: PostgresAuditStore, pg_server: PostgresServer) -> None:
     """An UPDATE of one entry (triggers disabled) is named by verify and by `spine audit verify`."""
     run = run_id()
     await store.append(batch(story(), run_id=run))

@@ -39,9 +39,18 @@ def _history(path: Path, text: str | None = None) -> WorkflowHistory:
 
 
 def test_every_scenario_is_recorded():
-    """The recorded set covers approval, compensation, parking, continue-as-new and a fork."""
+    """The recorded set covers approval, compensation, parking, continue-as-new, a fork, outputs
+    stored by reference and a run that moved to a new build under worker versioning."""
     scenarios = {p.name.split(".")[0] for p in FILES}
-    assert scenarios == {"demo-approval", "compensation", "park-retry", "continue-as-new", "fork"}
+    assert scenarios == {
+        "demo-approval",
+        "compensation",
+        "park-retry",
+        "continue-as-new",
+        "fork",
+        "large-output",
+        "rollout",
+    }
     assert len([p for p in FILES if p.name.startswith("continue-as-new.")]) >= 2
 
 

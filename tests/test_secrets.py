@@ -6,8 +6,10 @@ import asyncio
 import json
 import logging
 import uuid
+from pathlib import Path
 
 import httpx
+import pytest
 from pydantic import BaseModel
 
 from spine.activities.errors import SecretMissing
@@ -102,8 +104,8 @@ async def test_secret_value_appears_nowhere(
         "worker logs": caplog.text,
         "traces": trace_file.read_text(),
         "model prompts": prompts,
-        "audit log": (worker_config.state_dir / "audit.db").read_bytes().decode("latin-1"),
-        "transcripts": (worker_config.state_dir / "transcripts.db").read_bytes().decode("latin-1"),
+        "audit log": _database_text(worker_config.state_dir / "audit.db"),
+        "transcripts and outputs": _database_text(worker_config.state_dir / "state.db"),
     }
     assert len(places["traces"]) > 1000 and len(places["history"]) > 1000
     assert {name: text.count(secret) for name, text in places.items()} == dict.fromkeys(places, 0)
@@ -308,3 +310,63 @@ async def test_a_secret_with_a_newline_is_refused_without_quoting_it(
         message = str(err)
     assert "contains control characters" in message and f"spine/{account}" in message
     assert secret not in message
+
+
+def _database_text(path: Path) -> str:
+    """A SQLite database's bytes as text, its write-ahead log included (not checkpointed yet)."""
+    wal = path.with_name(path.name + "-wal")
+    data = path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    return data.decode("latin-1")
+
+
+async def test_secrets_are_cached_briefly_and_expire(vault: VaultDev, new_account) -> None:
+    """Within the TTL a secret is read from Vault once; after it, again; TTL 0 never caches."""
+    account = new_account("cache")
+    ref = SecretRef(name="api_key", path="spine/{account}", key="api_key")
+    cached = VaultSecrets(vault.url, token=vault.token, cache_ttl_s=0.5)
+    for _ in range(5):
+        await cached.resolve([ref], account)
+    assert cached.reads == 1
+    vault.put_secret(f"spine/{account}", {"api_key": "rotated"})
+    await asyncio.sleep(0.6)
+    assert await cached.resolve([ref], account) == {"api_key": "rotated"}
+    assert cached.reads == 2
+    uncached = VaultSecrets(vault.url, token=vault.token, cache_ttl_s=0)
+    for _ in range(3):
+        await uncached.resolve([ref], account)
+    assert uncached.reads == 3
+    with pytest.raises(ValueError, match="SPINE_SECRET_CACHE_TTL_S='soon'"):
+        VaultSecrets.from_env(
+            {"VAULT_ADDR": vault.url, "VAULT_TOKEN": "t", "SPINE_SECRET_CACHE_TTL_S": "soon"}
+        )
+
+
+async def test_a_rotated_key_costs_one_read_not_a_failed_call(
+    vault: VaultDev, service: DemoService, new_account
+) -> None:
+    """The worker cached a key that was then rotated: the service refuses it (401), the runner
+    reads the secret afresh and calls again, and the lookup succeeds."""
+    from spine.demo.agent import lookup_order
+
+    account = new_account("rotate")
+    vault.put_secret(f"spine/{account}", {"api_key": "the-old-key"})
+    secrets = VaultSecrets(vault.url, token=vault.token, cache_ttl_s=300)
+    await secrets.resolve(list(lookup_order.secrets), account)  # cached: the old key
+    vault.put_secret(f"spine/{account}", {"api_key": service.api_key})  # rotated
+    registry = Registry()
+    registry.add_tool(lookup_order)
+    async with httpx.AsyncClient() as http:
+        runner = ToolRunner(registry, secrets, http, {"SPINE_DEMO_URL": service.url})
+        result = await runner.run(
+            ToolCallInput(
+                run_id="r",
+                step=1,
+                call_id="c",
+                tool="lookup_order",
+                version=1,
+                args={"order_id": "o-1090"},
+                account=account,
+            )
+        )
+    assert result.output["order_id"] == "o-1090"
+    assert secrets.reads == 2

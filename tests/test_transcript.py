@@ -62,9 +62,9 @@ async def test_a_run_whose_transcript_was_lost_resends_it_and_completes(
         state = await wait_for_status(handle, "awaiting_approval")
         # A run's transcript is keyed by its workflow id and first run id.
         transcript = f"{handle.id}/{handle.first_execution_run_id}"
-        with sqlite3.connect(worker_config.state_dir / "transcripts.db") as db:
+        with sqlite3.connect(worker_config.state_dir / "state.db") as db:
             deleted = db.execute(
-                "DELETE FROM transcript WHERE transcript_id = ?", (transcript,)
+                "DELETE FROM spine_transcript WHERE transcript_id = ?", (transcript,)
             ).rowcount
         assert deleted > 0
         await approve_first_pending(handle, state)
@@ -77,8 +77,8 @@ async def test_a_run_whose_transcript_was_lost_resends_it_and_completes(
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED
     ]
     assert failures == ["TranscriptUnavailable"]
-    with sqlite3.connect(worker_config.state_dir / "transcripts.db") as db:
+    with sqlite3.connect(worker_config.state_dir / "state.db") as db:
         (stored,) = db.execute(
-            "SELECT count(*) FROM transcript WHERE transcript_id = ?", (transcript,)
+            "SELECT count(*) FROM spine_transcript WHERE transcript_id = ?", (transcript,)
         ).fetchone()
     assert stored > deleted  # everything resent, plus what came after

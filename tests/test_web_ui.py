@@ -29,10 +29,10 @@ from spine.client.runs import decide, start_run, wait_result, web_ui_url
 from spine.client.testing import DemoService, VaultDev, free_port, temporal_dev_server
 from spine.contract import ApprovalDecision
 from spine.guardrails.secrets import VaultSecrets
-from tests.helpers import signed_client, wait_for_status
+from tests.helpers import require_module, signed_client, unavailable, wait_for_status
 
-playwright_api = pytest.importorskip(
-    "playwright.async_api", reason="playwright is not installed: pip install -e '.[dev]'"
+playwright_api = require_module(
+    "playwright.async_api", "playwright is not installed: pip install -e '.[dev]'"
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def _chromium() -> str:
         found = candidate and shutil.which(candidate)
         if found:
             return found
-    pytest.skip("chromium not found: apt-get install -y chromium (or set SPINE_CHROMIUM)")
+    unavailable("chromium not found: apt-get install -y chromium (or set SPINE_CHROMIUM)")
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,14 @@ from spine.workflows.turns import ModelTurns
 from spine.workflows.visibility import Visibility
 
 
+def _upgrade(info: workflow.Info) -> workflow.ContinueAsNewVersioningBehavior | None:
+    """The next run of a versioned chain starts on the deployment's current build (the carry is
+    plain data, so no replay crosses builds); unversioned runs continue as before."""
+    if info.get_current_deployment_version() is None:
+        return None
+    return workflow.ContinueAsNewVersioningBehavior.AUTO_UPGRADE
+
+
 async def _wait(condition: Callable[[], bool], timeout: timedelta | None) -> None:
     await workflow.wait_condition(condition, timeout=timeout)
 
@@ -86,6 +94,12 @@ def _verified() -> PrincipalView | None:
 
 @workflow.defn(name=WORKFLOW_TYPE)
 class AgentWorkflow:
+    """Under worker versioning (`SpineConfig.deployment`) runs are pinned: a run stays on the
+    build it started on (its history is never replayed on changed code) and moves to the
+    deployment's current build at its next continue-as-new, which it takes at its next step once
+    a new build is current. The behaviour is the versioned worker's default, not an annotation
+    here: the server refuses an annotated workflow on an unversioned worker."""
+
     @workflow.init
     def __init__(self, raw: RawValue) -> None:
         info = workflow.info()
@@ -339,7 +353,9 @@ class AgentWorkflow:
             return None
         except ApplicationError as err:  # a failure the model can correct: it is told
             return tools.refuse(call, f"error: {err.type}: {err.message}")
-        apply_tool_result(self.state, call, used, args, result.output, used_key)
+        apply_tool_result(
+            self.state, call, used, args, result.output, used_key, result.untrusted_filter
+        )
         if today:
             await self.account_totals([], add=dict(today))
         return None
@@ -391,7 +407,9 @@ class AgentWorkflow:
         due = info.is_continue_as_new_suggested() or (
             info.get_current_history_length() >= self.state.agent.continue_as_new_after_events
         )
-        if not due:
+        # Worker versioning: a new build became current; move to it (see `_upgrade`).
+        upgrade = info.is_target_worker_deployment_version_changed()
+        if not (due or upgrade):
             return
         await workflow.wait_condition(workflow.all_handlers_finished)
         await self.flush_audit()
@@ -400,7 +418,7 @@ class AgentWorkflow:
             # Consumed turns stay behind, so the carried input shrinks as the run goes.
             request.model.script = request.model.script[self.state.script_pos :]
         request.carry = self.state.model_copy(update={"script_pos": 0})
-        workflow.continue_as_new(request)
+        workflow.continue_as_new(request, initial_versioning_behavior=_upgrade(info))
 
     async def flush_audit(self, *, park: bool = True) -> None:
         """Store the queued audit entries; the run parks while the store is down (`park`)."""

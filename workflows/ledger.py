@@ -46,6 +46,10 @@ KEEP_COMMITTED = RESERVATION_TTL
 KEEP_RELEASED = timedelta(days=1)
 
 
+# Auto-upgrade under worker versioning (the ledger worker's default behaviour, see
+# `spine.plugin.ledger_worker`): a ledger is a long-lived entity every run of its account depends
+# on, so it follows the deployment's current build at its next task instead of keeping an old
+# build's workers alive; its code changes must therefore be replay-safe (`workflow.patched`).
 @workflow.defn(name=LEDGER_WORKFLOW_TYPE)
 class BudgetLedger:
     @workflow.init

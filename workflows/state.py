@@ -169,16 +169,24 @@ def apply_tool_result(
     args: dict[str, object],
     output: dict[str, object],
     key: str,
+    untrusted: str | None = None,
 ) -> ChatMessage:
     """A tool call finished with `output` (from `tool`, the one called or its fallback).
 
     A side effect is recorded with what undoes it; outside content is remembered for taint
-    checks. Returns the message the model will read.
+    checks (`untrusted`: when `output` is a reference to a stored output, the taint filter of
+    the output's tokens, made by the tool activity).
+    Returns the message the model will read.
     """
     content = json.dumps(output, sort_keys=True)
     if tool.untrusted_output:
         # Remember outside content, so a risky call that copies from it is caught.
-        state.untrusted = taint.remember(state.untrusted, content)
+        # All of it, also when the output went by reference (`untrusted`: its tokens' filter).
+        state.untrusted = (
+            taint.union(state.untrusted, untrusted)
+            if untrusted
+            else taint.remember(state.untrusted, content)
+        )
         state.untrusted_seen = True
     for total, amount in cumulative_amounts(state, tool.name, args):
         state.totals[total] = round(state.totals.get(total, 0.0) + amount, 8)

@@ -162,7 +162,13 @@ class ToolCalls:
                         # The side effect finished while the run was being cancelled.
                         call = ToolCall(id=call_id, name=candidate.name, args=args)
                         apply_tool_result(
-                            self.state, call, candidate, args, self._late.output, used_key
+                            self.state,
+                            call,
+                            candidate,
+                            args,
+                            self._late.output,
+                            used_key,
+                            self._late.untrusted_filter,
                         )
                     raise
                 apply_retries(self.state, result.attempt - 1)

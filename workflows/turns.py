@@ -122,7 +122,8 @@ class ModelTurns:
                     new_messages=self.state.pending_messages,
                     provider=provider,  # type: ignore[arg-type]  # validated in the request
                     model=model,
-                    tools=offered,
+                    # The scripted model reads no tool schemas: the list stays out of history.
+                    tools=offered if provider != "scripted" else [],
                     step=self.state.step,
                     max_tokens=self.spec.max_tokens,
                     script_turn=script_turn,

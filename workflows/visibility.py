@@ -4,7 +4,9 @@ The `state` query reads :class:`Visibility`'s status and reason; lists and the W
 search attributes (`SpineAgent`, `SpineAccount`, `SpineStatus`, `SpineSteps`, `SpineCostUSD`).
 Only changed attributes are upserted: a status change at once, step and cost progress at most
 every :data:`PROGRESS_EVERY` of workflow time (each upsert is a history event and a visibility
-write).
+write; under load a step can take seconds, so a short interval meant an upsert every step).
+Runs that started before the interval grew keep the old one (``workflow.patched``), so their
+histories replay.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
+from temporalio import workflow
 from temporalio.common import SearchAttributePair
 
 from spine.contract import SA_ACCOUNT, SA_AGENT, SA_COST, SA_STATUS, SA_STEPS, RunStatus
 from spine.workflows.state import RunState
 
 #: Step and cost search attributes are refreshed at most this often (status: at once).
-PROGRESS_EVERY = timedelta(seconds=2)
+PROGRESS_EVERY = timedelta(seconds=15)
+#: The interval of runs whose history began before the change (they replay with it).
+LEGACY_PROGRESS_EVERY = timedelta(seconds=2)
+PROGRESS_PATCH = "spine-progress-every-15s"
 
 
 class Visibility:
@@ -42,6 +48,13 @@ class Visibility:
         self._upsert = upsert
         self._sent: dict[str, object] = {}
         self._at: datetime | None = None
+        self._every: timedelta | None = None
+
+    def _progress_every(self) -> timedelta:
+        if self._every is None:
+            new = not workflow.in_workflow() or workflow.patched(PROGRESS_PATCH)
+            self._every = PROGRESS_EVERY if new else LEGACY_PROGRESS_EVERY
+        return self._every
 
     def set(self, status: RunStatus, reason: str | None) -> None:
         """A new status and reason; search attributes follow a change of status at once."""
@@ -56,7 +69,7 @@ class Visibility:
         if spec is None or not spec.search_attributes:
             return
         now = self._now()
-        if progress and self._at is not None and now - self._at < PROGRESS_EVERY:
+        if progress and self._at is not None and now - self._at < self._progress_every():
             return
         pairs = [
             SearchAttributePair(SA_AGENT, self._agent),

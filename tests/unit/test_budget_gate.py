@@ -120,14 +120,12 @@ async def test_account_budget_reserves_in_blocks_and_settles_what_was_spent():
     state = RunState(spec=spec(account="acme"), step=1)
     budget = gate(state, run)
     assert budget.may_call_model() is not None  # no reservation yet: the backstop refuses
+    block = budget.block_size(budget.estimate(MODELS))
     await budget.before_call(MODELS, ask=never_asked, ledger=ledger)
-    estimate = budget.estimate(MODELS)
-    assert [op.reserve_usd for op in ledger.ops] == [
-        pytest.approx(estimate * BLOCK_CALLS, abs=1e-8)
-    ]
+    assert [op.reserve_usd for op in ledger.ops] == [pytest.approx(block, abs=1e-8)]
     assert budget.may_call_model() is None
     spent = 0.0
-    for step in range(2, BLOCK_CALLS + 2):
+    for step in range(2, state.agent.max_steps + 2):
         # A turn that uses what the estimate allowed for: the block runs out in a few calls.
         result = turn(input_tokens=budget.prompt_bound(), output_tokens=state.agent.max_tokens)
         usd = budget.cost(result, "scripted")
@@ -140,6 +138,24 @@ async def test_account_budget_reserves_in_blocks_and_settles_what_was_spent():
     assert len(ledger.ops) == 2, "a second block once the first was spent"
     assert ledger.ops[1].commit == {"wf-1/1": pytest.approx(spent)}
     assert ledger.ops[1].reserve_id == f"wf-1/{state.step}"
+
+
+def test_blocks_are_sized_to_the_accounts_headroom():
+    """A quiet account's run reserves for every call it may still make; as the account fills,
+    a block shrinks to a small share of what is left, never below BLOCK_CALLS calls."""
+    state = RunState(spec=spec(account="acme"), step=1)
+    budget = gate(state, FakeRun())
+    estimate = 0.0001  # $5/day: 2% of the headroom is 1000 such calls
+    assert budget.block_size(estimate) == pytest.approx(estimate * budget.max_steps)
+    state.step = budget.max_steps - 1
+    assert budget.block_size(estimate) == pytest.approx(estimate * 2)  # two calls left
+    state.step = 1
+    estimate = 0.005  # 2% of $5 is 20 such calls; of the 10% left, 2
+    assert budget.block_size(estimate) == pytest.approx(estimate * 20)
+    state.budget.ledger_fraction = 0.9
+    assert budget.block_size(estimate) == pytest.approx(estimate * BLOCK_CALLS)
+    state.budget.ledger_fraction = 1.2  # over the limit: no headroom at all
+    assert budget.block_size(estimate) == pytest.approx(estimate * BLOCK_CALLS)
 
 
 async def test_a_denied_block_falls_back_to_one_call_then_stops():
