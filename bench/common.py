@@ -208,6 +208,8 @@ class DevServer:
         self.db_file = db_file
         self.port = port or free_port()
         self.env: WorkflowEnvironment | None = None
+        self.vault: VaultDev | None = None
+        """Set: :attr:`client` signs as the principals this OpenBao holds tokens for."""
 
     @property
     def address(self) -> str:
@@ -217,7 +219,7 @@ class DevServer:
     def client(self) -> Client:
         if self.env is None:
             raise RuntimeError("the Temporal dev server is not running")
-        return self.env.client
+        return self.vault.signed(self.env.client) if self.vault else self.env.client
 
     async def start(self) -> None:
         # As client.testing.temporal_dev_server, but with a startup timeout that survives a
@@ -298,6 +300,10 @@ class Stack:
         self.service.post("/v1/reset", {})
 
 
+#: The shipped policy's principals the benchmarks act as (name -> OpenBao identity groups).
+BENCH_PRINCIPALS: dict[str, tuple[str, ...]] = {"alice": (), "bob": ()}
+
+
 @contextlib.asynccontextmanager
 async def bench_stack(tmp: Path) -> AsyncIterator[Stack]:
     service = start_demo_service(tmp / "demo-service.db")
@@ -306,7 +312,10 @@ async def bench_stack(tmp: Path) -> AsyncIterator[Stack]:
     try:
         vault = start_vault_dev()
         vault.put_secret("spine/acme", {"api_key": service.api_key})
+        # Runs are started by alice and approved by bob, signed as production clients sign.
+        vault.tokens.update(vault.seed_principals(BENCH_PRINCIPALS))
         server = DevServer(tmp / "temporal.db")
+        server.vault = vault
         await server.start()
         yield Stack(tmp=tmp, vault=vault, service=service, server=server)
     finally:
@@ -412,7 +421,7 @@ def spine_request(
     return AgentRequest(
         agent=agent,
         goal=goal,
-        user="bench",
+        user="alice",
         role="support",
         account="acme",
         model=ModelChoice(provider="scripted", script=script, fail_rate=model_fail_rate),

@@ -149,6 +149,38 @@ class VaultDev:
 
         return VaultSigner(url=self.url, tokens=dict(tokens))
 
+    def signed(self, client: Client) -> Client:
+        """`client` signing each call as the principal it names (the request's `user`, the
+        decision's `by`), with the tokens in :attr:`tokens`."""
+        from spine.client.identity import SigningInterceptor
+
+        return Client(
+            client.service_client,
+            namespace=client.namespace,
+            data_converter=client.data_converter,
+            interceptors=[SigningInterceptor(self.signer(self.tokens))],
+        )
+
+    def worker_client(self, client: Client, principal: str = "spine-worker") -> Client:
+        """`client` signing as the worker's own principal, as a worker's budget activity does
+        (for budget ledgers run on their own)."""
+        from spine.guardrails.principals import VaultSigner
+        from spine.plugin import signing_client
+
+        signer = VaultSigner(self.url, {principal: self.token}, default=principal)
+        return signing_client(client, signer)
+
+    def keyring(self, policy: Policy | None = None) -> Keyring:
+        """The principals' keys loaded from this server the way a worker loads them, with
+        `policy`'s grants (default: the shipped policy)."""
+        from spine.guardrails.identity import Keyring
+        from spine.guardrails.policy import load_policy
+        from spine.guardrails.principals import VaultKeyring
+
+        keyring = Keyring((policy or load_policy()).grants())
+        VaultKeyring(keyring, lambda fresh=False: self.client()).refresh()
+        return keyring
+
     def put_secret(self, path: str, data: dict[str, str], mount: str = "secret") -> None:
         self.client().secrets.kv.v2.create_or_update_secret(
             path=path, secret=data, mount_point=mount
@@ -629,6 +661,8 @@ from spine.payloads import ToolCallInput  # noqa: E402
 if TYPE_CHECKING:
     from temporalio.worker import Worker  # noqa: E402  # imported lazily at run time: it is heavy
 
+    from spine.guardrails.identity import Keyring  # noqa: E402
+    from spine.guardrails.policy import Policy  # noqa: E402
     from spine.guardrails.principals import VaultSigner  # noqa: E402
 
 T_Model = TypeVar("T_Model", bound=BaseModel)

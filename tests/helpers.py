@@ -195,38 +195,22 @@ def policy_file(
 
 
 def worker_keyring(vault):
-    """A keyring loaded from `vault` the way a worker loads it (for ledgers run on their own)."""
-    from spine.guardrails.identity import Keyring
+    """A keyring loaded from `vault` the way a worker loads it, on the test policy (for ledgers
+    run on their own)."""
     from spine.guardrails.policy import Policy
-    from spine.guardrails.principals import VaultKeyring
 
-    keyring = Keyring(Policy.model_validate(policy_for_tests()).grants())
-    VaultKeyring(keyring, lambda fresh=False: vault.client()).refresh()
-    return keyring
+    return vault.keyring(Policy.model_validate(policy_for_tests()))
 
 
 def worker_client(client, vault):
     """`client`, signing as the worker's own principal (what a worker's budget activity uses)."""
-    from spine.guardrails.principals import VaultSigner
-    from spine.plugin import signing_client
-
-    signer = VaultSigner(vault.url, {"spine-worker": vault.token}, default="spine-worker")
-    return signing_client(client, signer)
+    return vault.worker_client(client)
 
 
 def signed_client(base, vault):
     """`base` (a Temporal client) signing each call as the principal it names, with the tokens
     the test OpenBao (`vault`) holds for them, as the session's `client` does."""
-    from temporalio.client import Client
-
-    from spine.client.identity import SigningInterceptor
-
-    return Client(
-        base.service_client,
-        namespace=base.namespace,
-        data_converter=base.data_converter,
-        interceptors=[SigningInterceptor(vault.signer(vault.tokens))],
-    )
+    return vault.signed(base)
 
 
 def signing_env(client, principal: str) -> dict[str, str]:
