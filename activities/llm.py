@@ -121,6 +121,7 @@ def build_spec(
         default_models=dict(policy.models.defaults),
         max_steps=agent_policy.max_steps if agent_policy else 20,
         max_usd=agent_policy.max_usd if agent_policy else None,
+        max_parallel_tool_calls=agent_policy.max_parallel_tool_calls if agent_policy else 4,
         max_invalid_tool_calls=policy.runtime.max_invalid_tool_calls,
         max_tokens=policy.runtime.max_tokens,
         continue_as_new_after_events=policy.runtime.continue_as_new_after_events,

@@ -100,6 +100,7 @@ from spine.workflows.state import (
     apply_refusal,
     apply_retries,
     apply_tool_result,
+    apply_turn_order,
     begin,
     cumulative_amounts,
     told,
@@ -150,6 +151,8 @@ class _Activity:
     attempt: int = 1
     result: Payloads | None = None
     retry_state: int = 0
+    closed_event: int = 0
+    """The event id of its completion: calls of one turn that ran at once ended in this order."""
 
 
 @dataclass
@@ -254,6 +257,7 @@ async def _segment(
         elif event.HasField("activity_task_completed_event_attributes"):
             completed = event.activity_task_completed_event_attributes
             activities[completed.scheduled_event_id].result = completed.result
+            activities[completed.scheduled_event_id].closed_event = event.event_id
         elif event.HasField("activity_task_failed_event_attributes"):
             failed = event.activity_task_failed_event_attributes
             activities[failed.scheduled_event_id].retry_state = failed.retry_state
@@ -295,6 +299,8 @@ class _Calls:
 
     turns: dict[int, _Turn] = field(default_factory=dict)
     tools: dict[tuple[int, str], tuple[ToolCallInput, ToolCallResult]] = field(default_factory=dict)
+    #: (segment index, completion event id) per tool call that has a result: completion order.
+    ended: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
     #: (step, failed attempts as the workflow counts them) per call that failed for good.
     failures: list[tuple[int, int]] = field(default_factory=list)
     #: Idempotency keys of side effects a compensation undid.
@@ -451,7 +457,14 @@ def _fold(
                 turn.answer_at + 1 : turn.answer_at + 1 + len(turn.result.message.tool_calls)
             ]
         }
-        for call in turn.result.message.tool_calls:
+        # As the run applied them: in the order the calls ended (calls of one turn may run at
+        # once), those that ended without an activity (refused, local) first; then the model
+        # reads them in its own order.
+        asked = turn.result.message.tool_calls
+        ended = sorted(
+            range(len(asked)), key=lambda i: (calls.ended.get((k, asked[i].id), (-1, -1)), i)
+        )
+        for call in (asked[i] for i in ended):
             done = calls.tools.get((k, call.id))
             if done is not None:
                 used, output = done
@@ -477,6 +490,7 @@ def _fold(
                 # what the model heard is the output, as the workflow wrote it down.
                 output = json.loads(said.content or "{}")
                 apply_tool_result(state, call, by_name[call.name], call.args or {}, output, "")
+        apply_turn_order(state, [call.id for call in asked])
     for failed_at, attempts in calls.failures:
         if segment.first_step < failed_at <= step:
             apply_retries(state, attempts)
@@ -497,7 +511,7 @@ async def _decode_calls(history: RunHistory, converter: DataConverter, spec: Age
     """Every model and tool call of the chain, decoded once."""
     compensation_tools = {t.compensation for t in spec.tools if t.compensation}
     calls = _Calls()
-    for segment in history.segments:
+    for position, segment in enumerate(history.segments):
         for act in segment.activities:
             if act.kind == ACTIVITY_MODEL_CALL:
                 call = await _decode(converter, act.input, ModelCallInput)
@@ -515,6 +529,7 @@ async def _decode_calls(history: RunHistory, converter: DataConverter, spec: Age
                 if act.result is not None:
                     output = await _decode(converter, act.result, ToolCallResult)
                     calls.tools[(step, used.call_id)] = (used, output)
+                    calls.ended[(step, used.call_id)] = (position, act.closed_event)
             else:
                 continue
             # As `AgentWorkflow` counts: a call that ran out of attempts used its whole cap (the

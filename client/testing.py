@@ -416,6 +416,7 @@ import re  # noqa: E402
 import tempfile  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from datetime import datetime  # noqa: E402
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar  # noqa: E402
 
 from pydantic import BaseModel  # noqa: E402
@@ -487,6 +488,18 @@ class ScriptBuilder(list[ScriptTurn]):
         """One more tool call in the last turn (parallel tool calls)."""
         self._last().tool_calls.append(ScriptToolCall(name=name, args=args))
         return self
+
+    def parallel(self, *calls: tuple[str, Mapping[str, object]]) -> ScriptBuilder:
+        """A turn in which the model calls several tools at once: ``(name, args)`` each.
+
+        The run executes them concurrently, up to the agent's ``max_parallel_tool_calls``.
+        """
+        if not calls:
+            raise ValueError("parallel() needs at least one (name, args) call")
+        turn = ScriptTurn(
+            tool_calls=[ScriptToolCall(name=name, args=dict(args)) for name, args in calls]
+        )
+        return self._turn(turn)
 
     def raw(self, name: str, raw_args: str) -> ScriptBuilder:
         """A turn calling `name` with argument text as a model would emit it (may be bad JSON)."""
@@ -735,3 +748,74 @@ async def assert_spend_at_most(run: Run, usd: float) -> Usage:
     usage = (await _result(run)).usage
     assert usage.usd <= usd, f"run spent {usage.usd:.6f} USD, more than {usd:.6f}"
     return usage
+
+
+@dataclass(frozen=True)
+class CallTiming:
+    """One tool call of a turn as history shows it: scheduled, and closed (None: still open)."""
+
+    tool: str
+    call_id: str
+    scheduled: datetime
+    closed: datetime | None
+
+
+@dataclass(frozen=True)
+class TurnTiming:
+    """A step's tool calls (the model's, not compensations), from the run's history."""
+
+    step: int
+    calls: list[CallTiming]
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the first call scheduled to the last one closed."""
+        start = min(c.scheduled for c in self.calls)
+        end = max(c.closed or c.scheduled for c in self.calls)
+        return (end - start).total_seconds()
+
+    @property
+    def max_concurrent(self) -> int:
+        """The most calls of the turn that were scheduled and not yet closed at one moment."""
+        edges = sorted(
+            [(c.scheduled, 1) for c in self.calls]
+            + [(c.closed, -1) for c in self.calls if c.closed is not None],
+            key=lambda edge: (edge[0], edge[1]),  # a close before an open at the same instant
+        )
+        running = most = 0
+        for _, delta in edges:
+            running += delta
+            most = max(most, running)
+        return most
+
+
+async def turn_timings(handle: RunHandle) -> dict[int, TurnTiming]:
+    """Each step's tool calls with their times, read from the run's history (all of its chain).
+
+    A turn whose calls ran concurrently has a ``duration`` close to its slowest call's and a
+    ``max_concurrent`` above 1 (at most the agent's ``max_parallel_tool_calls``).
+    """
+    scheduled: dict[int, tuple[ToolCallInput, datetime]] = {}
+    closed: dict[int, datetime] = {}
+    for event in await _events(handle):
+        when = event.event_time.ToDatetime()
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            attributes = event.activity_task_scheduled_event_attributes
+            if tool_of(attributes.activity_type.name) is None:
+                continue
+            call = await _decode(handle, attributes.input, ToolCallInput)
+            if call is not None and call.purpose != "compensation":
+                scheduled[event.event_id] = (call, when)
+        for field_name in (
+            "activity_task_completed_event_attributes",
+            "activity_task_failed_event_attributes",
+            "activity_task_timed_out_event_attributes",
+            "activity_task_canceled_event_attributes",
+        ):
+            if event.HasField(field_name):
+                closed[getattr(event, field_name).scheduled_event_id] = when
+    turns: dict[int, list[CallTiming]] = {}
+    for event_id, (call, when) in scheduled.items():
+        timing = CallTiming(call.tool, call.call_id, when, closed.get(event_id))
+        turns.setdefault(call.step, []).append(timing)
+    return {step: TurnTiming(step, calls) for step, calls in sorted(turns.items())}

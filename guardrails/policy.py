@@ -106,6 +106,9 @@ class Identity(_Strict):
 class AgentPolicy(_Strict):
     max_steps: int = Field(default=20, ge=1)
     max_usd: float | None = Field(default=None, ge=0)
+    max_parallel_tool_calls: int = Field(
+        default=4, ge=1, le=64, description="Tool calls of one model turn that run at once."
+    )
     roles: dict[str, list[str]] = Field(default_factory=dict)
     approvals: list[Rule] = Field(default_factory=list)
 

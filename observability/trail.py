@@ -70,3 +70,12 @@ class AuditTrail:
         del self._queue[:count]
         if anchor is not None and anchor.entries >= self.state.audit_stored:
             self.state.audit_stored, self.state.audit_head = anchor.entries, anchor.head
+
+    def stored_batch(self, batch: AuditBatch, anchor: Appended | None = None) -> None:
+        """`batch` is stored: drop its entries (by seq, so overlapping writes of calls of one
+        turn drop each once); `anchor` as for :meth:`stored`."""
+        if batch.entries:
+            last = batch.entries[-1].seq
+            self._queue = [e for e in self._queue if e.seq > last]
+        if anchor is not None and anchor.entries >= self.state.audit_stored:
+            self.state.audit_stored, self.state.audit_head = anchor.entries, anchor.head

@@ -215,6 +215,9 @@ class AgentSpec(BaseModel):
     default_models: dict[str, str] = Field(default_factory=dict)
     max_steps: int = 20
     max_usd: float | None = None
+    max_parallel_tool_calls: int = Field(
+        default=1, description="Tool calls of one model turn that run at once (1: one by one)."
+    )
     max_invalid_tool_calls: int = 3
     max_tokens: int = 1024
     continue_as_new_after_events: int = 10_000

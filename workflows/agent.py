@@ -62,6 +62,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 from spine.workflows import admission, calls
+from spine.workflows.parallel import run_turn
 from spine.workflows.toolcalls import ToolCalls
 from spine.workflows.turns import ModelTurns
 from spine.workflows.visibility import Visibility
@@ -312,8 +313,11 @@ class AgentWorkflow:
             if not answer.message.tool_calls:
                 self.view.publish()
                 raise StopRun("completed", "final answer", output=answer.message.content or "")
-            for index, call in enumerate(answer.message.tool_calls):
-                await self.tool_call(call, index, answer.confidence)
+            await run_turn(
+                self.state,
+                answer.message.tool_calls,
+                lambda call, index, conf=answer.confidence: self.tool_call(call, index, conf),
+            )
             # The step's audit entries ride with the next model call (no extra round trip).
             self.view.publish(progress=True)
 

@@ -259,6 +259,24 @@ def apply_charge(state: RunState, usd: float) -> None:
         state.budget.block_spent_usd += usd
 
 
+def apply_turn_order(state: RunState, call_ids: list[str]) -> None:
+    """A turn's tool calls ran at once: put what the model will read back in the order it asked.
+
+    Results, refusals and skips are appended as each call ends (completion order: the side
+    effects keep that order, so the saga undoes them newest first); the model reads them in the
+    order of its own calls. Stable, so calls sharing an id keep their completion order.
+    """
+    rank = {call_id: index for index, call_id in enumerate(call_ids)}
+
+    def of_turn(message: ChatMessage) -> bool:
+        return message.role == "tool" and message.tool_call_id in rank
+
+    head = [m for m in state.pending_messages if not of_turn(m)]
+    tail = [m for m in state.pending_messages if of_turn(m)]
+    tail.sort(key=lambda m: rank[m.tool_call_id or ""])
+    state.pending_messages = head + tail
+
+
 def apply_retries(state: RunState, failed_attempts: int) -> None:
     """Attempts that failed and were retried count against the run's retry budget."""
     state.retries += max(failed_attempts, 0)

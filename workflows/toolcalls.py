@@ -72,8 +72,11 @@ class ToolCalls:
         self._account = account
         self._user = user
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
-        self._late: ToolCallResult | None = None
+        self._late: dict[str, ToolCallResult] = {}
         self.last_tool: str | None = None
+        self.slots = asyncio.Semaphore(max(1, self.spec.max_parallel_tool_calls))
+        """Tool activities of one turn running at once (the policy's
+        ``max_parallel_tool_calls``); a call waiting for a person holds none."""
 
     def check(self, call: ToolCall) -> tuple[ToolDescriptor | None, str]:
         """The tool to run, or None and the error text for the model."""
@@ -142,7 +145,8 @@ class ToolCalls:
                 used_key = key if candidate is tool else f"{key}/{candidate.name}"
                 purpose: Purpose = "call" if candidate is tool else "fallback"
                 try:
-                    result = await self.execute(candidate, args, call_id, used_key, purpose)
+                    async with self.slots:
+                        result = await self.execute(candidate, args, call_id, used_key, purpose)
                 except (ActivityError, ApplicationError) as err:  # local tools: the latter
                     kind, message = failure_text(err)
                     self.parking.failed(err)
@@ -158,12 +162,11 @@ class ToolCalls:
                     failures.append(f"{candidate.name}: {kind}: {message}")
                     continue
                 except asyncio.CancelledError:
-                    if self._late is not None and candidate.side_effects:
+                    late = self._late.pop(used_key, None)
+                    if late is not None and candidate.side_effects:
                         # The side effect finished while the run was being cancelled.
                         call = ToolCall(id=call_id, name=candidate.name, args=args)
-                        apply_tool_result(
-                            self.state, call, candidate, args, self._late.output, used_key
-                        )
+                        apply_tool_result(self.state, call, candidate, args, late.output, used_key)
                     raise
                 apply_retries(self.state, result.attempt - 1)
                 self._audit(candidate, args, used_key, "ok", None, attempt=result.attempt)
@@ -255,15 +258,14 @@ class ToolCalls:
             else None,
             **options,
         )
-        if not tool.side_effects:
+        if not tool.side_effects or key is None:
             return await handle
-        self._late = None
         try:
             # A side effect in flight is not abandoned on cancellation: compensation must know.
             return await asyncio.shield(handle)
         except asyncio.CancelledError:
             try:
-                self._late = await handle
+                self._late[key] = await handle
             except ActivityError:
-                self._late = None
+                pass
             raise
