@@ -18,6 +18,7 @@ ones built without :func:`tool`) and every cross-reference.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -48,6 +49,8 @@ from spine.contract import ACCOUNT_PATTERN, JsonObject, tool_activity
 from spine.guardrails.scrub import Scrubber
 from spine.payloads import (
     CompensationInput,
+    ReconcileAnswer,
+    ReconcileQuery,
     ToolCallInput,
     ToolCallResult,
     ToolDescriptor,
@@ -207,6 +210,8 @@ class ToolDefinition:
     rate_limit_group: str | None = None
     local: bool = False
     untrusted_output: bool = False
+    reconcile: str | None = None
+    reconciles: str | None = None
 
     def problems(self) -> list[str]:
         """What is wrong with this definition on its own, each naming the tool; empty if fine."""
@@ -223,11 +228,21 @@ class ToolDefinition:
                 )
         if self.compensates and self.input_model is not CompensationInput:
             found.append(f"compensation tool {name!r} must take CompensationInput as its input")
-        if self.side_effects and not self.idempotent_via:
+        if self.side_effects and not self.idempotent_via and not self.reconcile:
             found.append(
                 f"tool {name!r} has side effects but no idempotency key path: declare "
-                "idempotent_via='...' (how ctx.idempotency_key reaches the external system)"
+                "idempotent_via='...' (how ctx.idempotency_key reaches the external system), "
+                "or, for an API without idempotency keys, reconcile='<read tool>'"
             )
+        if self.reconcile and not self.side_effects:
+            found.append(f"tool {name!r} declares reconcile= but has no side effects")
+        if self.reconciles:
+            if self.side_effects:
+                found.append(f"reconcile tool {name!r} must be read-only (no side effects)")
+            if self.input_model is not ReconcileQuery or self.output_model is not ReconcileAnswer:
+                found.append(
+                    f"reconcile tool {name!r} must take ReconcileQuery and return ReconcileAnswer"
+                )
         if self.risk not in get_args(Risk):
             found.append(
                 f"tool {name!r}: risk must be one of {', '.join(get_args(Risk))}, got {self.risk!r}"
@@ -277,6 +292,7 @@ class ToolDefinition:
             rate_limit_group=self.rate_limit_group,
             local=self.local,
             untrusted_output=self.untrusted_output,
+            reconcile=self.reconcile,
         )
 
     def schema_for_model(self) -> ToolSchema:
@@ -305,6 +321,8 @@ def tool(
     rate_limit_group: str | None = None,
     local: bool = False,
     untrusted_output: bool = False,
+    reconcile: str | None = None,
+    reconciles: str | None = None,
 ) -> Callable[[Callable[[InputT, ToolContext], Awaitable[OutputT]]], ToolDefinition]:
     """Declare a tool.
 
@@ -333,6 +351,15 @@ def tool(
         local: Run as a local activity (inside the workflow task: less history, lower latency).
             Only for fast read-only tools: refused with side effects or ``timeout_s`` above
             ``MAX_LOCAL_TIMEOUT_S``.
+        reconcile: For a side effect on an API without idempotency keys: the read tool a retry
+            asks first whether the effect already happened (the tool sends
+            ``ctx.idempotency_key`` as the API's own reference, the reconcile tool finds it by
+            that reference). Every retry of the call, including an operator's retry of a parked
+            one, asks it; when it finds the effect, its output is recorded instead of calling
+            the tool again. Stands in for ``idempotent_via``.
+        reconciles: Set on a reconcile tool: the tool it looks after. It takes
+            :class:`ReconcileQuery`, returns :class:`ReconcileAnswer`, has no side effects and
+            is never offered to the model.
 
     The description the model sees is the function's docstring; argument descriptions come from
     the input model's ``Field(description=...)``.
@@ -359,6 +386,8 @@ def tool(
             output_model=output_model,  # type: ignore[arg-type]  # checked by problems() below
             description=inspect.cleandoc(fn.__doc__ or tool_name),
             side_effects=effects,
+            reconcile=reconcile,
+            reconciles=reconciles,
             compensation=compensation,
             secrets=tuple(secrets),
             start_to_close_s=timeout_s,
@@ -441,6 +470,15 @@ class Registry:
                     f"compensation tool {t.name!r} compensates {t.compensates!r}, which is not "
                     "registered"
                 )
+            if t.reconcile and t.reconcile not in names:
+                found.append(
+                    f"tool {t.name!r} names reconcile tool {t.reconcile!r}, which is not registered"
+                )
+            elif t.reconcile and self.latest(t.reconcile).reconciles != t.name:
+                found.append(
+                    f"tool {t.name!r} names reconcile tool {t.reconcile!r}, which does not "
+                    f"declare reconciles={t.name!r}"
+                )
             if t.fallback and t.fallback not in names:
                 found.append(
                     f"tool {t.name!r} names fallback {t.fallback!r}, which is not registered"
@@ -459,6 +497,11 @@ class Registry:
                     found.append(
                         f"agent {agent.name!r} lists compensation tool {tool_name!r}; "
                         "compensation tools are never offered to the model"
+                    )
+                elif self.latest(tool_name).reconciles:
+                    found.append(
+                        f"agent {agent.name!r} lists reconcile tool {tool_name!r}; "
+                        "reconcile tools are never offered to the model"
                     )
         return found
 
@@ -561,10 +604,18 @@ class ToolRunner:
             _secrets=values,
         )
         scrub = Scrubber(values.values())
+        ambiguous = attempt > 1 or call.tried_before
+        found = None
         try:
-            result = await self.breakers.call(
-                definition.dependency, lambda: _call_tool(definition, args, ctx)
-            )
+            if definition.reconcile and ambiguous and call.purpose != "compensation":
+                # An earlier attempt may have done the effect and died before it could say so.
+                found = await self._reconcile(definition, call, ctx)
+            if found is not None:
+                result: object = found
+            else:
+                result = await self.breakers.call(
+                    definition.dependency, lambda: _call_tool(definition, args, ctx)
+                )
         except SpineError as err:
             # Error messages leave the activity (history, logs, traces, the model): no secret.
             err.message = scrub.text(err.message)
@@ -588,7 +639,52 @@ class ToolRunner:
                 f"{call.tool}: output is {size} bytes, above the {MAX_OUTPUT_BYTES}-byte limit; "
                 "store large results and return a reference"
             )
-        return ToolCallResult(output=dumped, attempt=attempt)  # type: ignore[arg-type]  # scrub keeps the shape
+        return ToolCallResult(output=dumped, attempt=attempt, reconciled=found is not None)  # type: ignore[arg-type]  # scrub keeps the shape
+
+    async def _reconcile(
+        self, definition: ToolDefinition, call: ToolCallInput, ctx: ToolContext
+    ) -> JsonObject | None:
+        """Ask the tool's reconcile tool whether the effect happened; its output if it did.
+
+        A reconcile tool that fails fails the attempt (Temporal retries it): when Spine cannot
+        tell whether the effect happened, it does not call the tool again.
+        """
+        checker = self.registry.latest(definition.reconcile or "")
+        query = ReconcileQuery(
+            tool=call.tool,
+            args=call.args,
+            reference=call.idempotency_key or f"{call.run_id}/{call.step}/{call.call_id}",
+            run_id=call.run_id,
+        )
+        values = (
+            await self.secrets.resolve(checker.secrets, call.account) if checker.secrets else {}
+        )
+        checker_ctx = dataclasses.replace(ctx, _secrets=values)
+        scrub = Scrubber(values.values())
+        try:
+            raw = await self.breakers.call(
+                checker.dependency, lambda: _call_tool(checker, query, checker_ctx)
+            )
+        except SpineError as err:
+            err.message = scrub.text(err.message)
+            raise
+        except Exception as err:
+            raise DependencyUnavailable(
+                f"{checker.name}: {type(err).__name__}: {scrub.text(str(err))}"
+            ) from None
+        try:
+            answer = ReconcileAnswer.model_validate(raw, from_attributes=True)
+        except ValidationError as err:
+            raise ToolOutputInvalid(
+                f"{checker.name}: invalid reconcile answer: {_one_line(err)}"
+            ) from err
+        if not answer.found:
+            return None
+        if answer.output is None:
+            raise ToolOutputInvalid(
+                f"{checker.name}: found the effect of {call.tool} but returned no output"
+            )
+        return scrub.value(answer.output)  # type: ignore[return-value]  # scrub keeps the shape
 
 
 async def _call_tool(definition: ToolDefinition, args: BaseModel, ctx: ToolContext) -> BaseModel:

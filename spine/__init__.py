@@ -26,6 +26,8 @@ _EXPORTS: dict[str, str] = {
     "raise_for_status": "spine.activities.tools",
     "json_schema_model": "spine.activities.tools",
     "CompensationInput": "spine.payloads",
+    "ReconcileQuery": "spine.payloads",
+    "ReconcileAnswer": "spine.payloads",
     # running workers
     "SpinePlugin": "spine.plugin",
     "SpineConfig": "spine.plugin",
@@ -96,5 +98,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily
         TokenUsage,
     )
     from spine.guardrails.policy import load_policy
-    from spine.payloads import CompensationInput
+    from spine.payloads import CompensationInput, ReconcileAnswer, ReconcileQuery
     from spine.plugin import SpinePlugin

@@ -137,11 +137,21 @@ class ToolCallInput(BaseModel):
         description="Why the run calls the tool: the model's call, its fallback tool, or the "
         "saga undoing an earlier call.",
     )
+    tried_before: bool = Field(
+        default=False,
+        description="An earlier activity of this call ran out of attempts (the run parked and "
+        "an operator chose retry): a tool with a reconcile tool asks it first.",
+    )
 
 
 class ToolCallResult(BaseModel):
     output: JsonObject
     attempt: int = 1
+    reconciled: bool = Field(
+        default=False,
+        description="A retry found the effect already done (the tool's reconcile tool) and "
+        "returned it instead of calling the tool again.",
+    )
 
 
 class ToolDescriptor(BaseModel):
@@ -170,6 +180,10 @@ class ToolDescriptor(BaseModel):
     )
     local: bool = Field(
         default=False, description="Run as a local activity: a fast read-only tool."
+    )
+    reconcile: str | None = Field(
+        default=None,
+        description="A read tool a retry asks first whether the effect already happened.",
     )
 
 
@@ -242,6 +256,28 @@ class CompensationInput(BaseModel):
     tool: str
     args: JsonObject
     output: JsonObject
+
+
+class ReconcileQuery(BaseModel):
+    """Input model of every reconcile tool: the call whose effect may already have happened.
+
+    `reference` is the call's idempotency key (``<workflow id>/<step>/<index>``): a tool whose
+    API takes no idempotency key sends it as the API's own reference field, so its reconcile
+    tool can find the effect by it.
+    """
+
+    tool: str
+    args: JsonObject
+    reference: str
+    run_id: str
+
+
+class ReconcileAnswer(BaseModel):
+    """Output model of every reconcile tool: whether the effect happened, and if so what the
+    tool would have returned (validated against the tool's output model)."""
+
+    found: bool
+    output: JsonObject | None = None
 
 
 class ResolveAgentInput(BaseModel):

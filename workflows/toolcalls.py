@@ -139,6 +139,7 @@ class ToolCalls:
         by_name = {t.name: t for t in self.spec.tools}
         fallback = by_name.get(tool.fallback or "")
         candidates = [tool] + ([fallback] if fallback else [])
+        tried_before = False
         while True:
             failures = []
             for candidate in candidates:
@@ -146,7 +147,9 @@ class ToolCalls:
                 purpose: Purpose = "call" if candidate is tool else "fallback"
                 try:
                     async with self.slots:
-                        result = await self.execute(candidate, args, call_id, used_key, purpose)
+                        result = await self.execute(
+                            candidate, args, call_id, used_key, purpose, tried_before=tried_before
+                        )
                 except (ActivityError, ApplicationError) as err:  # local tools: the latter
                     kind, message = failure_text(err)
                     self.parking.failed(err)
@@ -169,7 +172,20 @@ class ToolCalls:
                         apply_tool_result(self.state, call, candidate, args, late.output, used_key)
                     raise
                 apply_retries(self.state, result.attempt - 1)
-                self._audit(candidate, args, used_key, "ok", None, attempt=result.attempt)
+                self._audit(
+                    candidate,
+                    args,
+                    used_key,
+                    "ok",
+                    None,
+                    attempt=result.attempt,
+                    reconciled=result.reconciled,
+                )
+                if result.reconciled:
+                    self.state.path.append(
+                        f"step {self.state.step}: {candidate.name} had already happened "
+                        f"(found by {candidate.reconcile}); recorded, not called again"
+                    )
                 if candidate is not tool:
                     self.state.path.append(
                         f"step {self.state.step}: tool {tool.name} failed, used fallback "
@@ -184,6 +200,7 @@ class ToolCalls:
             if command.action == "skip":
                 self._audit(tool, args, key, "skipped", f"skipped by {command.by}")
                 raise Skipped(command)
+            tried_before = True  # the operator's retry: the effect may have happened already
 
     def _audit(
         self,
@@ -194,7 +211,9 @@ class ToolCalls:
         error: str | None,
         *,
         attempt: int | None = None,
+        reconciled: bool = False,
     ) -> None:
+        extra = {"reconciled": True} if reconciled else {}
         self._record(
             "tool_call",
             self._user,
@@ -205,6 +224,7 @@ class ToolCalls:
             error=error,
             idempotency_key=key if tool.side_effects else None,
             attempt=attempt,
+            **extra,
         )
 
     async def undo(self, tool: ToolDescriptor, effect: SideEffect, key: str) -> ToolCallResult:
@@ -221,6 +241,8 @@ class ToolCalls:
         call_id: str,
         key: str | None,
         purpose: Purpose = "call",
+        *,
+        tried_before: bool = False,
     ) -> ToolCallResult:
         """Schedule one tool activity (its retries are Temporal's) and wait for it."""
         shown = args.get(tool.summary_arg) if tool.summary_arg else None
@@ -235,6 +257,7 @@ class ToolCalls:
             account=self._account,
             user=self._user,
             purpose=purpose,
+            tried_before=tried_before,
         )
         options: dict[str, Any] = {
             "result_type": ToolCallResult,

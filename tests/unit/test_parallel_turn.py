@@ -16,10 +16,18 @@ from spine.workflows.state import apply_refusal, apply_tool_result, apply_turn_o
 from tests.unit.kit import FakeRun, state
 
 
+async def _until(condition: Callable[[], bool], tries: int = 5000) -> None:
+    """Let other tasks run until `condition` holds."""
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
+
+
 async def _polling_wait(condition: Callable[[], bool], timeout: timedelta | None) -> None:
     """A wait that really waits (a person answers from another task)."""
-    while not condition():
-        await asyncio.sleep(0.001)
+    await _until(condition, tries=10**9)
 
 
 def _hooks(run: FakeRun):
@@ -59,8 +67,7 @@ async def test_approvals_of_one_turn_wait_together_and_a_cancelled_one_is_withdr
     second = asyncio.create_task(
         desk.request("issue_refund", {"amount": 170}, "above 100", ["supervisor"])
     )
-    while len(desk.pending()) < 2:
-        await asyncio.sleep(0.001)
+    await _until(lambda: len(desk.pending()) == 2)
     one, two = (p.approval_id for p in desk.pending())
     desk.accept(ApprovalDecision(approval_id=one, decision="approve", by="b", role="supervisor"))
     assert (await first).decision == "approve"
@@ -82,13 +89,11 @@ async def test_calls_of_one_turn_park_one_at_a_time():
     retry = OperatorCommand(action="retry", by="ops", role="operator")
     first = asyncio.create_task(parking.park("call 0 failed", skippable=True))
     second = asyncio.create_task(parking.park("call 1 failed", skippable=True))
-    while not run.statuses:
-        await asyncio.sleep(0.001)
+    await _until(lambda: bool(run.statuses))
     assert run.statuses == [("parked", "call 0 failed")]
     parking.accept(retry)
     assert (await first).action == "retry"
-    while len(run.statuses) < 3:
-        await asyncio.sleep(0.001)
+    await _until(lambda: len(run.statuses) >= 3)
     assert run.statuses[-1] == ("parked", "call 1 failed")
     assert not second.done()
     parking.accept(retry)
