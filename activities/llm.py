@@ -37,6 +37,7 @@ from spine.payloads import (
     ProviderRequest,
     ResolveAgentInput,
     ToolCall,
+    ToolDescriptor,
 )
 
 
@@ -104,12 +105,19 @@ def build_spec(
     """
     agent = registry.agent(request.agent)
     agent_policy = policy.agents.get(agent.name)
-    tools = []
+    tools: list[ToolDescriptor] = []
     for name in agent.tools:
         definition = registry.latest(name)
-        tools.append(definition.descriptor())
+        descriptor = definition.descriptor()
+        tools.append(descriptor)
         if definition.compensation:
             tools.append(registry.latest(definition.compensation).descriptor())
+        if definition.sub_agent:
+            # What undoes the child's effects, so the parent's saga can (see `sub_agent`).
+            undo = _sub_agent_undo(registry, definition.sub_agent, set())
+            descriptor.sub_agent_undo = [t.name for t in undo]
+            known = {t.name for t in tools}
+            tools.extend(t for t in undo if t.name not in known)
     return AgentSpec(
         name=agent.name,
         instructions=agent.instructions,
@@ -122,6 +130,7 @@ def build_spec(
         max_steps=agent_policy.max_steps if agent_policy else 20,
         max_usd=agent_policy.max_usd if agent_policy else None,
         max_parallel_tool_calls=agent_policy.max_parallel_tool_calls if agent_policy else 4,
+        max_sub_agent_depth=policy.runtime.max_sub_agent_depth,
         max_invalid_tool_calls=policy.runtime.max_invalid_tool_calls,
         max_tokens=policy.runtime.max_tokens,
         continue_as_new_after_events=policy.runtime.continue_as_new_after_events,
@@ -141,6 +150,21 @@ def build_spec(
 
 #: The largest model answer (message JSON) a run takes.
 MAX_ANSWER_BYTES = 256 * 1024
+
+
+def _sub_agent_undo(registry: Registry, agent: str, seen: set[str]) -> list[ToolDescriptor]:
+    """The compensation tools of `agent`'s tools, and of its own sub-agents' (each agent once)."""
+    if agent in seen:
+        return []
+    seen.add(agent)
+    undo: list[ToolDescriptor] = []
+    for name in registry.agent(agent).tools:
+        definition = registry.latest(name)
+        if definition.compensation:
+            undo.append(registry.latest(definition.compensation).descriptor())
+        if definition.sub_agent:
+            undo.extend(_sub_agent_undo(registry, definition.sub_agent, seen))
+    return undo
 
 
 class ModelActivities:

@@ -48,6 +48,8 @@ from spine.activities.heartbeat import heartbeating
 from spine.contract import ACCOUNT_PATTERN, JsonObject, tool_activity
 from spine.guardrails.scrub import Scrubber
 from spine.payloads import (
+    AgentAnswer,
+    AgentTask,
     CompensationInput,
     ReconcileAnswer,
     ReconcileQuery,
@@ -212,6 +214,9 @@ class ToolDefinition:
     untrusted_output: bool = False
     reconcile: str | None = None
     reconciles: str | None = None
+    sub_agent: str | None = None
+    handoff: bool = False
+    sub_agent_max_usd: float | None = None
 
     def problems(self) -> list[str]:
         """What is wrong with this definition on its own, each naming the tool; empty if fine."""
@@ -234,6 +239,8 @@ class ToolDefinition:
                 "idempotent_via='...' (how ctx.idempotency_key reaches the external system), "
                 "or, for an API without idempotency keys, reconcile='<read tool>'"
             )
+        if self.sub_agent_max_usd is not None and not self.sub_agent_max_usd > 0:
+            found.append(f"sub-agent tool {name!r}: max_usd must be above 0")
         if self.reconcile and not self.side_effects:
             found.append(f"tool {name!r} declares reconcile= but has no side effects")
         if self.reconciles:
@@ -293,6 +300,9 @@ class ToolDefinition:
             local=self.local,
             untrusted_output=self.untrusted_output,
             reconcile=self.reconcile,
+            sub_agent=self.sub_agent,
+            handoff=self.handoff,
+            sub_agent_max_usd=self.sub_agent_max_usd,
         )
 
     def schema_for_model(self) -> ToolSchema:
@@ -410,6 +420,67 @@ def tool(
     return wrap
 
 
+def sub_agent(
+    agent: str,
+    *,
+    name: str,
+    description: str,
+    version: int = 1,
+    handoff: bool = False,
+    max_usd: float | None = None,
+    risk: Risk = "medium",
+) -> ToolDefinition:
+    """Declare another agent as a tool of this one ("agent as tool"; with `handoff`, a hand-off).
+
+    The model calls it like any tool, with a ``task`` (:class:`AgentTask`), and it passes the
+    same allowlist, schema check and approval rules. The run then starts `agent` as a **child
+    workflow** acting for the same user, role and account, with a budget carved from what the
+    parent has left (at most `max_usd`), under the child agent's own policy slice. The tool's
+    result is the child's answer (:class:`AgentAnswer`); with `handoff`, the child's answer is
+    the parent's final answer and the parent ends. A child that is rejected ends the parent
+    rejected (the parent's earlier effects are undone); cancelling the parent cancels the
+    child, which undoes its own effects; a parent compensated after its child finished undoes
+    the child's effects too.
+
+    Args:
+        agent: The registered agent to run (its own tools, instructions and policy).
+        name: The tool name the model sees.
+        description: What the model is told the sub-agent does.
+        handoff: The child's answer ends the parent's run as its final answer.
+        max_usd: The most one call may carve from the parent's remaining budget.
+    """
+
+    async def runs_as_child_workflow(args: AgentTask, ctx: ToolContext) -> AgentAnswer:
+        raise ToolFailed(f"{name} runs agent {agent!r} as a child workflow, not as an activity")
+
+    definition = ToolDefinition(
+        name=name,
+        version=version,
+        fn=runs_as_child_workflow,  # type: ignore[arg-type]  # never called with another model
+        input_model=AgentTask,
+        output_model=AgentAnswer,
+        description=description,
+        side_effects=False,
+        compensation=None,
+        secrets=(),
+        start_to_close_s=30.0,
+        max_attempts=1,
+        summary_arg=None,
+        compensates=None,
+        fallback=None,
+        dependency=name,
+        idempotent_via=None,
+        risk=risk,
+        sub_agent=agent,
+        handoff=handoff,
+        sub_agent_max_usd=max_usd,
+    )
+    problems = definition.problems()
+    if problems:
+        raise ToolDefinitionError("; ".join(problems))
+    return definition
+
+
 @dataclass(frozen=True)
 class AgentDefinition:
     """An agent: instructions, the tools it may use, and its default model."""
@@ -486,6 +557,11 @@ class Registry:
             elif t.fallback and self.latest(t.fallback).side_effects != t.side_effects:
                 found.append(
                     f"tool {t.name!r} and its fallback {t.fallback!r} differ in side effects"
+                )
+        for t in self._tools.values():
+            if t.sub_agent and t.sub_agent not in self._agents:
+                found.append(
+                    f"sub-agent tool {t.name!r} runs agent {t.sub_agent!r}, which is not registered"
                 )
         for agent in self._agents.values():
             for tool_name in agent.tools:
@@ -711,6 +787,8 @@ def make_tool_activities(runner: ToolRunner) -> list[Callable[..., Awaitable[Too
     """One activity per tool name, named ``tool.<name>`` so history reads like the story."""
     activities = []
     for tool_name in runner.registry.tool_names:
+        if runner.registry.latest(tool_name).sub_agent:
+            continue  # a sub-agent runs as a child workflow
 
         async def run_tool(call: ToolCallInput) -> ToolCallResult:
             async with heartbeating():

@@ -17,6 +17,8 @@ approval           approval_id, decision, by, role, reason, accepted (false: ref
 operator           action, by, role, reason, accepted (false: refused)
 compensation       tool, compensates, outcome, error, idempotency_key
 run_outcome        status, reason, steps, usd
+sub_agent          decision (started, finished; started_by in the child), agent, workflow_id,
+                   carve_usd, status, usd, reason
 alert              message or reason
 =================  ===========================================================================
 
@@ -204,6 +206,17 @@ def summarize(kind: str, data: Mapping[str, object]) -> str:
                 text += f": {d['reason']}"
             if d.get("steps") is not None or d.get("usd") is not None:
                 text += f"  ({d.get('steps', '?')} steps, {_usd(d.get('usd'))})"
+        case "sub_agent":
+            known = {"decision", "agent", "workflow_id", "status", "reason", "usd", "carve_usd"}
+            text = f"{d.get('decision', '?')} {d.get('agent', '?')} {d.get('workflow_id', '?')}"
+            if d.get("carve_usd") is not None:
+                text += f", budget {_usd(d.get('carve_usd'))}"
+            if d.get("status"):
+                text += f" -> {d['status']}"
+                if d.get("usd") is not None:
+                    text += f" ({_usd(d.get('usd'))})"
+            if d.get("reason"):
+                text += f": {d['reason']}"
         case "alert":
             known = {"message", "reason"}
             text = str(d.get("message") or d.get("reason") or "")

@@ -99,6 +99,7 @@ from spine.workflows.state import (
     apply_model_turn,
     apply_refusal,
     apply_retries,
+    apply_sub_agent,
     apply_tool_result,
     apply_turn_order,
     begin,
@@ -156,6 +157,16 @@ class _Activity:
 
 
 @dataclass
+class _Child:
+    """A sub-agent run the original started, and its result once it closed."""
+
+    workflow_id: str
+    input: Payloads
+    result: Payloads | None = None
+    closed_event: int = 0
+
+
+@dataclass
 class _Segment:
     """One run (execution) of the original's continue-as-new chain."""
 
@@ -163,6 +174,7 @@ class _Segment:
     input: AgentWorkflowInput
     activities: list[_Activity]
     result: AgentResult | None = None
+    children: list[_Child] = field(default_factory=list)
 
     @property
     def first_step(self) -> int:
@@ -238,8 +250,17 @@ async def _segment(
     request: AgentWorkflowInput | None = None
     result: AgentResult | None = None
     activities: dict[int, _Activity] = {}
+    children: dict[int, _Child] = {}
     following: str | None = None
     for event in events:
+        if event.HasField("start_child_workflow_execution_initiated_event_attributes"):
+            initiated = event.start_child_workflow_execution_initiated_event_attributes
+            children[event.event_id] = _Child(initiated.workflow_id, initiated.input)
+        elif event.HasField("child_workflow_execution_completed_event_attributes"):
+            finished = event.child_workflow_execution_completed_event_attributes
+            if finished.initiated_event_id in children:
+                children[finished.initiated_event_id].result = finished.result
+                children[finished.initiated_event_id].closed_event = event.event_id
         if event.HasField("workflow_execution_started_event_attributes"):
             started = event.workflow_execution_started_event_attributes
             request = await _decode(converter, started.input, AgentWorkflowInput)
@@ -272,7 +293,9 @@ async def _segment(
             following = continued.new_execution_run_id or None
     if request is None:
         raise SpineClientError(f"run {run_id} has no start event in its history")
-    return _Segment(run_id, request, list(activities.values()), result), following
+    segment = _Segment(run_id, request, list(activities.values()), result)
+    segment.children = list(children.values())
+    return segment, following
 
 
 # ---------------------------------------------------------------------------- checkpoint
@@ -305,6 +328,8 @@ class _Calls:
     failures: list[tuple[int, int]] = field(default_factory=list)
     #: Idempotency keys of side effects a compensation undid.
     undone: set[str] = field(default_factory=set)
+    #: (step, call id) -> (child workflow id, its result) per sub-agent call that finished.
+    children: dict[tuple[int, str], tuple[str, AgentResult]] = field(default_factory=dict)
 
 
 @dataclass
@@ -490,6 +515,9 @@ def _fold(
                 # what the model heard is the output, as the workflow wrote it down.
                 output = json.loads(said.content or "{}")
                 apply_tool_result(state, call, by_name[call.name], call.args or {}, output, "")
+                child = calls.children.get((k, call.id))
+                if child is not None:  # a sub-agent: its spend and standing effects, as the run
+                    apply_sub_agent(state, child[0], child[1], carved_usd=0.0)
         apply_turn_order(state, [call.id for call in asked])
     for failed_at, attempts in calls.failures:
         if segment.first_step < failed_at <= step:
@@ -512,6 +540,14 @@ async def _decode_calls(history: RunHistory, converter: DataConverter, spec: Age
     compensation_tools = {t.compensation for t in spec.tools if t.compensation}
     calls = _Calls()
     for position, segment in enumerate(history.segments):
+        for child in segment.children:
+            if child.result is None:
+                continue
+            link = (await _decode(converter, child.input, AgentWorkflowInput)).parent
+            if link is not None:
+                ended = await _decode(converter, child.result, AgentResult)
+                calls.children[(link.step, link.call_id)] = (child.workflow_id, ended)
+                calls.ended[(link.step, link.call_id)] = (position, child.closed_event)
         for act in segment.activities:
             if act.kind == ACTIVITY_MODEL_CALL:
                 call = await _decode(converter, act.input, ModelCallInput)

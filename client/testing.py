@@ -526,6 +526,20 @@ class ScriptBuilder(list[ScriptTurn]):
         return self
 
 
+def scripted_model(
+    turns: Sequence[ScriptTurn], *, sub_agents: Mapping[str, Sequence[ScriptTurn]] | None = None
+) -> ModelChoice:
+    """The scripted model with `turns`, and a script for each sub-agent named in `sub_agents`."""
+    return ModelChoice(
+        provider="scripted",
+        script=list(turns),
+        sub_agents={
+            agent: ModelChoice(provider="scripted", script=list(child))
+            for agent, child in (sub_agents or {}).items()
+        },
+    )
+
+
 def script(*, tokens: tuple[int, int] | None = (100, 20)) -> ScriptBuilder:
     """Start a scripted-model script; every turn reports `tokens` (input, output) unless
     changed with ``.usage(...)`` (None: report no usage)."""
@@ -571,15 +585,20 @@ async def start_scripted_run(
     role: str,
     account: str = "acme",
     limits: Limits | None = None,
+    sub_agents: Mapping[str, Sequence[ScriptTurn]] | None = None,
 ) -> RunHandle:
-    """Start `agent` on the scripted model on `worker`'s task queue (or a queue name)."""
+    """Start `agent` on the scripted model on `worker`'s task queue (or a queue name).
+
+    `sub_agents` scripts the sub-agents the run may call, by agent name: each child run of that
+    agent replays its script (see :func:`child_runs` to find them).
+    """
     request = AgentRequest(
         agent=agent,
         goal=goal,
         user=user,
         role=role,
         account=account,
-        model=ModelChoice(provider="scripted", script=list(turns)),
+        model=scripted_model(turns, sub_agents=sub_agents),
         limits=limits,
     )
     queue = worker if isinstance(worker, str) else worker.task_queue
@@ -819,3 +838,41 @@ async def turn_timings(handle: RunHandle) -> dict[int, TurnTiming]:
         timing = CallTiming(call.tool, call.call_id, when, closed.get(event_id))
         turns.setdefault(call.step, []).append(timing)
     return {step: TurnTiming(step, calls) for step, calls in sorted(turns.items())}
+
+
+async def child_runs(handle: RunHandle) -> list[RunHandle]:
+    """The sub-agent runs `handle`'s run started, in order (handles on each child workflow)."""
+    client = getattr(handle, "_client", None)
+    if not isinstance(client, Client):
+        raise TypeError("child_runs needs a handle from a client (start_run or get_run)")
+    children = []
+    for event in await _events(handle):
+        if event.HasField("child_workflow_execution_started_event_attributes"):
+            started = event.child_workflow_execution_started_event_attributes
+            children.append(
+                client.get_workflow_handle(
+                    started.workflow_execution.workflow_id,
+                    run_id=started.workflow_execution.run_id,
+                    result_type=AgentResult,
+                )
+            )
+    return children
+
+
+async def assert_sub_agents(run: RunHandle, expected: Sequence[str]) -> list[RunHandle]:
+    """Assert the run started sub-agent runs of exactly the `expected` agents, in order."""
+    children = await child_runs(run)
+    agents = []
+    for child in children:
+        history = await child.fetch_history()
+        started = history.events[0].workflow_execution_started_event_attributes
+        agents.append(await _child_agent(child, started.input))
+    assert agents == list(expected), f"sub-agents started: {agents}, expected: {list(expected)}"
+    return children
+
+
+async def _child_agent(child: RunHandle, payloads: Payloads) -> str:
+    from spine.workflows.state import AgentWorkflowInput  # the child's input names its parent
+
+    request = await _decode(child, payloads, AgentWorkflowInput)
+    return request.agent if request is not None else "?"

@@ -15,7 +15,9 @@ Endpoints::
     POST /v1/refunds/{refund_id}/reverse   saga compensation of a refund
     POST /v1/emails                        {"order_id", "to", "subject", "body"}
     POST /v1/tickets                       {"order_id", "status", "note"}
-    GET  /v1/refunds | /v1/reversals | /v1/emails | /v1/tickets   [?order_id=]
+    POST /v1/inspections                   {"order_id", "finding", "claim_amount"}
+    POST /v1/inspections/{id}/withdraw     saga compensation of an inspection report
+    GET  /v1/refunds | /v1/reversals | /v1/emails | /v1/tickets | /v1/inspections [?order_id=]
     GET  /v1/chaos, POST /v1/chaos         {"fail_rate", "latency_ms", "timeout_rate",
                                             "fail_after_commit_rate",
                                             "commit_then_timeout_rate", "seed"}
@@ -114,6 +116,15 @@ CREATE TABLE IF NOT EXISTS documents (
     text            TEXT NOT NULL,
     created_at      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS inspections (
+    inspection_id   TEXT PRIMARY KEY,
+    order_id        TEXT NOT NULL REFERENCES orders (order_id),
+    finding         TEXT NOT NULL,
+    claim_cents     INTEGER NOT NULL CHECK (claim_cents >= 0),
+    idempotency_key TEXT NOT NULL UNIQUE,
+    created_at      TEXT NOT NULL,
+    withdrawn       INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS legacy_credits (
     credit_id       TEXT PRIMARY KEY,
     order_id        TEXT NOT NULL REFERENCES orders (order_id),
@@ -182,6 +193,19 @@ class TicketIn(BaseModel):
     order_id: str = Field(min_length=1, max_length=64)
     status: str = Field(min_length=1, max_length=64)
     note: str = Field(default="", max_length=5000)
+
+
+class InspectionIn(BaseModel):
+    """A damage inspection report, with what the carrier should be claimed for."""
+
+    order_id: str = Field(min_length=1, max_length=64)
+    finding: str = Field(min_length=1, max_length=2000)
+    claim_amount: Decimal = Field(ge=0, le=1_000_000)
+
+    @field_validator("claim_amount")
+    @classmethod
+    def _whole_cents(cls, amount: Decimal) -> Decimal:
+        return _whole_cents(amount)
 
 
 class CreditIn(BaseModel):
@@ -480,6 +504,46 @@ class Store:
         row = conn.execute("SELECT * FROM tickets WHERE update_id = ?", (update_id,)).fetchone()
         return 201, self._ticket_json(row)
 
+    # -- inspections ------------------------------------------------------------------------
+
+    @staticmethod
+    def _inspection_json(row: sqlite3.Row) -> Json:
+        return {
+            "inspection_id": row["inspection_id"],
+            "order_id": row["order_id"],
+            "finding": row["finding"],
+            "claim_amount": _money(row["claim_cents"]),
+            "idempotency_key": row["idempotency_key"],
+            "created_at": row["created_at"],
+            "withdrawn": bool(row["withdrawn"]),
+        }
+
+    def file_inspection(
+        self, conn: sqlite3.Connection, body: InspectionIn, key: str
+    ) -> tuple[int, Json]:
+        self._order_row(conn, body.order_id)
+        inspection_id = _new_id("in")
+        conn.execute(
+            "INSERT INTO inspections (inspection_id, order_id, finding, claim_cents,"
+            " idempotency_key, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (inspection_id, body.order_id, body.finding, _cents(body.claim_amount), key, _now()),
+        )
+        row = conn.execute(
+            "SELECT * FROM inspections WHERE inspection_id = ?", (inspection_id,)
+        ).fetchone()
+        return 201, self._inspection_json(row)
+
+    def withdraw_inspection(self, conn: sqlite3.Connection, inspection_id: str) -> tuple[int, Json]:
+        conn.execute(
+            "UPDATE inspections SET withdrawn = 1 WHERE inspection_id = ?", (inspection_id,)
+        )
+        row = conn.execute(
+            "SELECT * FROM inspections WHERE inspection_id = ?", (inspection_id,)
+        ).fetchone()
+        if row is None:
+            raise ApiError(404, f"inspection {inspection_id!r} not found")
+        return 200, self._inspection_json(row)
+
     # -- the legacy API: no idempotency keys ---------------------------------------------
 
     @staticmethod
@@ -567,6 +631,7 @@ class Store:
             "reversals": self._reversal_json,
             "emails": self._email_json,
             "tickets": self._ticket_json,
+            "inspections": self._inspection_json,
         }[table]
         where, args = ("WHERE order_id = ?", (order_id,)) if order_id else ("", ())
         conn = self._connect()
@@ -587,6 +652,7 @@ class Store:
                 "refunds",
                 "emails",
                 "tickets",
+                "inspections",
                 "legacy_credits",
             ):
                 conn.execute(f"DELETE FROM {table}")
@@ -627,7 +693,8 @@ def _chaos_applies(method: str, path: str) -> bool:
     if method == "GET":
         return path.startswith("/v1/orders/")
     if method == "POST":
-        return path in ("/v1/refunds", "/v1/emails", "/v1/tickets", "/v1/legacy/credits") or (
+        writes = ("/v1/refunds", "/v1/emails", "/v1/tickets", "/v1/inspections")
+        return path in (*writes, "/v1/legacy/credits") or (
             path.startswith("/v1/refunds/") and path.endswith("/reverse")
         )
     return False
@@ -775,6 +842,31 @@ def create_app(db_path: str | Path | None = None, api_key: str | None = None) ->
         return store.idempotent(
             "ticket", key, body.model_dump(), lambda conn: store.update_ticket(conn, body, key)
         ).response()
+
+    @app.post("/v1/inspections")
+    def file_inspection(body: InspectionIn, idempotency_key: IdempotencyKey = None) -> Response:
+        key = _require_key(idempotency_key)
+        request = {
+            **body.model_dump(exclude={"claim_amount"}),
+            "claim_cents": _cents(body.claim_amount),
+        }
+        return store.idempotent(
+            "inspection", key, request, lambda conn: store.file_inspection(conn, body, key)
+        ).response()
+
+    @app.post("/v1/inspections/{inspection_id}/withdraw")
+    def withdraw_inspection(inspection_id: str, idempotency_key: IdempotencyKey = None) -> Response:
+        key = _require_key(idempotency_key)
+        return store.idempotent(
+            "withdraw",
+            key,
+            {"inspection_id": inspection_id},
+            lambda conn: store.withdraw_inspection(conn, inspection_id),
+        ).response()
+
+    @app.get("/v1/inspections")
+    def list_inspections(order_id: str | None = None) -> list[Json]:
+        return store.listing("inspections", order_id)
 
     @app.post("/v1/legacy/credits", status_code=201)
     def create_credit(body: CreditIn) -> Json:

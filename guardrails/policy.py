@@ -40,6 +40,7 @@ class Runtime(_Strict):
     operator_roles: list[str] = Field(default_factory=lambda: ["operator", "supervisor"])
     breaker_threshold: int = Field(default=10, ge=1)
     breaker_reset_s: float = Field(default=30.0, gt=0)
+    max_sub_agent_depth: int = Field(default=3, ge=0, le=10)
 
 
 class Price(_Strict):

@@ -33,6 +33,8 @@ class AuditTrail:
         now: Callable[[], datetime],
     ) -> None:
         self.state = state
+        self.run_id = run_id
+        """The audit chain this trail writes: ``<workflow id>:<first run id>``."""
         self._header = {
             "run_id": run_id,
             "workflow_run_id": workflow_run_id,

@@ -185,6 +185,20 @@ class ToolDescriptor(BaseModel):
         default=None,
         description="A read tool a retry asks first whether the effect already happened.",
     )
+    sub_agent: str | None = Field(
+        default=None, description="The agent this tool runs as a child workflow (agent as tool)."
+    )
+    handoff: bool = Field(
+        default=False, description="The sub-agent's answer is the run's final answer."
+    )
+    sub_agent_max_usd: float | None = Field(
+        default=None, description="The most of the parent's remaining budget one call carves."
+    )
+    sub_agent_undo: list[str] = Field(
+        default_factory=list,
+        description="Compensation tools of the sub-agent's tools: the parent runs them to undo "
+        "the child's effects when the parent is compensated after the child finished.",
+    )
 
 
 class ApprovalRule(BaseModel):
@@ -232,6 +246,9 @@ class AgentSpec(BaseModel):
     max_parallel_tool_calls: int = Field(
         default=1, description="Tool calls of one model turn that run at once (1: one by one)."
     )
+    max_sub_agent_depth: int = Field(
+        default=3, description="How deep sub-agents may nest (a child of a child ...)."
+    )
     max_invalid_tool_calls: int = 3
     max_tokens: int = 1024
     continue_as_new_after_events: int = 10_000
@@ -248,6 +265,41 @@ class AgentSpec(BaseModel):
     model_max_interval_s: float = 20.0
     budget: BudgetRules = Field(default_factory=lambda: BudgetRules())
     rate_limits: dict[str, float] = Field(default_factory=dict)
+
+
+class AgentTask(BaseModel):
+    """Input model of every sub-agent tool: what the sub-agent is asked to do."""
+
+    task: str = Field(
+        min_length=1,
+        max_length=4000,
+        description="The task for the sub-agent, with everything it needs to know.",
+    )
+
+
+class AgentAnswer(BaseModel):
+    """Output model of every sub-agent tool: how the sub-agent's run ended."""
+
+    agent: str
+    workflow_id: str
+    status: str
+    output: str | None = None
+    reason: str | None = None
+    steps: int = 0
+    usd: float = 0.0
+
+
+class ParentRun(BaseModel):
+    """On a sub-agent's input: the run that called it (checked against Temporal's own record of
+    the child's parent, so a starter cannot claim one)."""
+
+    workflow_id: str
+    agent: str
+    tool: str
+    step: int
+    call_id: str
+    audit_run_id: str = Field(description="The parent's audit chain (`<workflow id>:<run id>`).")
+    depth: int = Field(default=1, ge=1, description="1 for a child, 2 for a grandchild, ...")
 
 
 class CompensationInput(BaseModel):
@@ -327,6 +379,7 @@ AuditKind = Literal[
     "compensation",
     "run_outcome",
     "alert",
+    "sub_agent",
 ]
 
 

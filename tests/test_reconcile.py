@@ -17,6 +17,7 @@ from spine.client.testing import DemoService, script
 from spine.contract import AgentRequest, ModelChoice
 from spine.guardrails.secrets import NoSecrets
 from spine.payloads import ReconcileAnswer, ReconcileQuery, ToolCallInput, ToolCallResult
+from tests.extra_agents import POLICY
 from tests.helpers import policy_file
 
 RUNS = 50
@@ -27,17 +28,13 @@ SEED = 10
 async def _arm(client, make_worker, task_queue, service, tmp_path, agent: str, tool: str):
     """50 runs of `agent` giving store credit at 15% commit-then-timeout; per-run rows."""
     policy = policy_file(tmp_path, name=f"{agent}.toml")
-    text = policy.read_text() + (
-        "\n[agents.credit-naive]\nmax_steps = 5\n[agents.credit-naive.roles]\n"
-        'support = ["issue_store_credit_naive"]\n'
-    )
-    policy.write_text(text)
+    policy.write_text(policy.read_text() + POLICY)
     settings = {"SPINE_DEMO_URL": service.url, "SPINE_LEGACY_TIMEOUT_S": "2"}
     service.post("/v1/chaos", {"commit_then_timeout_rate": 0.15, "seed": SEED})
     try:
         async with make_worker(
             policy_path=policy,
-            agent_modules=("spine.demo.agent", "tests.legacy_agents"),
+            agent_modules=("spine.demo.agent", "tests.extra_agents"),
             settings=settings,
         ):
             handles = []

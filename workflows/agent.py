@@ -63,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
 
 from spine.workflows import admission, calls
 from spine.workflows.parallel import run_turn
+from spine.workflows.subagents import SubAgents, verify_parent
 from spine.workflows.toolcalls import ToolCalls
 from spine.workflows.turns import ModelTurns
 from spine.workflows.visibility import Visibility
@@ -144,6 +145,9 @@ class AgentWorkflow:
             retries=self.state.retries,
             path=self.state.path,
             refused=self.approvals.refused + self.parking.refused,
+            sub_agents=sorted(self.tools.sub_agents.active)
+            if self.tools and self.tools.sub_agents
+            else [],
         )
 
     @workflow.signal(name=SIGNAL_APPROVAL)
@@ -264,6 +268,7 @@ class AgentWorkflow:
                 goal_digest=digest(request.goal),
                 forked_from=request.fork_from.model_dump() if request.fork_from else None,
             )
+            verify_parent(request, self.trail.record)
         self.view.publish()
         allowlist = Allowlist(self.state.agent, request.role)
         self.budget = BudgetGate(
@@ -278,6 +283,14 @@ class AgentWorkflow:
             agent=request.agent,
             account=request.account,
             user=request.user,
+        )
+        self.tools.sub_agents = SubAgents(
+            self.state,
+            request,
+            budget=self.budget,
+            record=self.trail.record,
+            audit_run_id=self.trail.run_id,
+            slots=self.tools.slots,
         )
         self.turns = ModelTurns(
             self.state,

@@ -42,6 +42,8 @@ with workflow.unsafe.imports_passed_through():
         apply_tool_result,
     )
 
+from spine.workflows.subagents import SubAgents
+
 #: Tools heartbeat; one whose timeout is longer than this gets this heartbeat timeout, so a call
 #: in flight on a dead worker is retried after seconds, not after its start-to-close timeout.
 TOOL_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
@@ -77,6 +79,8 @@ class ToolCalls:
         self.slots = asyncio.Semaphore(max(1, self.spec.max_parallel_tool_calls))
         """Tool activities of one turn running at once (the policy's
         ``max_parallel_tool_calls``); a call waiting for a person holds none."""
+        self.sub_agents: SubAgents | None = None
+        """Runs sub-agent tools as child workflows (set by the run once it has resolved)."""
 
     def check(self, call: ToolCall) -> tuple[ToolDescriptor | None, str]:
         """The tool to run, or None and the error text for the model."""
@@ -136,6 +140,10 @@ class ToolCalls:
             StopRun: the run must end.
         """
         self.last_tool = tool.name
+        if tool.sub_agent is not None:
+            if self.sub_agents is None:
+                raise ApplicationError(f"{tool.name}: this run cannot start sub-agents")
+            return await self.sub_agents.run(tool, args, call_id, key)
         by_name = {t.name: t for t in self.spec.tools}
         fallback = by_name.get(tool.fallback or "")
         candidates = [tool] + ([fallback] if fallback else [])
