@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping
 
 from temporalio import activity
@@ -22,11 +23,12 @@ from spine.activities.errors import (
     SpineError,
 )
 from spine.activities.heartbeat import heartbeating
-from spine.activities.providers.base import ModelProvider
+from spine.activities.providers.base import ModelProvider, StreamingProvider
 from spine.activities.tools import Registry
 from spine.activities.transcript import TranscriptStore
 from spine.contract import ACTIVITY_MODEL_CALL, ACTIVITY_RESOLVE_AGENT, ScriptTurn, TokenUsage
 from spine.guardrails.policy import Policy
+from spine.observability.streams import NewEvent, TokenWriter, now_iso
 from spine.payloads import (
     AgentSpec,
     Appended,
@@ -35,6 +37,7 @@ from spine.payloads import (
     ModelCallInput,
     ModelCallResult,
     ProviderRequest,
+    ProviderResponse,
     ResolveAgentInput,
     ToolCall,
     ToolDescriptor,
@@ -180,8 +183,11 @@ class ModelActivities:
         search_attributes: bool = True,
         breakers: Breakers | None = None,
         audit_append: Callable[[AuditBatch], Awaitable[Appended]] | None = None,
+        live: Callable[[NewEvent], None] | None = None,
     ) -> None:
         self.registry = registry
+        self.live = live
+        """Publishes to the runs' live streams (tokens as they arrive); None: no streaming."""
         self.audit_append = audit_append
         self.policy = policy
         self.transcripts = transcripts
@@ -224,6 +230,34 @@ class ModelActivities:
             kind = type(err).__name__
             raise AuditWriteFailed(f"audit entries not stored: {kind}: {err}") from None
 
+    def _token_writer(self, call: ModelCallInput) -> TokenWriter | None:
+        """The live stream's writer for this attempt's tokens (after its `model_started`)."""
+        if self.live is None:
+            return None
+        attempt = activity.info().attempt
+        self.live(
+            NewEvent(
+                call.transcript_id,
+                f"model:{call.step}:{call.fallback_index}:{attempt}",
+                "model_started",
+                {
+                    "step": call.step,
+                    "attempt": attempt,
+                    "provider": call.provider,
+                    "model": call.model,
+                    "fallback_index": call.fallback_index,
+                },
+                now_iso(),
+            )
+        )
+        return TokenWriter(
+            self.live,
+            call.transcript_id,
+            step=call.step,
+            attempt=attempt,
+            fallback_index=call.fallback_index,
+        )
+
     async def _model_call(self, call: ModelCallInput) -> ModelCallResult:
         # The scripted model answers from its script: it only needs the prefix verified.
         messages = await self.transcripts.extend(
@@ -233,13 +267,19 @@ class ModelActivities:
             call.new_messages,
             load=call.provider != "scripted",
         )
+        tokens = self._token_writer(call)
         if call.provider == "scripted":
             if call.script_turn is None:
                 raise ModelRequestRejected("scripted model: no script turn for this step")
             # Fault injection for demos and benchmarks; randomness is fine in an activity.
-            return await self.breakers.call(
+            result = await self.breakers.call(
                 "model:scripted", lambda: _scripted(call, call.script_turn)
             )
+            if tokens is not None and result.message.content:
+                for word in re.findall(r"\S+\s*", result.message.content):
+                    await tokens(word)  # as a model would stream it
+                tokens.flush()
+            return result
         provider = self.providers.get(call.provider)
         if provider is None:
             raise ModelRequestRejected(
@@ -249,9 +289,22 @@ class ModelActivities:
         request = ProviderRequest(
             model=call.model, messages=messages, tools=tools, max_tokens=call.max_tokens
         )
-        response = await self.breakers.call(
-            f"model:{call.provider}", lambda: provider.complete(request)
-        )
+        if tokens is not None and isinstance(provider, StreamingProvider):
+            # Tokens reach the run's live stream as they arrive; the result (and its usage,
+            # counted once) is the whole answer, as without streaming.
+            streaming = provider
+
+            async def streamed() -> ProviderResponse:
+                try:
+                    return await streaming.stream(request, tokens)
+                finally:
+                    tokens.flush()
+
+            response = await self.breakers.call(f"model:{call.provider}", streamed)
+        else:
+            response = await self.breakers.call(
+                f"model:{call.provider}", lambda: provider.complete(request)
+            )
         size = len(response.message.model_dump_json())
         if size > MAX_ANSWER_BYTES:
             # Taking it would put megabytes in history and every later prompt; retrying would

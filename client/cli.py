@@ -38,6 +38,7 @@ from spine.client.runs import (
     web_ui_url,
 )
 from spine.client.slo_cli import slo
+from spine.client.stream_cli import stream_server
 from spine.client.tools_cli import tools
 from spine.client.trace_cli import trace
 from spine.contract import (
@@ -262,9 +263,26 @@ async def _run(request: AgentRequest, workflow_id: str | None, wait: bool, as_js
 @cli.command("status")
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status_cmd(run: str, as_json: bool) -> None:
+@click.option(
+    "--follow",
+    "live",
+    is_flag=True,
+    help="Print the run's stream (model tokens, steps) from its start, live, then its result.",
+)
+@click.pass_context
+def status_cmd(ctx: click.Context, run: str, as_json: bool, live: bool) -> None:
     """Show RUN's state (a workflow id); for a closed run, its result."""
+    if live:
+        ctx.exit(run_async(_follow_status(run, as_json)))
     run_async(_status(run, as_json))
+
+
+async def _follow_status(workflow_id: str, as_json: bool) -> int:
+    client = await connect()
+    handle = get_run(client, workflow_id)
+    desc = await describe(handle)
+    started = {"workflow_id": desc.id, "run_id": desc.run_id}
+    return await follow(handle, started, wait=True, as_json=as_json)
 
 
 async def _status(workflow_id: str, as_json: bool) -> None:
@@ -428,6 +446,7 @@ for _verb in (
     replay,
     sign_cmd,
     slo,
+    stream_server,
     tools,
     trace,
     whoami_cmd,

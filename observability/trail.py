@@ -43,22 +43,25 @@ class AuditTrail:
         }
         self._now = now
         self._queue: list[AuditEntry] = []
+        self.observers: list[Callable[[AuditEntry], None]] = []
+        """Called with each entry as it is recorded (the run's live stream)."""
 
     def record(self, kind: AuditKind, actor: str, **data: object) -> None:
         """Queue an entry; the next write stores it."""
         spec = self.state.spec
-        self._queue.append(
-            AuditEntry(
-                seq=self.state.audit_seq,
-                kind=kind,
-                step=self.state.step,
-                actor=actor,
-                at=self._now().isoformat(),
-                data=data,
-                policy_version=spec.policy_version if spec else "",
-            )
+        entry = AuditEntry(
+            seq=self.state.audit_seq,
+            kind=kind,
+            step=self.state.step,
+            actor=actor,
+            at=self._now().isoformat(),
+            data=data,
+            policy_version=spec.policy_version if spec else "",
         )
+        self._queue.append(entry)
         self.state.audit_seq += 1
+        for observe in self.observers:
+            observe(entry)
 
     def batch(self) -> AuditBatch | None:
         """Everything queued, in order, as one batch; None when nothing is."""

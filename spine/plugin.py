@@ -56,8 +56,10 @@ from spine.guardrails.interceptor import IdentityInterceptor, PolicyInterceptor
 from spine.guardrails.policy import Policy, load_policy
 from spine.guardrails.principals import VaultKeyring, VaultSigner
 from spine.guardrails.secrets import NoSecrets, VaultSecrets
+from spine.observability import live
 from spine.observability.alerts import AlertActivities, AlertEngine
 from spine.observability.audit import AuditActivities, AuditStore, store_from_env
+from spine.observability.streams import LiveSink, NewEvent, StreamStore, stream_store_from_env
 from spine.workflows.agent import AgentWorkflow
 from spine.workflows.alerts import SpineAlertsWorkflow
 from spine.workflows.ledger import BudgetLedger
@@ -85,6 +87,7 @@ PASSTHROUGH_MODULES = (
     "spine.guardrails.interceptor",  # temporalio only; the backstops, and RunGuards they read
     "spine.observability.metrics",  # stdlib + temporalio only: replay-aware metric helpers
     "spine.observability.trail",  # pure: the run's queue of audit entries
+    "spine.observability.live",  # stdlib + temporalio: one registry of the worker's stream sinks
 )
 
 
@@ -119,6 +122,11 @@ class SpineConfig:
     worker_principal: str = "spine-worker"
     """The principal this worker signs its budget-ledger operations as (its OpenBao identity)."""
     keyring_refresh_s: float = 30.0
+    streams: bool = True
+    """Publish runs' live streams (model tokens, step events); ``SPINE_STREAMS=0`` turns off."""
+    stream_store: StreamStore | None = None
+    """Where live streams go; default: ``SPINE_DATABASE_URL`` (PostgreSQL) from `settings`,
+    else SQLite in `state_dir`."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SpineConfig:
@@ -140,6 +148,7 @@ class SpineConfig:
             ledger=_flag(env, "SPINE_LEDGER_WORKER"),
             ledger_task_queue=env.get("SPINE_LEDGER_TASK_QUEUE") or DEFAULT_LEDGER_TASK_QUEUE,
             worker_principal=env.get("SPINE_WORKER_PRINCIPAL") or "spine-worker",
+            streams=_flag(env, "SPINE_STREAMS"),
         )
 
 
@@ -202,6 +211,7 @@ class _Served:
     audit: AuditStore
     companions: list[Worker]
     keyring: VaultKeyring | None
+    sink: LiveSink | None = None
 
 
 class SpinePlugin(SimplePlugin):
@@ -278,6 +288,12 @@ class SpinePlugin(SimplePlugin):
             breakers=breakers,
             audit_append=audit.store.append,
         )
+        sink = None
+        if self.config.streams:
+            sink = LiveSink(
+                self.config.stream_store or stream_store_from_env(settings, self.config.state_dir)
+            )
+        models.live = sink.publish if sink is not None else None
         vault = (
             self.config.identity
             or (self.config.secrets if isinstance(self.config.secrets, VaultSecrets) else None)
@@ -317,7 +333,7 @@ class SpinePlugin(SimplePlugin):
         config = super().configure_worker(config)
         others = [p for p in config.get("plugins") or [] if p is not self]
         self._served[queue] = _Served(
-            http, audit.store, self._companions(config, runner, others), loader
+            http, audit.store, self._companions(config, runner, others), loader, sink
         )
         return config
 
@@ -356,6 +372,15 @@ class SpinePlugin(SimplePlugin):
         refreshing = (
             asyncio.create_task(served.keyring.keep_fresh()) if served.keyring is not None else None
         )
+        sink = served.sink
+        publish = None
+        if sink is not None:
+            await sink.start()
+
+            def publish(run_id: str, key: str, kind: str, data: dict[str, object], at: str) -> None:
+                sink.publish(NewEvent(run_id, key, kind, data, at))
+
+            live.register(worker.task_queue, publish)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for companion in served.companions:
@@ -364,6 +389,9 @@ class SpinePlugin(SimplePlugin):
         finally:
             if refreshing is not None:
                 refreshing.cancel()
+            if sink is not None:
+                live.unregister(worker.task_queue, publish)
+                await sink.stop()
             await served.http.aclose()
             await served.audit.close()
 

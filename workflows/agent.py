@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
     from spine.guardrails.interceptor import RunGuards, refusal
     from spine.guardrails.parking import Parking, Skipped
     from spine.guardrails.saga import Saga
+    from spine.observability import live
     from spine.observability.trail import AuditTrail
     from spine.payloads import LedgerAnswer, LedgerOp, PrincipalView, ToolCall, digest
     from spine.workflows.state import (
@@ -112,6 +113,7 @@ class AgentWorkflow:
             account=account,
             now=workflow.now,
         )
+        self.trail.observers.append(live.publish_entry)  # the run's live stream
         hooks = RunHooks(
             record=self.trail.record,
             flush=self.flush_audit,

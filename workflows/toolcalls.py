@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from spine.guardrails.allowlist import Allowlist
     from spine.guardrails.hooks import Record
     from spine.guardrails.parking import Parking, Skipped
+    from spine.observability import live
     from spine.observability.metrics import record_policy_refusal
     from spine.payloads import (
         CompensationInput,
@@ -275,6 +276,11 @@ class ToolCalls:
             ),
             "summary": f"{tool.name}({shown})" if shown is not None else tool.name,
         }
+        live.publish(
+            f"tool:{self.state.step}:{call_id}:{purpose}:{tool.name}:{int(tried_before)}",
+            "tool_started",
+            {"step": self.state.step, "tool": tool.name, "call_id": call_id, "purpose": purpose},
+        )
         if tool.local:
             # Fast, read-only tools run as local activities: no round trip through the server.
             return await workflow.execute_local_activity(tool_activity(tool.name), call, **options)
