@@ -10,7 +10,7 @@ key is shown as ``[key=value ...]``, so nothing stored is hidden):
 =================  ===========================================================================
 run_started        user, role, provider, model, goal_digest
 model_turn         model, input_tokens, output_tokens, usd, finish_reason, tool_calls [{name}]
-tool_call          tool, version, args_digest, outcome, error, idempotency_key
+tool_call          tool, version, args_digest, outcome, error, idempotency_key, reconciled
 policy_decision    decision, tool, reason
 budget             spent_usd, limit_usd, decision, reason
 approval           approval_id, decision, by, role, reason, accepted (false: refused)
@@ -157,12 +157,22 @@ def summarize(kind: str, data: Mapping[str, object]) -> str:
                     str(c.get("name", "?")) if isinstance(c, dict) else str(c) for c in calls
                 )
         case "tool_call":
-            known = {"tool", "version", "args_digest", "outcome", "idempotency_key", "error"}
+            known = {
+                "tool",
+                "version",
+                "args_digest",
+                "outcome",
+                "idempotency_key",
+                "error",
+                "reconciled",
+            }
             version = f"@{d['version']}" if d.get("version") is not None else ""
             text = (
                 f"{d.get('tool', '?')}{version}({short(d.get('args_digest', ''))}) -> "
                 f"{d.get('outcome', '?')}"
             )
+            if d.get("reconciled"):
+                text += " (already done: found by its reconcile tool, not called again)"
             if d.get("error"):
                 text += f": {d['error']}"
             if d.get("idempotency_key"):
