@@ -290,8 +290,9 @@ def apply_retries(state: RunState, failed_attempts: int) -> None:
 
 
 def apply_carve(state: RunState, usd: float) -> None:
-    """`usd` of the run's remaining budget is set aside for a sub-agent that starts now."""
-    state.carved_usd = round(state.carved_usd + usd, 8)
+    """`usd` of the run's remaining budget is set aside for a sub-agent that starts now
+    (negative: given back, by a sub-agent that never ran)."""
+    state.carved_usd = round(max(state.carved_usd + usd, 0.0), 8)
 
 
 def apply_sub_agent(

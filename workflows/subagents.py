@@ -206,8 +206,12 @@ class SubAgents:
             **inherited_identity(self.request),
         )
         apply_carve(self.state, carve or 0.0)
-        async with self._slots:
-            result = await self._run_child(child_id, child, tool, carve)
+        try:
+            async with self._slots:
+                result = await self._run_child(child_id, child, tool, carve)
+        except BaseException:
+            apply_carve(self.state, -(carve or 0.0))  # the run ends, or the call was refused
+            raise
         taken = apply_sub_agent(self.state, child_id, result, carved_usd=carve or 0.0)
         self._record(
             "sub_agent",
