@@ -234,10 +234,11 @@ class ModelActivities:
         """The live stream's writer for this attempt's tokens (after its `model_started`)."""
         if self.live is None:
             return None
-        attempt = activity.info().attempt
+        info = activity.info()
+        attempt, run_id = info.attempt, info.workflow_id or call.transcript_id  # the run's stream
         self.live(
             NewEvent(
-                call.transcript_id,
+                run_id,
                 f"model:{call.step}:{call.fallback_index}:{attempt}",
                 "model_started",
                 {
@@ -252,7 +253,7 @@ class ModelActivities:
         )
         return TokenWriter(
             self.live,
-            call.transcript_id,
+            run_id,
             step=call.step,
             attempt=attempt,
             fallback_index=call.fallback_index,

@@ -414,7 +414,7 @@ class LiveSink:
         self.batch_s = batch_s
         self.max_pending = max_pending
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[NewEvent] | None = None
+        self._queue: asyncio.Queue[NewEvent | None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
 
@@ -442,12 +442,21 @@ class LiveSink:
     async def _drain(self) -> None:
         assert self._queue is not None
         queue = self._queue
-        while True:
-            batch = [await queue.get()]
-            await asyncio.sleep(self.batch_s)  # let a few tokens gather
+        done = False
+        while not done:
+            item = await queue.get()
+            done = item is None  # stop(): write what is left, then end
+            batch = [] if item is None else [item]
+            if not done:
+                await asyncio.sleep(self.batch_s)  # let a few tokens gather
             while not queue.empty() and len(batch) < 500:
-                batch.append(queue.get_nowait())
-            await self._write(batch)
+                following = queue.get_nowait()
+                if following is None:
+                    done = True
+                    break
+                batch.append(following)
+            if batch:
+                await self._write(batch)
 
     async def _write(self, batch: list[NewEvent]) -> None:
         try:
@@ -456,20 +465,20 @@ class LiveSink:
             self.dropped += len(batch)
             log.warning("live stream store failed, %d event(s) dropped: %s", len(batch), err)
 
-    async def stop(self) -> None:
-        """Write what is pending, stop, and close the store."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._queue is not None:
-            pending = []
-            while not self._queue.empty():
-                pending.append(self._queue.get_nowait())
-            if pending:
-                await self._write(pending)
-        self._loop = None
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Write what is pending (within `timeout_s`), stop, and close the store."""
+        queue, task, loop = self._queue, self._task, self._loop
+        self._loop = None  # nothing more is taken
+        if queue is not None and task is not None and loop is not None:
+            # After the hand-overs already scheduled on the loop (call_soon keeps their order).
+            loop.call_soon(queue.put_nowait, None)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = None
         await self.store.close()
 
 

@@ -300,6 +300,7 @@ class ParentRun(BaseModel):
     call_id: str
     audit_run_id: str = Field(description="The parent's audit chain (`<workflow id>:<run id>`).")
     depth: int = Field(default=1, ge=1, description="1 for a child, 2 for a grandchild, ...")
+    principal: str = Field(description="The principal the parent verified; the child's too.")
 
 
 class CompensationInput(BaseModel):

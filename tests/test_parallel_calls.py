@@ -250,3 +250,34 @@ async def test_waiting_status_follows_every_open_approval(
         result = await wait_result(handle)
     assert result.status == "completed", result.reason
     assert len(result.side_effects) == 2
+
+
+async def test_refunds_of_one_order_in_one_turn_are_checked_one_after_another(
+    client, make_worker, task_queue, service: DemoService
+):
+    """Two 60.00 refunds of one order in one turn (a cumulative line of 100.00 per order and
+    day): the first runs, the second is checked against it and waits for approval; a lookup of
+    the same turn runs at once meanwhile."""
+    order = "o-1367"
+    turns = (
+        script()
+        .parallel(
+            ("issue_refund", {"order_id": order, "amount": 60.0}),
+            ("issue_refund", {"order_id": order, "amount": 60.0}),
+            ("lookup_order", {"order_id": "o-1368"}),
+        )
+        .confidence(0.95)
+        .text("done")
+    )
+    async with make_worker():
+        handle = await start_run(client, scripted_request(turns), task_queue=task_queue)
+        state = await wait_for_status(handle, "awaiting_approval")
+        [pending] = state.pending_approvals
+        assert pending.args == {"order_id": order, "amount": 60.0}
+        assert "cumulative" in pending.reason or "120.00" in pending.reason, pending.reason
+        assert len(await rows(service, "refunds", order)) == 1  # the first ran before the check
+        await decide(handle, _decision(pending.approval_id, "reject"))
+        result = await wait_result(handle)
+    assert result.status == "rejected"
+    [refund] = await rows(service, "refunds", order)
+    assert refund["reversed"]

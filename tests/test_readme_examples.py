@@ -41,7 +41,12 @@ async def test_inspection_hands_over_to_the_sub_agent(client, make_worker, task_
     request = AgentRequest.model_validate(json.loads((SCRIPTS / "inspection.json").read_text()))
     async with make_worker():
         handle = await start_run(client, request, task_queue=task_queue)
-        child = get_run(client, sub_agent_workflow_id(f"{handle.id}/2/0", "inspection-agent"))
+        child = get_run(
+            client,
+            sub_agent_workflow_id(
+                f"{handle.id}/{handle.first_execution_run_id}/2/0", "inspection-agent"
+            ),
+        )
 
         async def child_waits() -> bool:
             return bool((await get_state(child)).pending_approvals)

@@ -55,7 +55,11 @@ async def _arm(client, make_worker, task_queue, service, tmp_path, agent: str, t
         injected = service.get("/v1/chaos")["injected"]["commit_then_timeout"]  # type: ignore[index]
     finally:
         service.post("/v1/chaos", {})
-    rows = [service.get(f"/v1/legacy/credits?reference={h.id}/1/0") for h in handles]
+    # The call's reference is its idempotency key: <run key>/<step>/<index>.
+    rows = [
+        service.get(f"/v1/legacy/credits?reference={h.id}/{h.first_execution_run_id}/1/0")
+        for h in handles
+    ]
     return results, rows, injected
 
 

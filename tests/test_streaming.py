@@ -325,6 +325,9 @@ async def test_the_cli_prints_tokens_and_steps_as_they_happen(
         "VAULT_TOKEN": vault.token,
         "SPINE_DEMO_URL": service.url,
         "SPINE_STATE_DIR": str(state),
+        # The CLI signs as alice (her OpenBao token); the worker verifies it.
+        "SPINE_VAULT_TOKEN": vault.tokens["alice"],
+        "SPINE_PRINCIPAL": "alice",
     }
     script_file = tmp_path / "script.json"
     script_file.write_text(

@@ -31,6 +31,11 @@ from tests.test_worker_process import rows
 INSPECT = "inspect_damage"
 
 
+def _key(handle, step: int, index: int) -> str:  # type: ignore[no-untyped-def]
+    """The idempotency key of the call at `index` of `step`: the run's key, step, index."""
+    return f"{handle.id}/{handle.first_execution_run_id or handle.run_id}/{step}/{index}"
+
+
 def _inspection(order: str, claim: float) -> list:
     """The inspection agent's script: look the order up, file a report, answer."""
     return (
@@ -80,7 +85,7 @@ async def test_the_refund_agent_hands_a_case_to_the_inspection_agent(
     telemetry.shutdown()
     assert result.status == "completed", result.reason
     [child] = await assert_sub_agents(handle, ["inspection-agent"])
-    child_id = sub_agent_workflow_id(f"{handle.id}/2/0", "inspection-agent")
+    child_id = sub_agent_workflow_id(_key(handle, 2, 0), "inspection-agent")
     assert child.id == child_id
     child_result = await child.result()
     assert child_result.status == "completed"
@@ -89,7 +94,7 @@ async def test_the_refund_agent_hands_a_case_to_the_inspection_agent(
     [effect] = result.side_effects
     assert effect.tool == "file_inspection" and effect.sub_agent_run == child_id
     [inspection] = await rows(service, "inspections", order)
-    assert inspection["idempotency_key"] == effect.idempotency_key == f"{child_id}/2/0"
+    assert inspection["idempotency_key"] == effect.idempotency_key == _key(child, 2, 0)
     # The child's spend is the parent's: three parent turns plus three child turns.
     assert child_result.usage.usd > 0
     assert abs(result.usage.usd - 2 * child_result.usage.usd) < 1e-9
@@ -242,7 +247,7 @@ async def test_a_childs_rejection_compensates_the_parents_earlier_refund(
             role="support",
             sub_agents={"inspection-agent": _inspection(order, 80.0)},
         )
-        child = get_run(client, sub_agent_workflow_id(f"{handle.id}/2/0", "inspection-agent"))
+        child = get_run(client, sub_agent_workflow_id(_key(handle, 2, 0), "inspection-agent"))
 
         async def child_waits() -> bool:
             return bool((await get_state(child)).pending_approvals)
@@ -337,7 +342,7 @@ async def test_cancelling_the_parent_cancels_the_child_which_undoes_its_own_effe
             role="support",
             sub_agents={"inspection-agent": child_script},
         )
-        child = get_run(client, sub_agent_workflow_id(f"{handle.id}/2/0", "inspection-agent"))
+        child = get_run(client, sub_agent_workflow_id(_key(handle, 2, 0), "inspection-agent"))
 
         async def child_waits() -> bool:
             return bool((await get_state(child)).pending_approvals)
@@ -397,6 +402,7 @@ async def test_a_starter_cannot_claim_a_parent(client: Client, make_worker, task
             "step": 1,
             "call_id": "c",
             "audit_run_id": "someone-elses-run:x",
+            "principal": "mallory",
         },
     )
     async with make_worker():

@@ -243,7 +243,8 @@ class AgentWorkflow:
                 raise
         else:
             try:
-                principal = await admission.admit(
+                # A sub-agent is admitted as its parent's child (no claim of its own).
+                principal = verify_parent(request, self.trail.record) or await admission.admit(
                     request, self.guards.start_claim, self.guards.start_claim_problem
                 )
             except StopRun as stop:
@@ -270,7 +271,6 @@ class AgentWorkflow:
                 goal_digest=digest(request.goal),
                 forked_from=request.fork_from.model_dump() if request.fork_from else None,
             )
-            verify_parent(request, self.trail.record)
         self.view.publish()
         allowlist = Allowlist(self.state.agent, request.role)
         self.budget = BudgetGate(

@@ -20,6 +20,9 @@ finishes and its saga undoes everything done, this turn's calls first, in revers
 order. A hand-off (a sub-agent's answer that ends the run as completed) lets the turn's other
 calls finish first.
 
+Calls that count toward one cumulative approval total (refunds of one order, say) run one after
+another, in the model's order, so each is checked against what the ones before it added.
+
 Deterministic: tasks are created in the model's order and resumed in the order their results
 reach the workflow, which history fixes; workflow code that ran calls one by one before this
 module replays the same way (``workflow.patched``).
@@ -34,7 +37,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from spine.payloads import ToolCall
-    from spine.workflows.state import RunState, StopRun, apply_turn_order
+    from spine.workflows.state import RunState, StopRun, apply_turn_order, cumulative_amounts
 
 #: `workflow.patched` id guarding concurrent tool calls (runs recorded before ran them in turn).
 PATCH_PARALLEL_TOOL_CALLS = "spine-parallel-tool-calls"
@@ -58,9 +61,10 @@ async def run_turn(state: RunState, calls: Sequence[ToolCall], run_one: RunOne) 
     stops: list[StopRun] = []
     tasks: list[asyncio.Task[None]] = []
 
-    async def guarded(call: ToolCall, index: int) -> None:
+    async def guarded(group: list[int]) -> None:
         try:
-            await run_one(call, index)
+            for index in group:
+                await run_one(calls[index], index)
         except StopRun as stop:
             stops.append(stop)
             if stop.status != "completed":  # a hand-off waits for its siblings
@@ -69,8 +73,8 @@ async def run_turn(state: RunState, calls: Sequence[ToolCall], run_one: RunOne) 
                         task.cancel()
 
     tasks.extend(
-        asyncio.create_task(guarded(call, index), name=f"tool call {index}")
-        for index, call in enumerate(calls)
+        asyncio.create_task(guarded(group), name=f"tool calls {group}")
+        for group in _groups(state, calls)
     )
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     ending = [s for s in stops if s.status != "completed"] or stops
@@ -81,3 +85,32 @@ async def run_turn(state: RunState, calls: Sequence[ToolCall], run_one: RunOne) 
         if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
             raise outcome
     apply_turn_order(state, [call.id for call in calls])
+
+
+def _groups(state: RunState, calls: Sequence[ToolCall]) -> list[list[int]]:
+    """The turn's calls as groups that run at once; calls within a group run one after another.
+
+    Calls that count toward the same cumulative approval total (the same tool, argument and
+    ``per`` value, e.g. refunds of one order) share a group: each is checked against the total
+    the ones before it added, so a turn cannot slip several amounts under a cumulative line at
+    once. Every other call is a group of its own. Groups are in the order of their first call.
+    """
+    parent = list(range(len(calls)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for index, call in enumerate(calls):
+        for key, _ in cumulative_amounts(state, call.name, call.args or {}):
+            if key in owner:
+                first, mine = root(owner[key]), root(index)
+                parent[max(first, mine)] = min(first, mine)
+            else:
+                owner[key] = index
+    groups: dict[int, list[int]] = {}
+    for index in range(len(calls)):
+        groups.setdefault(root(index), []).append(index)
+    return list(groups.values())

@@ -57,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
     from spine.payloads import (
         AgentAnswer,
         ParentRun,
+        PrincipalView,
         ToolCall,
         ToolCallResult,
         ToolDescriptor,
@@ -75,9 +76,11 @@ CHILD_EXECUTION_TIMEOUT = timedelta(days=30)
 
 
 def inherited_identity(parent: AgentRequest) -> dict[str, str]:
-    """Who a sub-agent acts for: the parent's user and role, billed to the parent's account.
+    """Who a sub-agent acts for: the parent's user and role, billed to the parent's account
+    (all three verified against the parent's principal when the parent was admitted; the
+    child is admitted as its parent's child, see :func:`verify_parent`).
 
-    The one place a child's identity comes from (so verified principals can replace it here).
+    The one place a child's identity comes from.
     """
     return {"user": parent.user, "role": parent.role, "account": parent.account}
 
@@ -93,23 +96,30 @@ def child_model(choice: ModelChoice | None, agent: str) -> ModelChoice | None:
     return ModelChoice(provider=choice.provider)
 
 
-def verify_parent(request: AgentWorkflowInput, record: Record) -> None:
-    """A run whose input names a parent must really be that parent's child; audit the link.
+def verify_parent(request: AgentWorkflowInput, record: Record) -> PrincipalView | None:
+    """Admit a sub-agent run: it must really be the child of the run its input names (Temporal
+    records who started a child; a client cannot start one), and it acts for the principal its
+    parent verified. Audits the link. None for a run that is not a sub-agent.
 
     Raises:
-        StopRun: the input names a parent Temporal does not know this run by.
+        StopRun: the input names a parent Temporal does not know this run by, or asks for
+            something its parent could not have asked for.
     """
     link = request.parent
     if link is None:
-        return
+        return None
     parent = workflow.info().parent
+    problem = None
     if parent is None or parent.workflow_id != link.workflow_id:
-        raise StopRun(
-            "failed",
-            f"refused: the input names parent run {link.workflow_id!r}, but this run was not "
-            "started by it",
-            compensate=False,
+        problem = (
+            f"the input names parent run {link.workflow_id!r}, but this run was not started by it"
         )
+    elif request.fork_from is not None:
+        problem = "a sub-agent run cannot be a fork"
+    elif request.user != link.principal:
+        problem = f"user {request.user!r} is not its parent's principal {link.principal!r}"
+    if problem:
+        raise StopRun("failed", f"refused: {problem}", compensate=False)
     record(
         "sub_agent",
         "spine",
@@ -122,6 +132,8 @@ def verify_parent(request: AgentWorkflowInput, record: Record) -> None:
         tool=link.tool,
         depth=link.depth,
     )
+    # The parent verified its starter, role and account; the child inherits exactly those.
+    return PrincipalView(name=link.principal, roles=[request.role], accounts=[request.account])
 
 
 class SubAgents:
@@ -202,6 +214,7 @@ class SubAgents:
                 call_id=call_id,
                 audit_run_id=self._audit_run_id,
                 depth=depth,
+                principal=self.state.principal,
             ),
             **inherited_identity(self.request),
         )
