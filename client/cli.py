@@ -104,6 +104,31 @@ def load_script(path: Path) -> list[ScriptTurn]:
         ) from e
 
 
+def load_sub_agent_scripts(path: Path) -> dict[str, ModelChoice]:
+    """The sub-agents' scripts in a script file: ``{"script": [...], "sub_agents": {agent:
+    [turns]}}`` (an already checked file; a plain list of turns has none).
+
+    Raises:
+        click.UsageError: `sub_agents` is not an object of valid scripts; names the agent.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    found = data.get("sub_agents", {}) if isinstance(data, dict) else {}
+    if not isinstance(found, dict):
+        raise click.UsageError(f"script file '{path}': sub_agents must be an object")
+    scripts = {}
+    for agent, turns in found.items():
+        try:
+            scripts[str(agent)] = ModelChoice(
+                provider="scripted", script=_SCRIPT.validate_python(turns)
+            )
+        except ValidationError as e:
+            raise click.UsageError(
+                f"script file '{path}' is not a valid script: "
+                f"{summarise_validation(e, f'sub_agents.{agent}')}"
+            ) from e
+    return scripts
+
+
 def parse_model(spec: str | None, script: list[ScriptTurn] | None) -> ModelChoice | None:
     """`--model PROVIDER[:NAME]` (and `--script`) as a `ModelChoice`; None keeps the default."""
     if spec is None and script is None:
@@ -203,7 +228,8 @@ def worker_cmd() -> None:
 @click.option(
     "--script",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="JSON file of scripted-model turns (implies --model scripted).",
+    help="JSON file of scripted-model turns (implies --model scripted); as an object, "
+    '{"script": [...], "sub_agents": {"AGENT": [...]}} also scripts sub-agents.',
 )
 @click.option("--max-steps", type=click.IntRange(min=1), help="Tighten the policy's step limit.")
 @click.option("--max-usd", type=click.FloatRange(min=0), help="Tighten the policy's cost limit.")
@@ -228,6 +254,8 @@ def run_cmd(
 ) -> None:
     """Start AGENT on GOAL; print the workflow id and its Web UI link."""
     model = parse_model(model_spec, load_script(script) if script is not None else None)
+    if model is not None and script is not None:
+        model.sub_agents = load_sub_agent_scripts(script)  # a script file may script sub-agents
     limits = (
         Limits(max_steps=max_steps, max_usd=max_usd)
         if max_steps is not None or max_usd is not None

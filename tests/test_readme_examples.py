@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from spine.client.cli import load_script
+import click
+import pytest
+
+from spine.client.cli import load_script, load_sub_agent_scripts
 from spine.client.runs import decide, get_run, get_state, start_run, wait_result
 from spine.client.testing import child_runs, turn_timings
 from spine.contract import AgentRequest, ApprovalDecision, ModelChoice, sub_agent_workflow_id
@@ -38,7 +41,12 @@ async def test_parallel_lookups_and_store_credit(client, make_worker, task_queue
 
 
 async def test_inspection_hands_over_to_the_sub_agent(client, make_worker, task_queue):
-    request = AgentRequest.model_validate(json.loads((SCRIPTS / "inspection.json").read_text()))
+    path = SCRIPTS / "inspection.json"
+    model = ModelChoice(
+        provider="scripted", script=load_script(path), sub_agents=load_sub_agent_scripts(path)
+    )
+    request = _request(model.script, "Order o-1020 arrived broken; get it inspected.")
+    request.model = model
     async with make_worker():
         handle = await start_run(client, request, task_queue=task_queue)
         child = get_run(
@@ -63,3 +71,13 @@ async def test_inspection_hands_over_to_the_sub_agent(client, make_worker, task_
     assert result.status == "completed", result.reason
     assert [c.id for c in await child_runs(handle)] == [child.id]
     assert [e.tool for e in result.side_effects] == ["file_inspection"]
+
+
+def test_a_bad_sub_agent_script_is_one_line_naming_the_agent(tmp_path):
+    bad = tmp_path / "bad.json"
+    children = {"inspection-agent": [{"confidence": "sure"}]}
+    bad.write_text(json.dumps({"script": [{"text": "hi"}], "sub_agents": children}))
+    with pytest.raises(click.UsageError) as refused:
+        load_sub_agent_scripts(bad)
+    message = refused.value.format_message()
+    assert "sub_agents.inspection-agent" in message and "\n" not in message

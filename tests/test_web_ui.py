@@ -160,6 +160,17 @@ async def test_a_sub_agent_shows_as_a_child_of_its_run_in_the_web_ui(
 
     env, ui_port, chromium = ui_env
     vault, service = stack
+    # Runs are started by a verified principal: this client signs as the request's user.
+    from temporalio.client import Client
+
+    from spine.client.identity import SigningInterceptor
+
+    client = Client(
+        env.client.service_client,
+        namespace=env.client.namespace,
+        data_converter=env.client.data_converter,
+        interceptors=[SigningInterceptor(vault.signer(vault.tokens))],
+    )
     order = "o-1482"
     child_script = (
         script()
@@ -174,9 +185,9 @@ async def test_a_sub_agent_shows_as_a_child_of_its_run_in_the_web_ui(
             secrets=VaultSecrets(vault.url, token=vault.token),
             providers={},
         )
-        async with build_worker(env.client, config=config):
+        async with build_worker(client, config=config):
             handle = await start_scripted_run(
-                env.client,
+                client,
                 config.task_queue,
                 "refund-agent",
                 "inspect",

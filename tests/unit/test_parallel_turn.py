@@ -11,7 +11,7 @@ from datetime import timedelta
 from spine.contract import ApprovalDecision, OperatorCommand
 from spine.guardrails.approvals import ApprovalDesk
 from spine.guardrails.parking import Parking
-from spine.payloads import ChatMessage, ToolCall
+from spine.payloads import ChatMessage, PrincipalView, ToolCall
 from spine.workflows.state import apply_refusal, apply_tool_result, apply_turn_order
 from tests.unit.kit import FakeRun, state
 
@@ -77,8 +77,9 @@ async def test_approvals_of_one_turn_wait_together_and_a_cancelled_one_is_withdr
     assert desk.pending() == []
     assert run.statuses[-1] == ("running", None)
     assert run.kinds()[-1] == "policy_decision:withdrawn"
+    bob = PrincipalView(name="b", roles=["supervisor"], accounts=["acme"])
     assert desk.problem(
-        ApprovalDecision(approval_id=two, decision="approve", by="b", role="supervisor")
+        ApprovalDecision(approval_id=two, decision="approve", by="b", role="supervisor"), bob
     ) == (f"unknown approval {two!r} for this run")
 
 
