@@ -4,6 +4,8 @@ so a retry after an ambiguous failure finds the effect instead of doing it twice
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import httpx
 import pytest
@@ -18,7 +20,8 @@ from spine.contract import AgentRequest, ModelChoice
 from spine.guardrails.secrets import NoSecrets
 from spine.payloads import ReconcileAnswer, ReconcileQuery, ToolCallInput, ToolCallResult
 from tests.extra_agents import POLICY
-from tests.helpers import policy_file
+from tests.helpers import eventually, policy_file
+from tests.test_worker_process import spawn_worker
 
 RUNS = 50
 #: With this seed the service's first 50 rolls at 15% hit 8 times (random.Random(10)).
@@ -216,3 +219,47 @@ def test_declaration_mistakes_name_the_tool():
     registry.add_tool(lookup)
     with pytest.raises(ToolDefinitionError, match="does not declare reconciles='pay'"):
         registry.check()
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_after_the_credit_committed_does_not_credit_twice(
+    client, worker_env, worker_processes, service: DemoService, task_queue: str
+):
+    """The legacy API has committed the credit and hangs; the worker is SIGKILLed mid-call. The
+    call's next attempt, on a fresh worker, finds the credit and records it: one credit."""
+    env = {**worker_env, "SPINE_LEGACY_TIMEOUT_S": "60"}  # the worker dies before it times out
+    first = await spawn_worker(env, worker_processes)
+    await asyncio.to_thread(service.post, "/v1/chaos", {"commit_then_timeout_rate": 1.0})
+    try:
+        turns = script().tool("issue_store_credit", order_id="o-1369", amount=7.0).text("ok")
+        request = AgentRequest(
+            agent="refund-agent",
+            goal="Say sorry with 7.00.",
+            user="alice",
+            role="support",
+            account="acme",
+            model=ModelChoice(provider="scripted", script=list(turns)),
+        )
+        handle = await start_run(client, request, task_queue=task_queue)
+        reference = f"{handle.id}/{handle.first_execution_run_id}/1/0"
+
+        async def committed() -> bool:
+            found = await asyncio.to_thread(
+                service.get, f"/v1/legacy/credits?reference={reference}"
+            )
+            return len(found) == 1  # type: ignore[arg-type]
+
+        await eventually(committed, timeout=120, what="the committed credit")
+        os.kill(first.pid, signal.SIGKILL)
+        assert await asyncio.to_thread(first.wait, 30) == -signal.SIGKILL
+        await asyncio.to_thread(service.post, "/v1/chaos", {})
+        await spawn_worker(env, worker_processes)
+        result = await asyncio.wait_for(wait_result(handle), timeout=300)
+    finally:
+        await asyncio.to_thread(service.post, "/v1/chaos", {})
+    assert result.status == "completed", result.reason
+    credits = service.get(f"/v1/legacy/credits?reference={reference}")
+    assert len(credits) == 1  # type: ignore[arg-type]
+    [effect] = result.side_effects
+    assert effect.output["credit_id"] == credits[0]["credit_id"]  # type: ignore[index]
+    assert any("had already happened" in p for p in result.path)
