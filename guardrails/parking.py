@@ -169,9 +169,11 @@ class Parking:
             non_retryable_error_types=NON_RETRYABLE_TYPES,
         )
 
-    def failed(self, err: BaseException) -> None:
-        """A call scheduled with the last :meth:`retry_policy` failed: count its retries."""
+    def failed(self, err: BaseException, *, cap: int | None = None) -> None:
+        """A call scheduled with the last :meth:`retry_policy` (or with attempt cap `cap`, when
+        calls run at once) failed: count its retries."""
         # A local activity that gives up surfaces as its own ApplicationError, without retry state.
         exhausted = getattr(err, "retry_state", None) == RetryState.MAXIMUM_ATTEMPTS_REACHED
-        used = self._attempt_cap if exhausted or isinstance(err, ApplicationError) else 1
+        attempts = cap if cap is not None else self._attempt_cap
+        used = attempts if exhausted or isinstance(err, ApplicationError) else 1
         apply_retries(self.state, used - 1)

@@ -76,6 +76,7 @@ class ToolCalls:
         self._user = user
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
         self._late: dict[str, ToolCallResult] = {}
+        self._caps: dict[str, int] = {}
         self.last_tool: str | None = None
         self.slots = asyncio.Semaphore(max(1, self.spec.max_parallel_tool_calls))
         """Tool activities of one turn running at once (the policy's
@@ -161,7 +162,7 @@ class ToolCalls:
                         )
                 except (ActivityError, ApplicationError) as err:  # local tools: the latter
                     kind, message = failure_text(err)
-                    self.parking.failed(err)
+                    self.parking.failed(err, cap=self._caps.pop(used_key, None))
                     if kind in MODEL_CORRECTABLE:
                         self._audit(tool, args, key, "error", f"{kind}: {message}")
                         raise ApplicationError(message, type=kind) from err
@@ -180,6 +181,7 @@ class ToolCalls:
                         call = ToolCall(id=call_id, name=candidate.name, args=args)
                         apply_tool_result(self.state, call, candidate, args, late.output, used_key)
                     raise
+                self._caps.pop(used_key, None)
                 apply_retries(self.state, result.attempt - 1)
                 self._audit(
                     candidate,
@@ -276,6 +278,8 @@ class ToolCalls:
             ),
             "summary": f"{tool.name}({shown})" if shown is not None else tool.name,
         }
+        if key is not None:  # calls of one turn run at once: each keeps its own attempt cap
+            self._caps[key] = options["retry_policy"].maximum_attempts
         live.publish(
             f"tool:{self.state.step}:{call_id}:{purpose}:{tool.name}:{int(tried_before)}",
             "tool_started",
