@@ -7,10 +7,13 @@ import asyncio
 import time
 import uuid
 
+import httpx
 import pytest
+import uvicorn
 
 from spine.client.runs import wait_result
-from spine.client.testing import script, start_scripted_run
+from spine.client.stream_server import create_app
+from spine.client.testing import free_port, script, start_scripted_run
 from spine.observability.streams import (
     NewEvent,
     PostgresStreamStore,
@@ -19,6 +22,7 @@ from spine.observability.streams import (
     stream_store_from_env,
 )
 from tests import test_audit_postgres
+from tests.test_streaming import _healthy, _poll, _sse
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
 
@@ -91,3 +95,21 @@ async def test_a_run_streams_through_postgres_to_a_reader_elsewhere(
         "All good with o-1395."
     )
     assert not (worker_config.state_dir / "streams.db").exists()  # nothing went to SQLite
+    # The SSE endpoint, on yet another "host", serves the same stream from PostgreSQL.
+    served = await _sse_events(PostgresStreamStore(pg_server.dsn), handle.id)
+    assert [seq for seq, _ in served] == [e.seq for e in events]
+
+
+async def _sse_events(store: PostgresStreamStore, run_id: str) -> list[tuple[int, str]]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(store), port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            await asyncio.wait_for(_poll(lambda: _healthy(http)), 30)
+            return [
+                (seq, kind) for seq, kind, _ in await _sse(http, f"/v1/runs/{run_id}/events", {})
+            ]
+    finally:
+        server.should_exit = True
+        await serving
