@@ -752,8 +752,8 @@ class ToolRunner:
             answer = ReconcileAnswer.model_validate(raw, from_attributes=True)
         except ValidationError as err:
             raise ToolOutputInvalid(
-                f"{checker.name}: invalid reconcile answer: {_one_line(err)}"
-            ) from err
+                f"{checker.name}: invalid reconcile answer: {scrub.text(_one_line(err))}"
+            ) from None
         if not answer.found:
             return None
         if answer.output is None:
