@@ -63,6 +63,8 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.recovery --quick --out $(QUICK)/recovery.json
 	$(BIN)/python -m bench.peers --quick --out $(QUICK)/peers.json
 	$(BIN)/python -m bench.compound --quick --out $(QUICK)/compound.json
+	$(BIN)/python -m bench.parallel --quick --out $(QUICK)/parallel.json
+	$(BIN)/python -m bench.streaming --quick --out $(QUICK)/streaming.json
 	$(BIN)/python -m bench.report --results $(QUICK)
 
 bench-full: $(BENCH_STAMP)
@@ -74,6 +76,8 @@ bench-full: $(BENCH_STAMP)
 	$(BIN)/python -m bench.recovery --out bench/results/recovery.json
 	$(BIN)/python -m bench.peers --out bench/results/peers.json
 	$(BIN)/python -m bench.compound --out bench/results/compound.json
+	$(BIN)/python -m bench.parallel --out bench/results/parallel.json
+	$(BIN)/python -m bench.streaming --out bench/results/streaming.json
 	$(BIN)/python -m bench.report
 
 clean: down

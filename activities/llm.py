@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping
 
 from temporalio import activity
@@ -23,11 +24,12 @@ from spine.activities.errors import (
     SpineError,
 )
 from spine.activities.heartbeat import heartbeating
-from spine.activities.providers.base import ModelProvider
+from spine.activities.providers.base import ModelProvider, StreamingProvider
 from spine.activities.tools import Registry
 from spine.activities.transcript import TranscriptStore
 from spine.contract import ACTIVITY_MODEL_CALL, ACTIVITY_RESOLVE_AGENT, ScriptTurn, TokenUsage
 from spine.guardrails.policy import Policy
+from spine.observability.streams import NewEvent, TokenWriter, now_iso
 from spine.payloads import (
     AgentSpec,
     Appended,
@@ -36,8 +38,10 @@ from spine.payloads import (
     ModelCallInput,
     ModelCallResult,
     ProviderRequest,
+    ProviderResponse,
     ResolveAgentInput,
     ToolCall,
+    ToolDescriptor,
 )
 
 
@@ -105,12 +109,19 @@ def build_spec(
     """
     agent = registry.agent(request.agent)
     agent_policy = policy.agents.get(agent.name)
-    tools = []
+    tools: list[ToolDescriptor] = []
     for name in agent.tools:
         definition = registry.latest(name)
-        tools.append(definition.descriptor())
+        descriptor = definition.descriptor()
+        tools.append(descriptor)
         if definition.compensation:
             tools.append(registry.latest(definition.compensation).descriptor())
+        if definition.sub_agent:
+            # What undoes the child's effects, so the parent's saga can (see `sub_agent`).
+            undo = _sub_agent_undo(registry, definition.sub_agent, set())
+            descriptor.sub_agent_undo = [t.name for t in undo]
+            known = {t.name for t in tools}
+            tools.extend(t for t in undo if t.name not in known)
     return AgentSpec(
         name=agent.name,
         instructions=agent.instructions,
@@ -122,6 +133,8 @@ def build_spec(
         default_models=dict(policy.models.defaults),
         max_steps=agent_policy.max_steps if agent_policy else 20,
         max_usd=agent_policy.max_usd if agent_policy else None,
+        max_parallel_tool_calls=agent_policy.max_parallel_tool_calls if agent_policy else 4,
+        max_sub_agent_depth=policy.runtime.max_sub_agent_depth,
         max_invalid_tool_calls=policy.runtime.max_invalid_tool_calls,
         max_tokens=policy.runtime.max_tokens,
         continue_as_new_after_events=policy.runtime.continue_as_new_after_events,
@@ -143,6 +156,21 @@ def build_spec(
 MAX_ANSWER_BYTES = 256 * 1024
 
 
+def _sub_agent_undo(registry: Registry, agent: str, seen: set[str]) -> list[ToolDescriptor]:
+    """The compensation tools of `agent`'s tools, and of its own sub-agents' (each agent once)."""
+    if agent in seen:
+        return []
+    seen.add(agent)
+    undo: list[ToolDescriptor] = []
+    for name in registry.agent(agent).tools:
+        definition = registry.latest(name)
+        if definition.compensation:
+            undo.append(registry.latest(definition.compensation).descriptor())
+        if definition.sub_agent:
+            undo.extend(_sub_agent_undo(registry, definition.sub_agent, seen))
+    return undo
+
+
 class ModelActivities:
     """Activities that talk to models. Clients are built on the worker and injected."""
 
@@ -157,9 +185,12 @@ class ModelActivities:
         breakers: Breakers | None = None,
         audit_append: Callable[[AuditBatch], Awaitable[Appended]] | None = None,
         blobs: BlobStore | None = None,
+        live: Callable[[NewEvent], None] | None = None,
     ) -> None:
         self.registry = registry
         self.blobs = blobs
+        self.live = live
+        """Publishes to the runs' live streams (tokens as they arrive); None: no streaming."""
         self.audit_append = audit_append
         self.policy = policy
         self.transcripts = transcripts
@@ -224,6 +255,35 @@ class ModelActivities:
             resolved.append(message)
         return resolved
 
+    def _token_writer(self, call: ModelCallInput) -> TokenWriter | None:
+        """The live stream's writer for this attempt's tokens (after its `model_started`)."""
+        if self.live is None:
+            return None
+        info = activity.info()
+        attempt, run_id = info.attempt, info.workflow_id or call.transcript_id  # the run's stream
+        self.live(
+            NewEvent(
+                run_id,
+                f"model:{call.step}:{call.fallback_index}:{attempt}",
+                "model_started",
+                {
+                    "step": call.step,
+                    "attempt": attempt,
+                    "provider": call.provider,
+                    "model": call.model,
+                    "fallback_index": call.fallback_index,
+                },
+                now_iso(),
+            )
+        )
+        return TokenWriter(
+            self.live,
+            run_id,
+            step=call.step,
+            attempt=attempt,
+            fallback_index=call.fallback_index,
+        )
+
     async def _model_call(self, call: ModelCallInput) -> ModelCallResult:
         # The scripted model answers from its script: it only needs the prefix verified.
         messages = await self.transcripts.extend(
@@ -233,13 +293,19 @@ class ModelActivities:
             call.new_messages,
             load=call.provider != "scripted",
         )
+        tokens = self._token_writer(call)
         if call.provider == "scripted":
             if call.script_turn is None:
                 raise ModelRequestRejected("scripted model: no script turn for this step")
             # Fault injection for demos and benchmarks; randomness is fine in an activity.
-            return await self.breakers.call(
+            result = await self.breakers.call(
                 "model:scripted", lambda: _scripted(call, call.script_turn)
             )
+            if tokens is not None and result.message.content:
+                for word in re.findall(r"\S+\s*", result.message.content):
+                    await tokens(word)  # as a model would stream it
+                tokens.flush()
+            return result
         provider = self.providers.get(call.provider)
         if provider is None:
             raise ModelRequestRejected(
@@ -251,9 +317,22 @@ class ModelActivities:
         request = ProviderRequest(
             model=call.model, messages=messages, tools=tools, max_tokens=call.max_tokens
         )
-        response = await self.breakers.call(
-            f"model:{call.provider}", lambda: provider.complete(request)
-        )
+        if tokens is not None and isinstance(provider, StreamingProvider):
+            # Tokens reach the run's live stream as they arrive; the result (and its usage,
+            # counted once) is the whole answer, as without streaming.
+            streaming = provider
+
+            async def streamed() -> ProviderResponse:
+                try:
+                    return await streaming.stream(request, tokens)
+                finally:
+                    tokens.flush()
+
+            response = await self.breakers.call(f"model:{call.provider}", streamed)
+        else:
+            response = await self.breakers.call(
+                f"model:{call.provider}", lambda: provider.complete(request)
+            )
         size = len(response.message.model_dump_json())
         if size > MAX_ANSWER_BYTES:
             # Taking it would put megabytes in history and every later prompt; retrying would

@@ -18,6 +18,7 @@ ones built without :func:`tool`) and every cross-reference.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -58,7 +59,11 @@ from spine.contract import ACCOUNT_PATTERN, JsonObject, tool_activity
 from spine.guardrails import taint
 from spine.guardrails.scrub import Scrubber
 from spine.payloads import (
+    AgentAnswer,
+    AgentTask,
     CompensationInput,
+    ReconcileAnswer,
+    ReconcileQuery,
     ToolCallInput,
     ToolCallResult,
     ToolDescriptor,
@@ -222,6 +227,11 @@ class ToolDefinition:
     rate_limit_group: str | None = None
     local: bool = False
     untrusted_output: bool = False
+    reconcile: str | None = None
+    reconciles: str | None = None
+    sub_agent: str | None = None
+    handoff: bool = False
+    sub_agent_max_usd: float | None = None
 
     def problems(self) -> list[str]:
         """What is wrong with this definition on its own, each naming the tool; empty if fine."""
@@ -238,11 +248,23 @@ class ToolDefinition:
                 )
         if self.compensates and self.input_model is not CompensationInput:
             found.append(f"compensation tool {name!r} must take CompensationInput as its input")
-        if self.side_effects and not self.idempotent_via:
+        if self.side_effects and not self.idempotent_via and not self.reconcile:
             found.append(
                 f"tool {name!r} has side effects but no idempotency key path: declare "
-                "idempotent_via='...' (how ctx.idempotency_key reaches the external system)"
+                "idempotent_via='...' (how ctx.idempotency_key reaches the external system), "
+                "or, for an API without idempotency keys, reconcile='<read tool>'"
             )
+        if self.sub_agent_max_usd is not None and not self.sub_agent_max_usd > 0:
+            found.append(f"sub-agent tool {name!r}: max_usd must be above 0")
+        if self.reconcile and not self.side_effects:
+            found.append(f"tool {name!r} declares reconcile= but has no side effects")
+        if self.reconciles:
+            if self.side_effects:
+                found.append(f"reconcile tool {name!r} must be read-only (no side effects)")
+            if self.input_model is not ReconcileQuery or self.output_model is not ReconcileAnswer:
+                found.append(
+                    f"reconcile tool {name!r} must take ReconcileQuery and return ReconcileAnswer"
+                )
         if self.risk not in get_args(Risk):
             found.append(
                 f"tool {name!r}: risk must be one of {', '.join(get_args(Risk))}, got {self.risk!r}"
@@ -292,6 +314,10 @@ class ToolDefinition:
             rate_limit_group=self.rate_limit_group,
             local=self.local,
             untrusted_output=self.untrusted_output,
+            reconcile=self.reconcile,
+            sub_agent=self.sub_agent,
+            handoff=self.handoff,
+            sub_agent_max_usd=self.sub_agent_max_usd,
         )
 
     def schema_for_model(self) -> ToolSchema:
@@ -320,6 +346,8 @@ def tool(
     rate_limit_group: str | None = None,
     local: bool = False,
     untrusted_output: bool = False,
+    reconcile: str | None = None,
+    reconciles: str | None = None,
 ) -> Callable[[Callable[[InputT, ToolContext], Awaitable[OutputT]]], ToolDefinition]:
     """Declare a tool.
 
@@ -348,6 +376,15 @@ def tool(
         local: Run as a local activity (inside the workflow task: less history, lower latency).
             Only for fast read-only tools: refused with side effects or ``timeout_s`` above
             ``MAX_LOCAL_TIMEOUT_S``.
+        reconcile: For a side effect on an API without idempotency keys: the read tool a retry
+            asks first whether the effect already happened (the tool sends
+            ``ctx.idempotency_key`` as the API's own reference, the reconcile tool finds it by
+            that reference). Every retry of the call, including an operator's retry of a parked
+            one, asks it; when it finds the effect, its output is recorded instead of calling
+            the tool again. Stands in for ``idempotent_via``.
+        reconciles: Set on a reconcile tool: the tool it looks after. It takes
+            :class:`ReconcileQuery`, returns :class:`ReconcileAnswer`, has no side effects and
+            is never offered to the model.
 
     The description the model sees is the function's docstring; argument descriptions come from
     the input model's ``Field(description=...)``.
@@ -374,6 +411,8 @@ def tool(
             output_model=output_model,  # type: ignore[arg-type]  # checked by problems() below
             description=inspect.cleandoc(fn.__doc__ or tool_name),
             side_effects=effects,
+            reconcile=reconcile,
+            reconciles=reconciles,
             compensation=compensation,
             secrets=tuple(secrets),
             start_to_close_s=timeout_s,
@@ -394,6 +433,67 @@ def tool(
         return definition
 
     return wrap
+
+
+def sub_agent(
+    agent: str,
+    *,
+    name: str,
+    description: str,
+    version: int = 1,
+    handoff: bool = False,
+    max_usd: float | None = None,
+    risk: Risk = "medium",
+) -> ToolDefinition:
+    """Declare another agent as a tool of this one ("agent as tool"; with `handoff`, a hand-off).
+
+    The model calls it like any tool, with a ``task`` (:class:`AgentTask`), and it passes the
+    same allowlist, schema check and approval rules. The run then starts `agent` as a **child
+    workflow** acting for the same user, role and account, with a budget carved from what the
+    parent has left (at most `max_usd`), under the child agent's own policy slice. The tool's
+    result is the child's answer (:class:`AgentAnswer`); with `handoff`, the child's answer is
+    the parent's final answer and the parent ends. A child that is rejected ends the parent
+    rejected (the parent's earlier effects are undone); cancelling the parent cancels the
+    child, which undoes its own effects; a parent compensated after its child finished undoes
+    the child's effects too.
+
+    Args:
+        agent: The registered agent to run (its own tools, instructions and policy).
+        name: The tool name the model sees.
+        description: What the model is told the sub-agent does.
+        handoff: The child's answer ends the parent's run as its final answer.
+        max_usd: The most one call may carve from the parent's remaining budget.
+    """
+
+    async def runs_as_child_workflow(args: AgentTask, ctx: ToolContext) -> AgentAnswer:
+        raise ToolFailed(f"{name} runs agent {agent!r} as a child workflow, not as an activity")
+
+    definition = ToolDefinition(
+        name=name,
+        version=version,
+        fn=runs_as_child_workflow,  # type: ignore[arg-type]  # never called with another model
+        input_model=AgentTask,
+        output_model=AgentAnswer,
+        description=description,
+        side_effects=False,
+        compensation=None,
+        secrets=(),
+        start_to_close_s=30.0,
+        max_attempts=1,
+        summary_arg=None,
+        compensates=None,
+        fallback=None,
+        dependency=name,
+        idempotent_via=None,
+        risk=risk,
+        sub_agent=agent,
+        handoff=handoff,
+        sub_agent_max_usd=max_usd,
+    )
+    problems = definition.problems()
+    if problems:
+        raise ToolDefinitionError("; ".join(problems))
+    return definition
 
 
 @dataclass(frozen=True)
@@ -456,6 +556,15 @@ class Registry:
                     f"compensation tool {t.name!r} compensates {t.compensates!r}, which is not "
                     "registered"
                 )
+            if t.reconcile and t.reconcile not in names:
+                found.append(
+                    f"tool {t.name!r} names reconcile tool {t.reconcile!r}, which is not registered"
+                )
+            elif t.reconcile and self.latest(t.reconcile).reconciles != t.name:
+                found.append(
+                    f"tool {t.name!r} names reconcile tool {t.reconcile!r}, which does not "
+                    f"declare reconciles={t.name!r}"
+                )
             if t.fallback and t.fallback not in names:
                 found.append(
                     f"tool {t.name!r} names fallback {t.fallback!r}, which is not registered"
@@ -463,6 +572,11 @@ class Registry:
             elif t.fallback and self.latest(t.fallback).side_effects != t.side_effects:
                 found.append(
                     f"tool {t.name!r} and its fallback {t.fallback!r} differ in side effects"
+                )
+        for t in self._tools.values():
+            if t.sub_agent and t.sub_agent not in self._agents:
+                found.append(
+                    f"sub-agent tool {t.name!r} runs agent {t.sub_agent!r}, which is not registered"
                 )
         for agent in self._agents.values():
             for tool_name in agent.tools:
@@ -474,6 +588,11 @@ class Registry:
                     found.append(
                         f"agent {agent.name!r} lists compensation tool {tool_name!r}; "
                         "compensation tools are never offered to the model"
+                    )
+                elif self.latest(tool_name).reconciles:
+                    found.append(
+                        f"agent {agent.name!r} lists reconcile tool {tool_name!r}; "
+                        "reconcile tools are never offered to the model"
                     )
         return found
 
@@ -591,27 +710,35 @@ class ToolRunner:
             settings=self.settings,
             _secrets=values,
         )
+        ambiguous = attempt > 1 or call.tried_before
+        found = None
         try:
-            try:
-                result = await self.breakers.call(
-                    definition.dependency, lambda: _call_tool(definition, args, ctx)
-                )
-            except AuthenticationFailed:
-                # The dependency refused a secret this worker had cached: it may have been
-                # rotated. Read it afresh and call once more (a refused request made no side
-                # effect).
-                invalidate = getattr(self.secrets, "invalidate", None)
-                if not (
-                    definition.secrets
-                    and invalidate
-                    and invalidate(definition.secrets, call.account)
-                ):
-                    raise
-                ctx._secrets = await self.secrets.resolve(definition.secrets, call.account)
-                values = {**{f"stale {k}": v for k, v in values.items()}, **ctx._secrets}
-                result = await self.breakers.call(
-                    definition.dependency, lambda: _call_tool(definition, args, ctx)
-                )
+            if definition.reconcile and ambiguous and call.purpose != "compensation":
+                # An earlier attempt may have done the effect and died before it could say so.
+                found = await self._reconcile(definition, call, ctx)
+            if found is not None:
+                result: object = found
+            else:
+                try:
+                    result = await self.breakers.call(
+                        definition.dependency, lambda: _call_tool(definition, args, ctx)
+                    )
+                except AuthenticationFailed:
+                    # The dependency refused a secret this worker had cached: it may have been
+                    # rotated. Read it afresh and call once more (a refused request made no
+                    # side effect).
+                    invalidate = getattr(self.secrets, "invalidate", None)
+                    if not (
+                        definition.secrets
+                        and invalidate
+                        and invalidate(definition.secrets, call.account)
+                    ):
+                        raise
+                    ctx._secrets = await self.secrets.resolve(definition.secrets, call.account)
+                    values = {**{f"stale {k}": v for k, v in values.items()}, **ctx._secrets}
+                    result = await self.breakers.call(
+                        definition.dependency, lambda: _call_tool(definition, args, ctx)
+                    )
         except SpineError as err:
             # Error messages leave the activity (history, logs, traces, the model): no secret.
             err.message = Scrubber(values.values()).text(err.message)
@@ -630,7 +757,9 @@ class ToolRunner:
                 f"{call.tool}: invalid output: {scrub.text(_one_line(err))}"
             ) from None
         dumped = scrub.value(output.model_dump(mode="json"))
-        return await self._deliver(call, definition, dumped, attempt)  # type: ignore[arg-type]  # scrub keeps the shape
+        return await self._deliver(
+            call, definition, dumped, attempt, reconciled=found is not None
+        )  # type: ignore[arg-type]  # scrub keeps the shape
 
     async def _dereference_undone(
         self, call: ToolCallInput, definition: ToolDefinition
@@ -649,7 +778,13 @@ class ToolRunner:
         return {**call.args, "output": found[digest]}
 
     async def _deliver(
-        self, call: ToolCallInput, definition: ToolDefinition, output: JsonObject, attempt: int
+        self,
+        call: ToolCallInput,
+        definition: ToolDefinition,
+        output: JsonObject,
+        attempt: int,
+        *,
+        reconciled: bool = False,
     ) -> ToolCallResult:
         """The result history will hold: the output, or a reference to it in the blob store."""
         data = encode_output(output)
@@ -667,7 +802,7 @@ class ToolRunner:
         # An output that looks like a reference is stored too, so the model reads it as sent.
         by_ref = size > self.inline_bytes or REF_KEY in output
         if self.blobs is None or not (by_ref or definition.untrusted_output):
-            return ToolCallResult(output=output, attempt=attempt)
+            return ToolCallResult(output=output, attempt=attempt, reconciled=reconciled)
         key = f"{call.step}:{call.call_id}:{call.tool}:{call.purpose}"
         digest = await self.blobs.put_output(
             call.run_id,
@@ -679,15 +814,63 @@ class ToolRunner:
             data=data,
         )
         if not by_ref:
-            return ToolCallResult(output=output, attempt=attempt)
+            return ToolCallResult(output=output, attempt=attempt, reconciled=reconciled)
         tokens = None
         if definition.untrusted_output:
             # Taint checks remember every token of outside content: the workflow cannot read the
             # stored output, so it gets the tokens' filter (guardrails/taint.py) instead.
             tokens = taint.remember("", json.dumps(output, sort_keys=True))
         return ToolCallResult(
-            output=reference(digest, size, call.tool), attempt=attempt, untrusted_filter=tokens
+            output=reference(digest, size, call.tool),
+            attempt=attempt,
+            untrusted_filter=tokens,
+            reconciled=reconciled,
         )
+
+    async def _reconcile(
+        self, definition: ToolDefinition, call: ToolCallInput, ctx: ToolContext
+    ) -> JsonObject | None:
+        """Ask the tool's reconcile tool whether the effect happened; its output if it did.
+
+        A reconcile tool that fails fails the attempt (Temporal retries it): when Spine cannot
+        tell whether the effect happened, it does not call the tool again.
+        """
+        checker = self.registry.latest(definition.reconcile or "")
+        query = ReconcileQuery(
+            tool=call.tool,
+            args=call.args,
+            reference=call.idempotency_key or f"{call.run_id}/{call.step}/{call.call_id}",
+            run_id=call.run_id,
+        )
+        values = (
+            await self.secrets.resolve(checker.secrets, call.account) if checker.secrets else {}
+        )
+        checker_ctx = dataclasses.replace(ctx, _secrets=values)
+        scrub = Scrubber(values.values())
+        try:
+            raw = await self.breakers.call(
+                checker.dependency, lambda: _call_tool(checker, query, checker_ctx)
+            )
+        except SpineError as err:
+            err.message = scrub.text(err.message)
+            raise
+        except Exception as err:
+            raise DependencyUnavailable(
+                f"{checker.name}: {type(err).__name__}: {scrub.text(str(err))}"
+            ) from None
+        try:
+            answer = ReconcileAnswer.model_validate(raw, from_attributes=True)
+        except ValidationError as err:
+            raise ToolOutputInvalid(
+                f"{checker.name}: invalid reconcile answer: {scrub.text(_one_line(err))}"
+            ) from None
+        if not answer.found:
+            return None
+        if answer.output is None:
+            raise ToolOutputInvalid(
+                f"{checker.name}: found the effect of {call.tool} but returned no output"
+            )
+        return scrub.value(answer.output)  # type: ignore[return-value]  # scrub keeps the shape
 
 
 async def _call_tool(definition: ToolDefinition, args: BaseModel, ctx: ToolContext) -> BaseModel:
@@ -714,6 +897,8 @@ def make_tool_activities(runner: ToolRunner) -> list[Callable[..., Awaitable[Too
     """One activity per tool name, named ``tool.<name>`` so history reads like the story."""
     activities = []
     for tool_name in runner.registry.tool_names:
+        if runner.registry.latest(tool_name).sub_agent:
+            continue  # a sub-agent runs as a child workflow
 
         async def run_tool(call: ToolCallInput) -> ToolCallResult:
             async with heartbeating():

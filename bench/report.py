@@ -310,6 +310,40 @@ def markdown(results: Path) -> str:
             "demo's tools (15 s timeout, 5 s heartbeat timeout).",
             "",
         ]
+    parallel = _load(results, "parallel")
+    if parallel:
+        command = parallel.get("command", "python -m bench.parallel")
+        lines += [
+            f"**Parallel tool calls** — one turn of N order lookups ({parallel['latency_ms']} ms "
+            "each in the service), run at once vs one by one, turn time from history, median of "
+            f"{parallel['rounds']} rounds (`{command}`):",
+            "",
+            "| calls | parallel turn | one by one | speed-up |",
+            "|---:|---:|---:|---:|",
+        ]
+        for row in parallel["rows"]:
+            lines.append(
+                f"| {row['calls']} | {_s(row['parallel_turn_s'])} | {_s(row['sequential_turn_s'])} "
+                f"| {row['speedup']:.2f}x |"
+            )
+        lines.append("")
+    streaming = _load(results, "streaming")
+    if streaming:
+        lines += [
+            f"**Live streaming** — a {streaming['answer_chars']}-character answer streamed in "
+            f"pieces {streaming['piece_ms']} ms apart through each SDK, median of "
+            f"{streaming['runs']} runs, from the model call's start "
+            f"(`{streaming.get('command', 'python -m bench.streaming')}`):",
+            "",
+            "| provider | first token | answer done | first token seen by a reader |",
+            "|---|---:|---:|---:|",
+        ]
+        for provider, r in streaming["providers"].items():
+            lines.append(
+                f"| {provider} | {r['first_token_s'] * 1000:.0f} ms | {_s(r['answer_s'])} "
+                f"| {r['first_token_seen_s'] * 1000:.0f} ms |"
+            )
+        lines.append("")
     images = sorted(p.name for p in results.glob("*.png"))
     if images:
         lines.append("Plots: " + ", ".join(f"`{_shown(results)}/{name}`" for name in images))

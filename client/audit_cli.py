@@ -10,13 +10,15 @@ key is shown as ``[key=value ...]``, so nothing stored is hidden):
 =================  ===========================================================================
 run_started        user, role, provider, model, goal_digest
 model_turn         model, input_tokens, output_tokens, usd, finish_reason, tool_calls [{name}]
-tool_call          tool, version, args_digest, outcome, error, idempotency_key
+tool_call          tool, version, args_digest, outcome, error, idempotency_key, reconciled
 policy_decision    decision, tool, reason
 budget             spent_usd, limit_usd, decision, reason
 approval           approval_id, decision, by, role, reason, accepted (false: refused)
 operator           action, by, role, reason, accepted (false: refused)
 compensation       tool, compensates, outcome, error, idempotency_key
 run_outcome        status, reason, steps, usd
+sub_agent          decision (started, finished; started_by in the child), agent, workflow_id,
+                   carve_usd, status, usd, reason
 alert              message or reason
 =================  ===========================================================================
 
@@ -155,12 +157,22 @@ def summarize(kind: str, data: Mapping[str, object]) -> str:
                     str(c.get("name", "?")) if isinstance(c, dict) else str(c) for c in calls
                 )
         case "tool_call":
-            known = {"tool", "version", "args_digest", "outcome", "idempotency_key", "error"}
+            known = {
+                "tool",
+                "version",
+                "args_digest",
+                "outcome",
+                "idempotency_key",
+                "error",
+                "reconciled",
+            }
             version = f"@{d['version']}" if d.get("version") is not None else ""
             text = (
                 f"{d.get('tool', '?')}{version}({short(d.get('args_digest', ''))}) -> "
                 f"{d.get('outcome', '?')}"
             )
+            if d.get("reconciled"):
+                text += " (already done: found by its reconcile tool, not called again)"
             if d.get("error"):
                 text += f": {d['error']}"
             if d.get("idempotency_key"):
@@ -204,6 +216,17 @@ def summarize(kind: str, data: Mapping[str, object]) -> str:
                 text += f": {d['reason']}"
             if d.get("steps") is not None or d.get("usd") is not None:
                 text += f"  ({d.get('steps', '?')} steps, {_usd(d.get('usd'))})"
+        case "sub_agent":
+            known = {"decision", "agent", "workflow_id", "status", "reason", "usd", "carve_usd"}
+            text = f"{d.get('decision', '?')} {d.get('agent', '?')} {d.get('workflow_id', '?')}"
+            if d.get("carve_usd") is not None:
+                text += f", budget {_usd(d.get('carve_usd'))}"
+            if d.get("status"):
+                text += f" -> {d['status']}"
+                if d.get("usd") is not None:
+                    text += f" ({_usd(d.get('usd'))})"
+            if d.get("reason"):
+                text += f": {d['reason']}"
         case "alert":
             known = {"message", "reason"}
             text = str(d.get("message") or d.get("reason") or "")

@@ -38,6 +38,7 @@ from spine.client.runs import (
     web_ui_url,
 )
 from spine.client.slo_cli import slo
+from spine.client.stream_cli import stream_server
 from spine.client.tools_cli import tools
 from spine.client.trace_cli import trace
 from spine.contract import (
@@ -101,6 +102,31 @@ def load_script(path: Path) -> list[ScriptTurn]:
         raise click.UsageError(
             f"script file '{path}' is not a valid script: {summarise_validation(e, 'script')}"
         ) from e
+
+
+def load_sub_agent_scripts(path: Path) -> dict[str, ModelChoice]:
+    """The sub-agents' scripts in a script file: ``{"script": [...], "sub_agents": {agent:
+    [turns]}}`` (an already checked file; a plain list of turns has none).
+
+    Raises:
+        click.UsageError: `sub_agents` is not an object of valid scripts; names the agent.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    found = data.get("sub_agents", {}) if isinstance(data, dict) else {}
+    if not isinstance(found, dict):
+        raise click.UsageError(f"script file '{path}': sub_agents must be an object")
+    scripts = {}
+    for agent, turns in found.items():
+        try:
+            scripts[str(agent)] = ModelChoice(
+                provider="scripted", script=_SCRIPT.validate_python(turns)
+            )
+        except ValidationError as e:
+            raise click.UsageError(
+                f"script file '{path}' is not a valid script: "
+                f"{summarise_validation(e, f'sub_agents.{agent}')}"
+            ) from e
+    return scripts
 
 
 def parse_model(spec: str | None, script: list[ScriptTurn] | None) -> ModelChoice | None:
@@ -202,7 +228,8 @@ def worker_cmd() -> None:
 @click.option(
     "--script",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="JSON file of scripted-model turns (implies --model scripted).",
+    help="JSON file of scripted-model turns (implies --model scripted); as an object, "
+    '{"script": [...], "sub_agents": {"AGENT": [...]}} also scripts sub-agents.',
 )
 @click.option("--max-steps", type=click.IntRange(min=1), help="Tighten the policy's step limit.")
 @click.option("--max-usd", type=click.FloatRange(min=0), help="Tighten the policy's cost limit.")
@@ -227,6 +254,8 @@ def run_cmd(
 ) -> None:
     """Start AGENT on GOAL; print the workflow id and its Web UI link."""
     model = parse_model(model_spec, load_script(script) if script is not None else None)
+    if model is not None and script is not None:
+        model.sub_agents = load_sub_agent_scripts(script)  # a script file may script sub-agents
     limits = (
         Limits(max_steps=max_steps, max_usd=max_usd)
         if max_steps is not None or max_usd is not None
@@ -262,9 +291,26 @@ async def _run(request: AgentRequest, workflow_id: str | None, wait: bool, as_js
 @cli.command("status")
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status_cmd(run: str, as_json: bool) -> None:
+@click.option(
+    "--follow",
+    "live",
+    is_flag=True,
+    help="Print the run's stream (model tokens, steps) from its start, live, then its result.",
+)
+@click.pass_context
+def status_cmd(ctx: click.Context, run: str, as_json: bool, live: bool) -> None:
     """Show RUN's state (a workflow id); for a closed run, its result."""
+    if live:
+        ctx.exit(run_async(_follow_status(run, as_json)))
     run_async(_status(run, as_json))
+
+
+async def _follow_status(workflow_id: str, as_json: bool) -> int:
+    client = await connect()
+    handle = get_run(client, workflow_id)
+    desc = await describe(handle)
+    started = {"workflow_id": desc.id, "run_id": desc.run_id}
+    return await follow(handle, started, wait=True, as_json=as_json)
 
 
 async def _status(workflow_id: str, as_json: bool) -> None:
@@ -428,6 +474,7 @@ for _verb in (
     replay,
     sign_cmd,
     slo,
+    stream_server,
     tools,
     trace,
     whoami_cmd,

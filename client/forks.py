@@ -102,7 +102,9 @@ from spine.workflows.state import (
     apply_model_turn,
     apply_refusal,
     apply_retries,
+    apply_sub_agent,
     apply_tool_result,
+    apply_turn_order,
     begin,
     cumulative_amounts,
     told,
@@ -153,6 +155,18 @@ class _Activity:
     attempt: int = 1
     result: Payloads | None = None
     retry_state: int = 0
+    closed_event: int = 0
+    """The event id of its completion: calls of one turn that ran at once ended in this order."""
+
+
+@dataclass
+class _Child:
+    """A sub-agent run the original started, and its result once it closed."""
+
+    workflow_id: str
+    input: Payloads
+    result: Payloads | None = None
+    closed_event: int = 0
 
 
 @dataclass
@@ -163,6 +177,7 @@ class _Segment:
     input: AgentWorkflowInput
     activities: list[_Activity]
     result: AgentResult | None = None
+    children: list[_Child] = field(default_factory=list)
 
     @property
     def first_step(self) -> int:
@@ -238,8 +253,17 @@ async def _segment(
     request: AgentWorkflowInput | None = None
     result: AgentResult | None = None
     activities: dict[int, _Activity] = {}
+    children: dict[int, _Child] = {}
     following: str | None = None
     for event in events:
+        if event.HasField("start_child_workflow_execution_initiated_event_attributes"):
+            initiated = event.start_child_workflow_execution_initiated_event_attributes
+            children[event.event_id] = _Child(initiated.workflow_id, initiated.input)
+        elif event.HasField("child_workflow_execution_completed_event_attributes"):
+            finished = event.child_workflow_execution_completed_event_attributes
+            if finished.initiated_event_id in children:
+                children[finished.initiated_event_id].result = finished.result
+                children[finished.initiated_event_id].closed_event = event.event_id
         if event.HasField("workflow_execution_started_event_attributes"):
             started = event.workflow_execution_started_event_attributes
             request = await _decode(converter, started.input, AgentWorkflowInput)
@@ -257,6 +281,7 @@ async def _segment(
         elif event.HasField("activity_task_completed_event_attributes"):
             completed = event.activity_task_completed_event_attributes
             activities[completed.scheduled_event_id].result = completed.result
+            activities[completed.scheduled_event_id].closed_event = event.event_id
         elif event.HasField("activity_task_failed_event_attributes"):
             failed = event.activity_task_failed_event_attributes
             activities[failed.scheduled_event_id].retry_state = failed.retry_state
@@ -271,7 +296,9 @@ async def _segment(
             following = continued.new_execution_run_id or None
     if request is None:
         raise SpineClientError(f"run {run_id} has no start event in its history")
-    return _Segment(run_id, request, list(activities.values()), result), following
+    segment = _Segment(run_id, request, list(activities.values()), result)
+    segment.children = list(children.values())
+    return segment, following
 
 
 # ---------------------------------------------------------------------------- checkpoint
@@ -298,10 +325,14 @@ class _Calls:
 
     turns: dict[int, _Turn] = field(default_factory=dict)
     tools: dict[tuple[int, str], tuple[ToolCallInput, ToolCallResult]] = field(default_factory=dict)
+    #: (segment index, completion event id) per tool call that has a result: completion order.
+    ended: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
     #: (step, failed attempts as the workflow counts them) per call that failed for good.
     failures: list[tuple[int, int]] = field(default_factory=list)
     #: Idempotency keys of side effects a compensation undid.
     undone: set[str] = field(default_factory=set)
+    #: (step, call id) -> (child workflow id, its result) per sub-agent call that finished.
+    children: dict[tuple[int, str], tuple[str, AgentResult]] = field(default_factory=dict)
 
 
 @dataclass
@@ -454,7 +485,14 @@ def _fold(
                 turn.answer_at + 1 : turn.answer_at + 1 + len(turn.result.message.tool_calls)
             ]
         }
-        for call in turn.result.message.tool_calls:
+        # As the run applied them: in the order the calls ended (calls of one turn may run at
+        # once), those that ended without an activity (refused, local) first; then the model
+        # reads them in its own order.
+        asked = turn.result.message.tool_calls
+        ended = sorted(
+            range(len(asked)), key=lambda i: (calls.ended.get((k, asked[i].id), (-1, -1)), i)
+        )
+        for call in (asked[i] for i in ended):
             done = calls.tools.get((k, call.id))
             if done is not None:
                 used, output = done
@@ -486,6 +524,10 @@ def _fold(
                 # what the model heard is the output, as the workflow wrote it down.
                 output = json.loads(said.content or "{}")
                 apply_tool_result(state, call, by_name[call.name], call.args or {}, output, "")
+                child = calls.children.get((k, call.id))
+                if child is not None:  # a sub-agent: its spend and standing effects, as the run
+                    apply_sub_agent(state, child[0], child[1], carved_usd=0.0)
+        apply_turn_order(state, [call.id for call in asked])
     for failed_at, attempts in calls.failures:
         if segment.first_step < failed_at <= step:
             apply_retries(state, attempts)
@@ -506,7 +548,15 @@ async def _decode_calls(history: RunHistory, converter: DataConverter, spec: Age
     """Every model and tool call of the chain, decoded once."""
     compensation_tools = {t.compensation for t in spec.tools if t.compensation}
     calls = _Calls()
-    for segment in history.segments:
+    for position, segment in enumerate(history.segments):
+        for child in segment.children:
+            if child.result is None:
+                continue
+            link = (await _decode(converter, child.input, AgentWorkflowInput)).parent
+            if link is not None:
+                ended = await _decode(converter, child.result, AgentResult)
+                calls.children[(link.step, link.call_id)] = (child.workflow_id, ended)
+                calls.ended[(link.step, link.call_id)] = (position, child.closed_event)
         for act in segment.activities:
             if act.kind == ACTIVITY_MODEL_CALL:
                 call = await _decode(converter, act.input, ModelCallInput)
@@ -524,6 +574,7 @@ async def _decode_calls(history: RunHistory, converter: DataConverter, spec: Age
                 if act.result is not None:
                     output = await _decode(converter, act.result, ToolCallResult)
                     calls.tools[(step, used.call_id)] = (used, output)
+                    calls.ended[(step, used.call_id)] = (position, act.closed_event)
             else:
                 continue
             # As `AgentWorkflow` counts: a call that ran out of attempts used its whole cap (the

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import click
 
-from spine.client.runs import RunHandle, wait_result, watch
+from spine.client.runs import RunHandle, wait_result
 from spine.contract import AgentResult, StateView, Usage
 
 T = TypeVar("T")
@@ -86,9 +86,10 @@ async def follow(
         if as_json:
             echo_json(started)
         return 0
-    async for state in watch(handle):
-        if not as_json:
-            click.echo(state_line(state))
+    if not as_json:
+        from spine.client.live import print_live  # lazily: it imports this module's users
+
+        await print_live(handle, click.echo)  # tokens and steps as they happen
     result = await wait_result(handle)
     if as_json:
         echo_json({**started, "result": result.model_dump(mode="json")})

@@ -637,6 +637,7 @@ import re  # noqa: E402
 import tempfile  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from datetime import datetime  # noqa: E402
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar  # noqa: E402
 
 from pydantic import BaseModel  # noqa: E402
@@ -710,6 +711,18 @@ class ScriptBuilder(list[ScriptTurn]):
         self._last().tool_calls.append(ScriptToolCall(name=name, args=args))
         return self
 
+    def parallel(self, *calls: tuple[str, Mapping[str, object]]) -> ScriptBuilder:
+        """A turn in which the model calls several tools at once: ``(name, args)`` each.
+
+        The run executes them concurrently, up to the agent's ``max_parallel_tool_calls``.
+        """
+        if not calls:
+            raise ValueError("parallel() needs at least one (name, args) call")
+        turn = ScriptTurn(
+            tool_calls=[ScriptToolCall(name=name, args=dict(args)) for name, args in calls]
+        )
+        return self._turn(turn)
+
     def raw(self, name: str, raw_args: str) -> ScriptBuilder:
         """A turn calling `name` with argument text as a model would emit it (may be bad JSON)."""
         call = ScriptToolCall(name=name, raw_args=raw_args)
@@ -733,6 +746,20 @@ class ScriptBuilder(list[ScriptTurn]):
         """Make the run's model fail the last turn (fallback models still answer it)."""
         self._last().error = kind
         return self
+
+
+def scripted_model(
+    turns: Sequence[ScriptTurn], *, sub_agents: Mapping[str, Sequence[ScriptTurn]] | None = None
+) -> ModelChoice:
+    """The scripted model with `turns`, and a script for each sub-agent named in `sub_agents`."""
+    return ModelChoice(
+        provider="scripted",
+        script=list(turns),
+        sub_agents={
+            agent: ModelChoice(provider="scripted", script=list(child))
+            for agent, child in (sub_agents or {}).items()
+        },
+    )
 
 
 def script(*, tokens: tuple[int, int] | None = (100, 20)) -> ScriptBuilder:
@@ -780,15 +807,20 @@ async def start_scripted_run(
     role: str,
     account: str = "acme",
     limits: Limits | None = None,
+    sub_agents: Mapping[str, Sequence[ScriptTurn]] | None = None,
 ) -> RunHandle:
-    """Start `agent` on the scripted model on `worker`'s task queue (or a queue name)."""
+    """Start `agent` on the scripted model on `worker`'s task queue (or a queue name).
+
+    `sub_agents` scripts the sub-agents the run may call, by agent name: each child run of that
+    agent replays its script (see :func:`child_runs` to find them).
+    """
     request = AgentRequest(
         agent=agent,
         goal=goal,
         user=user,
         role=role,
         account=account,
-        model=ModelChoice(provider="scripted", script=list(turns)),
+        model=scripted_model(turns, sub_agents=sub_agents),
         limits=limits,
     )
     queue = worker if isinstance(worker, str) else worker.task_queue
@@ -957,3 +989,112 @@ async def assert_spend_at_most(run: Run, usd: float) -> Usage:
     usage = (await _result(run)).usage
     assert usage.usd <= usd, f"run spent {usage.usd:.6f} USD, more than {usd:.6f}"
     return usage
+
+
+@dataclass(frozen=True)
+class CallTiming:
+    """One tool call of a turn as history shows it: scheduled, and closed (None: still open)."""
+
+    tool: str
+    call_id: str
+    scheduled: datetime
+    closed: datetime | None
+
+
+@dataclass(frozen=True)
+class TurnTiming:
+    """A step's tool calls (the model's, not compensations), from the run's history."""
+
+    step: int
+    calls: list[CallTiming]
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the first call scheduled to the last one closed."""
+        start = min(c.scheduled for c in self.calls)
+        end = max(c.closed or c.scheduled for c in self.calls)
+        return (end - start).total_seconds()
+
+    @property
+    def max_concurrent(self) -> int:
+        """The most calls of the turn that were scheduled and not yet closed at one moment."""
+        edges = sorted(
+            [(c.scheduled, 1) for c in self.calls]
+            + [(c.closed, -1) for c in self.calls if c.closed is not None],
+            key=lambda edge: (edge[0], edge[1]),  # a close before an open at the same instant
+        )
+        running = most = 0
+        for _, delta in edges:
+            running += delta
+            most = max(most, running)
+        return most
+
+
+async def turn_timings(handle: RunHandle) -> dict[int, TurnTiming]:
+    """Each step's tool calls with their times, read from the run's history (all of its chain).
+
+    A turn whose calls ran concurrently has a ``duration`` close to its slowest call's and a
+    ``max_concurrent`` above 1 (at most the agent's ``max_parallel_tool_calls``).
+    """
+    scheduled: dict[int, tuple[ToolCallInput, datetime]] = {}
+    closed: dict[int, datetime] = {}
+    for event in await _events(handle):
+        when = event.event_time.ToDatetime()
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            attributes = event.activity_task_scheduled_event_attributes
+            if tool_of(attributes.activity_type.name) is None:
+                continue
+            call = await _decode(handle, attributes.input, ToolCallInput)
+            if call is not None and call.purpose != "compensation":
+                scheduled[event.event_id] = (call, when)
+        for field_name in (
+            "activity_task_completed_event_attributes",
+            "activity_task_failed_event_attributes",
+            "activity_task_timed_out_event_attributes",
+            "activity_task_canceled_event_attributes",
+        ):
+            if event.HasField(field_name):
+                closed[getattr(event, field_name).scheduled_event_id] = when
+    turns: dict[int, list[CallTiming]] = {}
+    for event_id, (call, when) in scheduled.items():
+        timing = CallTiming(call.tool, call.call_id, when, closed.get(event_id))
+        turns.setdefault(call.step, []).append(timing)
+    return {step: TurnTiming(step, calls) for step, calls in sorted(turns.items())}
+
+
+async def child_runs(handle: RunHandle) -> list[RunHandle]:
+    """The sub-agent runs `handle`'s run started, in order (handles on each child workflow)."""
+    client = getattr(handle, "_client", None)
+    if not isinstance(client, Client):
+        raise TypeError("child_runs needs a handle from a client (start_run or get_run)")
+    children = []
+    for event in await _events(handle):
+        if event.HasField("child_workflow_execution_started_event_attributes"):
+            started = event.child_workflow_execution_started_event_attributes
+            children.append(
+                client.get_workflow_handle(
+                    started.workflow_execution.workflow_id,
+                    run_id=started.workflow_execution.run_id,
+                    result_type=AgentResult,
+                )
+            )
+    return children
+
+
+async def assert_sub_agents(run: RunHandle, expected: Sequence[str]) -> list[RunHandle]:
+    """Assert the run started sub-agent runs of exactly the `expected` agents, in order."""
+    children = await child_runs(run)
+    agents = []
+    for child in children:
+        history = await child.fetch_history()
+        started = history.events[0].workflow_execution_started_event_attributes
+        agents.append(await _child_agent(child, started.input))
+    assert agents == list(expected), f"sub-agents started: {agents}, expected: {list(expected)}"
+    return children
+
+
+async def _child_agent(child: RunHandle, payloads: Payloads) -> str:
+    from spine.workflows.state import AgentWorkflowInput  # the child's input names its parent
+
+    request = await _decode(child, payloads, AgentWorkflowInput)
+    return request.agent if request is not None else "?"

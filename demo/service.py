@@ -15,10 +15,23 @@ Endpoints::
     POST /v1/refunds/{refund_id}/reverse   saga compensation of a refund
     POST /v1/emails                        {"order_id", "to", "subject", "body"}
     POST /v1/tickets                       {"order_id", "status", "note"}
-    GET  /v1/refunds | /v1/reversals | /v1/emails | /v1/tickets   [?order_id=]
+    POST /v1/inspections                   {"order_id", "finding", "claim_amount"}
+    POST /v1/inspections/{id}/withdraw     saga compensation of an inspection report
+    GET  /v1/refunds | /v1/reversals | /v1/emails | /v1/tickets | /v1/inspections [?order_id=]
     GET  /v1/chaos, POST /v1/chaos         {"fail_rate", "latency_ms", "timeout_rate",
-                                            "fail_after_commit_rate", "seed"}
+                                            "fail_after_commit_rate",
+                                            "commit_then_timeout_rate", "seed"}
     POST /v1/reset                         delete every refund, email, ticket; chaos off
+
+    A legacy API, the way old payment systems are: no idempotency keys (an ``Idempotency-Key``
+    header is ignored: every POST writes a new row), only a client ``reference`` field::
+
+    POST /v1/legacy/credits                {"order_id", "amount", "reference"}: store credit
+    POST /v1/legacy/credits/{id}/void      void a credit (voiding twice is a no-op)
+    GET  /v1/legacy/credits                [?reference=] [?order_id=]
+
+``commit_then_timeout_rate`` is the ambiguous failure: the write commits, then the answer hangs
+for ``HANG_SECONDS`` (the caller times out without knowing it happened).
 """
 
 import asyncio
@@ -103,6 +116,24 @@ CREATE TABLE IF NOT EXISTS documents (
     text            TEXT NOT NULL,
     created_at      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS inspections (
+    inspection_id   TEXT PRIMARY KEY,
+    order_id        TEXT NOT NULL REFERENCES orders (order_id),
+    finding         TEXT NOT NULL,
+    claim_cents     INTEGER NOT NULL CHECK (claim_cents >= 0),
+    idempotency_key TEXT NOT NULL UNIQUE,
+    created_at      TEXT NOT NULL,
+    withdrawn       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS legacy_credits (
+    credit_id       TEXT PRIMARY KEY,
+    order_id        TEXT NOT NULL REFERENCES orders (order_id),
+    amount_cents    INTEGER NOT NULL CHECK (amount_cents > 0),
+    reference       TEXT NOT NULL,
+    created_at      TEXT NOT NULL,
+    voided          INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS legacy_credits_reference ON legacy_credits (reference);
 CREATE TABLE IF NOT EXISTS idempotency (
     endpoint        TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
@@ -133,11 +164,15 @@ class RefundIn(BaseModel):
     @field_validator("amount")
     @classmethod
     def _whole_cents(cls, amount: Decimal) -> Decimal:
-        # Tolerate float noise such as 12.300000000000001, refuse real fractions of a cent.
-        cents = amount * 100
-        if abs(cents - cents.to_integral_value()) > Decimal("0.000001"):
-            raise ValueError(f"amount {amount} is not a whole number of cents")
-        return (cents.to_integral_value() / 100).quantize(Decimal("0.01"))
+        return _whole_cents(amount)
+
+
+def _whole_cents(amount: Decimal) -> Decimal:
+    # Tolerate float noise such as 12.300000000000001, refuse real fractions of a cent.
+    cents = amount * 100
+    if abs(cents - cents.to_integral_value()) > Decimal("0.000001"):
+        raise ValueError(f"amount {amount} is not a whole number of cents")
+    return (cents.to_integral_value() / 100).quantize(Decimal("0.01"))
 
 
 class EmailIn(BaseModel):
@@ -160,6 +195,32 @@ class TicketIn(BaseModel):
     note: str = Field(default="", max_length=5000)
 
 
+class InspectionIn(BaseModel):
+    """A damage inspection report, with what the carrier should be claimed for."""
+
+    order_id: str = Field(min_length=1, max_length=64)
+    finding: str = Field(min_length=1, max_length=2000)
+    claim_amount: Decimal = Field(ge=0, le=1_000_000)
+
+    @field_validator("claim_amount")
+    @classmethod
+    def _whole_cents(cls, amount: Decimal) -> Decimal:
+        return _whole_cents(amount)
+
+
+class CreditIn(BaseModel):
+    """A legacy store credit: no idempotency key, only the caller's free-form reference."""
+
+    order_id: str = Field(min_length=1, max_length=64)
+    amount: Decimal = Field(gt=0, le=1_000_000)
+    reference: str = Field(min_length=1, max_length=255)
+
+    @field_validator("amount")
+    @classmethod
+    def _whole_cents(cls, amount: Decimal) -> Decimal:
+        return _whole_cents(amount)
+
+
 class ChaosIn(BaseModel):
     """The chaos setting; fields left out are off."""
 
@@ -167,6 +228,7 @@ class ChaosIn(BaseModel):
     latency_ms: int = Field(default=0, ge=0, le=60_000)
     timeout_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     fail_after_commit_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    commit_then_timeout_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int | None = None
 
 
@@ -442,6 +504,102 @@ class Store:
         row = conn.execute("SELECT * FROM tickets WHERE update_id = ?", (update_id,)).fetchone()
         return 201, self._ticket_json(row)
 
+    # -- inspections ------------------------------------------------------------------------
+
+    @staticmethod
+    def _inspection_json(row: sqlite3.Row) -> Json:
+        return {
+            "inspection_id": row["inspection_id"],
+            "order_id": row["order_id"],
+            "finding": row["finding"],
+            "claim_amount": _money(row["claim_cents"]),
+            "idempotency_key": row["idempotency_key"],
+            "created_at": row["created_at"],
+            "withdrawn": bool(row["withdrawn"]),
+        }
+
+    def file_inspection(
+        self, conn: sqlite3.Connection, body: InspectionIn, key: str
+    ) -> tuple[int, Json]:
+        self._order_row(conn, body.order_id)
+        inspection_id = _new_id("in")
+        conn.execute(
+            "INSERT INTO inspections (inspection_id, order_id, finding, claim_cents,"
+            " idempotency_key, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (inspection_id, body.order_id, body.finding, _cents(body.claim_amount), key, _now()),
+        )
+        row = conn.execute(
+            "SELECT * FROM inspections WHERE inspection_id = ?", (inspection_id,)
+        ).fetchone()
+        return 201, self._inspection_json(row)
+
+    def withdraw_inspection(self, conn: sqlite3.Connection, inspection_id: str) -> tuple[int, Json]:
+        conn.execute(
+            "UPDATE inspections SET withdrawn = 1 WHERE inspection_id = ?", (inspection_id,)
+        )
+        row = conn.execute(
+            "SELECT * FROM inspections WHERE inspection_id = ?", (inspection_id,)
+        ).fetchone()
+        if row is None:
+            raise ApiError(404, f"inspection {inspection_id!r} not found")
+        return 200, self._inspection_json(row)
+
+    # -- the legacy API: no idempotency keys ---------------------------------------------
+
+    @staticmethod
+    def _credit_json(row: sqlite3.Row) -> Json:
+        return {
+            "credit_id": row["credit_id"],
+            "order_id": row["order_id"],
+            "amount": _money(row["amount_cents"]),
+            "reference": row["reference"],
+            "created_at": row["created_at"],
+            "voided": bool(row["voided"]),
+        }
+
+    def create_credit(self, body: CreditIn) -> Json:
+        """A new credit row, every time: the legacy API cannot tell a retry from a new call."""
+        credit_id = _new_id("cr")
+        with self.transaction() as conn:
+            self._order_row(conn, body.order_id)
+            conn.execute(
+                "INSERT INTO legacy_credits (credit_id, order_id, amount_cents, reference,"
+                " created_at) VALUES (?, ?, ?, ?, ?)",
+                (credit_id, body.order_id, _cents(body.amount), body.reference, _now()),
+            )
+            row = conn.execute(
+                "SELECT * FROM legacy_credits WHERE credit_id = ?", (credit_id,)
+            ).fetchone()
+        return self._credit_json(row)
+
+    def void_credit(self, credit_id: str) -> Json:
+        with self.transaction() as conn:
+            conn.execute("UPDATE legacy_credits SET voided = 1 WHERE credit_id = ?", (credit_id,))
+            row = conn.execute(
+                "SELECT * FROM legacy_credits WHERE credit_id = ?", (credit_id,)
+            ).fetchone()
+        if row is None:
+            raise ApiError(404, f"credit {credit_id!r} not found")
+        return self._credit_json(row)
+
+    def credits(self, reference: str | None, order_id: str | None) -> list[Json]:
+        where, args = [], []
+        if reference is not None:
+            where.append("reference = ?")
+            args.append(reference)
+        if order_id is not None:
+            where.append("order_id = ?")
+            args.append(order_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        conn = self._connect()
+        try:
+            rows = conn.execute(
+                f"SELECT * FROM legacy_credits {clause} ORDER BY created_at, rowid", args
+            ).fetchall()
+        finally:
+            conn.close()
+        return [self._credit_json(row) for row in rows]
+
     def add_document(self, body: DocumentIn) -> Json:
         document_id = _new_id("doc")
         with self.transaction() as conn:
@@ -473,6 +631,7 @@ class Store:
             "reversals": self._reversal_json,
             "emails": self._email_json,
             "tickets": self._ticket_json,
+            "inspections": self._inspection_json,
         }[table]
         where, args = ("WHERE order_id = ?", (order_id,)) if order_id else ("", ())
         conn = self._connect()
@@ -487,7 +646,15 @@ class Store:
     def reset(self) -> None:
         """Delete every side effect and stored response; orders stay."""
         with self.transaction() as conn:
-            for table in ("idempotency", "reversals", "refunds", "emails", "tickets"):
+            for table in (
+                "idempotency",
+                "reversals",
+                "refunds",
+                "emails",
+                "tickets",
+                "inspections",
+                "legacy_credits",
+            ):
                 conn.execute(f"DELETE FROM {table}")
 
 
@@ -498,7 +665,12 @@ class Chaos:
     setting: ChaosIn = field(default_factory=ChaosIn)
     rng: random.Random = field(default_factory=random.Random)
     injected: dict[str, int] = field(
-        default_factory=lambda: {"fail": 0, "timeout": 0, "fail_after_commit": 0}
+        default_factory=lambda: {
+            "fail": 0,
+            "timeout": 0,
+            "fail_after_commit": 0,
+            "commit_then_timeout": 0,
+        }
     )
 
     def configure(self, setting: ChaosIn) -> None:
@@ -521,7 +693,8 @@ def _chaos_applies(method: str, path: str) -> bool:
     if method == "GET":
         return path.startswith("/v1/orders/")
     if method == "POST":
-        return path in ("/v1/refunds", "/v1/emails", "/v1/tickets") or (
+        writes = ("/v1/refunds", "/v1/emails", "/v1/tickets", "/v1/inspections")
+        return path in (*writes, "/v1/legacy/credits") or (
             path.startswith("/v1/refunds/") and path.endswith("/reverse")
         )
     return False
@@ -607,6 +780,12 @@ def create_app(db_path: str | Path | None = None, api_key: str | None = None) ->
                 "injected failure after commit (chaos fail_after_commit_rate="
                 f"{setting.fail_after_commit_rate}); retry with the same Idempotency-Key"
             )
+        if (
+            request.method == "POST"
+            and response.status_code < 300
+            and chaos.roll(setting.commit_then_timeout_rate, "commit_then_timeout")
+        ):
+            await asyncio.sleep(HANG_SECONDS)  # committed; the caller times out first
         return response
 
     # Added last, so it runs first: a wrong key is a 401 whatever the chaos setting.
@@ -663,6 +842,44 @@ def create_app(db_path: str | Path | None = None, api_key: str | None = None) ->
         return store.idempotent(
             "ticket", key, body.model_dump(), lambda conn: store.update_ticket(conn, body, key)
         ).response()
+
+    @app.post("/v1/inspections")
+    def file_inspection(body: InspectionIn, idempotency_key: IdempotencyKey = None) -> Response:
+        key = _require_key(idempotency_key)
+        request = {
+            **body.model_dump(exclude={"claim_amount"}),
+            "claim_cents": _cents(body.claim_amount),
+        }
+        return store.idempotent(
+            "inspection", key, request, lambda conn: store.file_inspection(conn, body, key)
+        ).response()
+
+    @app.post("/v1/inspections/{inspection_id}/withdraw")
+    def withdraw_inspection(inspection_id: str, idempotency_key: IdempotencyKey = None) -> Response:
+        key = _require_key(idempotency_key)
+        return store.idempotent(
+            "withdraw",
+            key,
+            {"inspection_id": inspection_id},
+            lambda conn: store.withdraw_inspection(conn, inspection_id),
+        ).response()
+
+    @app.get("/v1/inspections")
+    def list_inspections(order_id: str | None = None) -> list[Json]:
+        return store.listing("inspections", order_id)
+
+    @app.post("/v1/legacy/credits", status_code=201)
+    def create_credit(body: CreditIn) -> Json:
+        # No Idempotency-Key here, by design: a legacy API that ignores it.
+        return store.create_credit(body)
+
+    @app.post("/v1/legacy/credits/{credit_id}/void")
+    def void_credit(credit_id: str) -> Json:
+        return store.void_credit(credit_id)
+
+    @app.get("/v1/legacy/credits")
+    def list_credits(reference: str | None = None, order_id: str | None = None) -> list[Json]:
+        return store.credits(reference, order_id)
 
     @app.post("/v1/documents", status_code=201)
     def add_document(body: DocumentIn) -> Json:

@@ -48,8 +48,10 @@ class Allowlist:
         """Why the run may not start `tool` at all, or None when it may.
 
         Granted tools may run, and so may the compensations and fallbacks of granted tools (the
-        saga and the alternate paths run them on the tool's behalf).
+        saga and the alternate paths run them on the tool's behalf), and the compensations of
+        a granted sub-agent's tools (the saga undoes what a finished sub-agent did).
         """
-        if any(tool in (t.name, t.compensation, t.fallback) for t in self._granted.values()):
-            return None
+        for t in self._granted.values():
+            if tool in (t.name, t.compensation, t.fallback) or tool in t.sub_agent_undo:
+                return None
         return f"tool {tool!r} is not granted to role {self.role!r} in agent {self.spec.name!r}"

@@ -16,6 +16,7 @@ desk is tested without a server. A sandbox passthrough module.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -190,6 +191,9 @@ class ApprovalDesk:
                     timedelta(seconds=timeout) if timeout else None,
                 )
                 break
+            except asyncio.CancelledError:
+                self._withdraw(approval_id, tool)
+                raise
             except TimeoutError:
                 assert rule is not None and timeout is not None
                 if escalate:
@@ -208,6 +212,7 @@ class ApprovalDesk:
                 break
         decision = opened.final
         assert decision is not None
+        # Other calls of the turn may still wait for their own approvals.
         hooks.set_status("awaiting_approval" if self.pending() else "running", None)
         if decision.decision == "reject":
             raise StopRun(
@@ -216,6 +221,23 @@ class ApprovalDesk:
                 f"({decision.role}): {decision.reason or 'no reason given'}",
             )
         return decision
+
+    def _withdraw(self, approval_id: str, tool: str) -> None:
+        """The call stopped waiting (another call of its turn ended the run): close the request."""
+        opened = self._open.get(approval_id)
+        if opened is None or opened.final is not None:
+            return
+        del self._open[approval_id]
+        self._hooks.record(
+            "policy_decision",
+            "spine",
+            decision="withdrawn",
+            tool=tool,
+            approval_id=approval_id,
+            reason="the run ended before a decision",
+        )
+        if not self.pending():
+            self._hooks.set_status("running", None)
 
     def _escalate(self, approval_id: str, tool: str, rule: ApprovalRule, timeout: float) -> None:
         opened = self._open[approval_id]

@@ -261,7 +261,8 @@ VERIFIED: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 
 def request_digest(request: BaseModel) -> str:
     """The digest a start (or fork) claim signs: the request's fields, without any carry."""
-    fields = request.model_dump(mode="json", exclude={"carry"})
+    # The request's own fields only: not a carry, nor what Spine adds (a sub-agent's parent).
+    fields = request.model_dump(mode="json", include=set(AgentRequest.model_fields))
     return digest(AgentRequest.model_validate(fields).model_dump(mode="json"))
 
 

@@ -9,7 +9,9 @@ checks (a bug, a subclass, a custom agent workflow) still cannot break them:
   grants it (or it is the compensation or fallback of a granted tool); workflows that expose no
   guards may not start Spine tools at all;
 - a ``spine.model_call`` of a run whose account has a shared budget starts only while a ledger
-  reservation covers it (:meth:`~spine.guardrails.budget.BudgetGate.may_call_model`).
+  reservation covers it (:meth:`~spine.guardrails.budget.BudgetGate.may_call_model`);
+- a sub-agent (a child ``AgentWorkflow``) starts only for a sub-agent tool the allowlist grants,
+  and only as the agent that tool names.
 
 A workflow exposes its guards as ``self.guards`` (a :class:`RunGuards`); the interceptor depends on
 the guards, never on the workflow class. Decisions are computed from the policy slice pinned in
@@ -18,7 +20,7 @@ history, so replay makes the same ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,12 +35,13 @@ from temporalio.worker import (
     HandleUpdateInput,
     Interceptor,
     StartActivityInput,
+    StartChildWorkflowInput,
     StartLocalActivityInput,
     WorkflowInboundInterceptor,
     WorkflowInterceptorClassInput,
     WorkflowOutboundInterceptor,
 )
-from temporalio.workflow import ActivityHandle
+from temporalio.workflow import ActivityHandle, ChildWorkflowHandle
 
 from spine.activities.errors import PolicyDenied
 from spine.contract import (
@@ -46,6 +49,7 @@ from spine.contract import (
     LEDGER_WORKFLOW_TYPE,
     UPDATE_DECIDE,
     UPDATE_OPERATE,
+    WORKFLOW_TYPE,
     tool_of,
 )
 from spine.guardrails.allowlist import Allowlist
@@ -101,7 +105,34 @@ def _check(activity: str) -> None:
         raise ApplicationError(f"policy: {problem}", type=PolicyDenied.__name__, non_retryable=True)
 
 
+def _check_child(workflow_type: object, args: Sequence[object]) -> None:
+    if workflow_type != WORKFLOW_TYPE:
+        return
+    guards = guards_of_current_run()
+    child = args[0] if args else None
+    link = getattr(child, "parent", None)
+    problem: str | None = None
+    if guards is None or guards.allowlist is None:
+        problem = "the run's policy is not resolved, so it may not start sub-agents"
+    elif link is None:
+        problem = "a sub-agent run must name its parent"
+    else:
+        problem = guards.allowlist.denial(link.tool)
+        tool = next((t for t in guards.allowlist.spec.tools if t.name == link.tool), None)
+        if problem is None and (tool is None or tool.sub_agent != getattr(child, "agent", None)):
+            problem = f"tool {link.tool!r} does not run agent {getattr(child, 'agent', None)!r}"
+    if problem:
+        workflow.logger.warning("policy interceptor refused a sub-agent: %s", problem)
+        raise ApplicationError(f"policy: {problem}", type=PolicyDenied.__name__, non_retryable=True)
+
+
 class _Outbound(WorkflowOutboundInterceptor):
+    async def start_child_workflow(
+        self, input: StartChildWorkflowInput
+    ) -> ChildWorkflowHandle[Any, Any]:
+        _check_child(input.workflow, input.args)
+        return await super().start_child_workflow(input)
+
     def start_activity(self, input: StartActivityInput) -> ActivityHandle[Any]:
         _check(input.activity)
         return super().start_activity(input)

@@ -15,6 +15,7 @@ passthrough module.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from temporalio.common import RetryPolicy
@@ -45,6 +46,7 @@ class Parking:
         self._parked = False
         self._skippable = False
         self._attempt_cap = 1
+        self._one_at_a_time = asyncio.Lock()
         self.refused: list[str] = []
         """Operator commands the run refused, one line each."""
 
@@ -53,9 +55,15 @@ class Parking:
     async def park(self, why: str, *, skippable: bool) -> OperatorCommand:
         """Wait for an operator; `retry` and `skip` return, the others end the run.
 
+        Calls of one turn that run at once park one at a time: an operator answers one reason.
+
         Raises:
             StopRun: the operator chose `compensate` or `abort`, or nobody came in time.
         """
+        async with self._one_at_a_time:
+            return await self._park(why, skippable=skippable)
+
+    async def _park(self, why: str, *, skippable: bool) -> OperatorCommand:
         hooks = self._hooks
         timeout = self.state.agent.parking_timeout_s
         hooks.warn(f"run parked: {why}")
@@ -161,9 +169,11 @@ class Parking:
             non_retryable_error_types=NON_RETRYABLE_TYPES,
         )
 
-    def failed(self, err: BaseException) -> None:
-        """A call scheduled with the last :meth:`retry_policy` failed: count its retries."""
+    def failed(self, err: BaseException, *, cap: int | None = None) -> None:
+        """A call scheduled with the last :meth:`retry_policy` (or with attempt cap `cap`, when
+        calls run at once) failed: count its retries."""
         # A local activity that gives up surfaces as its own ApplicationError, without retry state.
         exhausted = getattr(err, "retry_state", None) == RetryState.MAXIMUM_ATTEMPTS_REACHED
-        used = self._attempt_cap if exhausted or isinstance(err, ApplicationError) else 1
+        attempts = cap if cap is not None else self._attempt_cap
+        used = attempts if exhausted or isinstance(err, ApplicationError) else 1
         apply_retries(self.state, used - 1)

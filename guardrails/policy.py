@@ -40,6 +40,7 @@ class Runtime(_Strict):
     operator_roles: list[str] = Field(default_factory=lambda: ["operator", "supervisor"])
     breaker_threshold: int = Field(default=10, ge=1)
     breaker_reset_s: float = Field(default=30.0, gt=0)
+    max_sub_agent_depth: int = Field(default=3, ge=0, le=10)
 
 
 class Price(_Strict):
@@ -106,6 +107,9 @@ class Identity(_Strict):
 class AgentPolicy(_Strict):
     max_steps: int = Field(default=20, ge=1)
     max_usd: float | None = Field(default=None, ge=0)
+    max_parallel_tool_calls: int = Field(
+        default=4, ge=1, le=64, description="Tool calls of one model turn that run at once."
+    )
     roles: dict[str, list[str]] = Field(default_factory=dict)
     approvals: list[Rule] = Field(default_factory=list)
 

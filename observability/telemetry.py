@@ -563,6 +563,8 @@ class _WorkflowInbound(WorkflowInboundInterceptor):
             REQUEST_MODEL: getattr(model, "name", None),
             "spine.continued_from_run_id": info.continued_run_id if carry is not None else None,
             "spine.continued_from_step": getattr(carry, "step", None),
+            # A sub-agent: the run that started it (its span is this span's parent, by headers).
+            "spine.parent.run_id": info.parent.workflow_id if info.parent else None,
         }
         if self.settings.content:
             goal = getattr(request, "goal", "")

@@ -33,6 +33,8 @@ class AuditTrail:
         now: Callable[[], datetime],
     ) -> None:
         self.state = state
+        self.run_id = run_id
+        """The audit chain this trail writes: ``<workflow id>:<first run id>``."""
         self._header = {
             "run_id": run_id,
             "workflow_run_id": workflow_run_id,
@@ -41,22 +43,25 @@ class AuditTrail:
         }
         self._now = now
         self._queue: list[AuditEntry] = []
+        self.observers: list[Callable[[AuditEntry], None]] = []
+        """Called with each entry as it is recorded (the run's live stream)."""
 
     def record(self, kind: AuditKind, actor: str, **data: object) -> None:
         """Queue an entry; the next write stores it."""
         spec = self.state.spec
-        self._queue.append(
-            AuditEntry(
-                seq=self.state.audit_seq,
-                kind=kind,
-                step=self.state.step,
-                actor=actor,
-                at=self._now().isoformat(),
-                data=data,
-                policy_version=spec.policy_version if spec else "",
-            )
+        entry = AuditEntry(
+            seq=self.state.audit_seq,
+            kind=kind,
+            step=self.state.step,
+            actor=actor,
+            at=self._now().isoformat(),
+            data=data,
+            policy_version=spec.policy_version if spec else "",
         )
+        self._queue.append(entry)
         self.state.audit_seq += 1
+        for observe in self.observers:
+            observe(entry)
 
     def batch(self) -> AuditBatch | None:
         """Everything queued, in order, as one batch; None when nothing is."""
@@ -68,5 +73,14 @@ class AuditTrail:
         """The first `count` queued entries are stored; `anchor` is where the store says the
         chain now stands (kept in the run state: the run's result reports it)."""
         del self._queue[:count]
+        if anchor is not None and anchor.entries >= self.state.audit_stored:
+            self.state.audit_stored, self.state.audit_head = anchor.entries, anchor.head
+
+    def stored_batch(self, batch: AuditBatch, anchor: Appended | None = None) -> None:
+        """`batch` is stored: drop its entries (by seq, so overlapping writes of calls of one
+        turn drop each once); `anchor` as for :meth:`stored`."""
+        if batch.entries:
+            last = batch.entries[-1].seq
+            self._queue = [e for e in self._queue if e.seq > last]
         if anchor is not None and anchor.entries >= self.state.audit_stored:
             self.state.audit_stored, self.state.audit_head = anchor.entries, anchor.head

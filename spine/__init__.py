@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 _EXPORTS: dict[str, str] = {
     # declaring tools and agents
     "tool": "spine.activities.tools",
+    "sub_agent": "spine.activities.tools",
     "ToolContext": "spine.activities.tools",
     "SecretRef": "spine.activities.tools",
     "AgentDefinition": "spine.activities.tools",
@@ -26,6 +27,10 @@ _EXPORTS: dict[str, str] = {
     "raise_for_status": "spine.activities.tools",
     "json_schema_model": "spine.activities.tools",
     "CompensationInput": "spine.payloads",
+    "AgentTask": "spine.payloads",
+    "AgentAnswer": "spine.payloads",
+    "ReconcileQuery": "spine.payloads",
+    "ReconcileAnswer": "spine.payloads",
     # running workers
     "SpinePlugin": "spine.plugin",
     "SpineConfig": "spine.plugin",
@@ -74,6 +79,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily
         ToolDefinitionError,
         json_schema_model,
         raise_for_status,
+        sub_agent,
         tool,
     )
     from spine.client.runs import (
@@ -96,5 +102,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily
         TokenUsage,
     )
     from spine.guardrails.policy import load_policy
-    from spine.payloads import CompensationInput
+    from spine.payloads import (
+        AgentAnswer,
+        AgentTask,
+        CompensationInput,
+        ReconcileAnswer,
+        ReconcileQuery,
+    )
     from spine.plugin import SpinePlugin

@@ -61,6 +61,12 @@ def rate_limited_queue(task_queue: str, group: str) -> str:
     return f"{task_queue}--rl-{group}"
 
 
+def sub_agent_workflow_id(idempotency_key: str, agent: str) -> str:
+    """The workflow id of the sub-agent run a call starts: ``<the call's key>/<agent>``, so a
+    retried or replayed call finds the same child."""
+    return f"{idempotency_key}/{agent}"
+
+
 def ledger_workflow_id(account: str) -> str:
     """The workflow id of an account's budget ledger."""
     return f"spine-budget-{account}"
@@ -145,6 +151,14 @@ class ModelChoice(BaseModel):
     fail_rate: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Scripted model only: transient failure rate."
     )
+    sub_agents: dict[str, ModelChoice] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="The model of each sub-agent the run may call, by agent name (a scripted "
+        "child's script goes here). A sub-agent not named uses this provider with its own "
+        "default model. Choosing a model grants nothing: the child's policy and its budget "
+        "carve-out still apply.",
+    )
 
 
 class Limits(BaseModel):
@@ -219,6 +233,11 @@ class SideEffect(BaseModel):
     idempotency_key: str
     compensation: str | None = None
     compensated: bool = False
+    sub_agent_run: str | None = Field(
+        default=None,
+        description="Done by a sub-agent: its workflow id. The parent undoes it if the parent "
+        "is compensated after the sub-agent finished.",
+    )
 
 
 class StateView(BaseModel):
@@ -236,6 +255,9 @@ class StateView(BaseModel):
     refused: list[str] = Field(
         default_factory=list,
         description="Decisions, commands and payloads the run refused, one line each.",
+    )
+    sub_agents: list[str] = Field(
+        default_factory=list, description="Workflow ids of the sub-agent runs in progress."
     )
 
 

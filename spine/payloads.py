@@ -137,6 +137,11 @@ class ToolCallInput(BaseModel):
         description="Why the run calls the tool: the model's call, its fallback tool, or the "
         "saga undoing an earlier call.",
     )
+    tried_before: bool = Field(
+        default=False,
+        description="An earlier activity of this call ran out of attempts (the run parked and "
+        "an operator chose retry): a tool with a reconcile tool asks it first.",
+    )
 
 
 class ToolCallResult(BaseModel):
@@ -149,6 +154,11 @@ class ToolCallResult(BaseModel):
         default=None,
         description="For an untrusted output stored by reference: the taint filter of all its "
         "tokens (guardrails/taint.py), which the run remembers in place of the output.",
+    )
+    reconciled: bool = Field(
+        default=False,
+        description="A retry found the effect already done (the tool's reconcile tool) and "
+        "returned it instead of calling the tool again.",
     )
 
 
@@ -178,6 +188,24 @@ class ToolDescriptor(BaseModel):
     )
     local: bool = Field(
         default=False, description="Run as a local activity: a fast read-only tool."
+    )
+    reconcile: str | None = Field(
+        default=None,
+        description="A read tool a retry asks first whether the effect already happened.",
+    )
+    sub_agent: str | None = Field(
+        default=None, description="The agent this tool runs as a child workflow (agent as tool)."
+    )
+    handoff: bool = Field(
+        default=False, description="The sub-agent's answer is the run's final answer."
+    )
+    sub_agent_max_usd: float | None = Field(
+        default=None, description="The most of the parent's remaining budget one call carves."
+    )
+    sub_agent_undo: list[str] = Field(
+        default_factory=list,
+        description="Compensation tools of the sub-agent's tools: the parent runs them to undo "
+        "the child's effects when the parent is compensated after the child finished.",
     )
 
 
@@ -223,6 +251,12 @@ class AgentSpec(BaseModel):
     default_models: dict[str, str] = Field(default_factory=dict)
     max_steps: int = 20
     max_usd: float | None = None
+    max_parallel_tool_calls: int = Field(
+        default=1, description="Tool calls of one model turn that run at once (1: one by one)."
+    )
+    max_sub_agent_depth: int = Field(
+        default=3, description="How deep sub-agents may nest (a child of a child ...)."
+    )
     max_invalid_tool_calls: int = 3
     max_tokens: int = 1024
     continue_as_new_after_events: int = 10_000
@@ -241,12 +275,70 @@ class AgentSpec(BaseModel):
     rate_limits: dict[str, float] = Field(default_factory=dict)
 
 
+class AgentTask(BaseModel):
+    """Input model of every sub-agent tool: what the sub-agent is asked to do."""
+
+    task: str = Field(
+        min_length=1,
+        max_length=4000,
+        description="The task for the sub-agent, with everything it needs to know.",
+    )
+
+
+class AgentAnswer(BaseModel):
+    """Output model of every sub-agent tool: how the sub-agent's run ended."""
+
+    agent: str
+    workflow_id: str
+    status: str
+    output: str | None = None
+    reason: str | None = None
+    steps: int = 0
+    usd: float = 0.0
+
+
+class ParentRun(BaseModel):
+    """On a sub-agent's input: the run that called it (checked against Temporal's own record of
+    the child's parent, so a starter cannot claim one)."""
+
+    workflow_id: str
+    agent: str
+    tool: str
+    step: int
+    call_id: str
+    audit_run_id: str = Field(description="The parent's audit chain (`<workflow id>:<run id>`).")
+    depth: int = Field(default=1, ge=1, description="1 for a child, 2 for a grandchild, ...")
+    principal: str = Field(description="The principal the parent verified; the child's too.")
+
+
 class CompensationInput(BaseModel):
     """Input model of every compensation tool: the call being undone and what it returned."""
 
     tool: str
     args: JsonObject
     output: JsonObject
+
+
+class ReconcileQuery(BaseModel):
+    """Input model of every reconcile tool: the call whose effect may already have happened.
+
+    `reference` is the call's idempotency key (``<workflow id>/<step>/<index>``): a tool whose
+    API takes no idempotency key sends it as the API's own reference field, so its reconcile
+    tool can find the effect by it.
+    """
+
+    tool: str
+    args: JsonObject
+    reference: str
+    run_id: str
+
+
+class ReconcileAnswer(BaseModel):
+    """Output model of every reconcile tool: whether the effect happened, and if so what the
+    tool would have returned (validated against the tool's output model)."""
+
+    found: bool
+    output: JsonObject | None = None
 
 
 class ResolveAgentInput(BaseModel):
@@ -296,6 +388,7 @@ AuditKind = Literal[
     "compensation",
     "run_outcome",
     "alert",
+    "sub_agent",
 ]
 
 

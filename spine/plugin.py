@@ -60,6 +60,7 @@ from spine.guardrails.interceptor import IdentityInterceptor, PolicyInterceptor
 from spine.guardrails.policy import Policy, load_policy
 from spine.guardrails.principals import VaultKeyring, VaultSigner
 from spine.guardrails.secrets import NoSecrets, VaultSecrets
+from spine.observability import live
 from spine.observability.alerts import AlertActivities, AlertEngine
 from spine.observability.audit import MIGRATIONS as AUDIT_MIGRATIONS
 from spine.observability.audit import (
@@ -69,6 +70,7 @@ from spine.observability.audit import (
     store_from_env,
 )
 from spine.store import Database, database_from_env
+from spine.observability.streams import LiveSink, NewEvent, StreamStore, stream_store_from_env
 from spine.workflows.agent import AgentWorkflow
 from spine.workflows.alerts import SpineAlertsWorkflow
 from spine.workflows.ledger import BudgetLedger
@@ -96,6 +98,7 @@ PASSTHROUGH_MODULES = (
     "spine.guardrails.interceptor",  # temporalio only; the backstops, and RunGuards they read
     "spine.observability.metrics",  # stdlib + temporalio only: replay-aware metric helpers
     "spine.observability.trail",  # pure: the run's queue of audit entries
+    "spine.observability.live",  # stdlib + temporalio: one registry of the worker's stream sinks
 )
 
 
@@ -153,6 +156,11 @@ class SpineConfig:
     worker_principal: str = "spine-worker"
     """The principal this worker signs its budget-ledger operations as (its OpenBao identity)."""
     keyring_refresh_s: float = 30.0
+    streams: bool = True
+    """Publish runs' live streams (model tokens, step events); ``SPINE_STREAMS=0`` turns off."""
+    stream_store: StreamStore | None = None
+    """Where live streams go; default: ``SPINE_DATABASE_URL`` (PostgreSQL) from `settings`,
+    else SQLite in `state_dir`."""
 
     def deployment(
         self, behaviour: VersioningBehavior = VersioningBehavior.PINNED
@@ -211,6 +219,7 @@ class SpineConfig:
             max_output_bytes=_size(env, "SPINE_MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES),
             deployment_name=env.get("SPINE_DEPLOYMENT_NAME") or None,
             build_id=env.get("SPINE_BUILD_ID") or None,
+            streams=_flag(env, "SPINE_STREAMS"),
         )
 
 
@@ -274,6 +283,7 @@ class _Served:
     audit: AuditStore
     companions: list[Worker]
     keyring: VaultKeyring | None
+    sink: LiveSink | None = None
 
     async def migrate(self) -> None:
         """Apply the shared-state migrations (idempotent; workers starting together are fine)."""
@@ -380,6 +390,12 @@ class SpinePlugin(SimplePlugin):
             audit_append=audit.store.append,
             blobs=blobs,
         )
+        sink = None
+        if self.config.streams:
+            sink = LiveSink(
+                self.config.stream_store or stream_store_from_env(settings, self.config.state_dir)
+            )
+        models.live = sink.publish if sink is not None else None
         vault = (
             self.config.identity
             or (self.config.secrets if isinstance(self.config.secrets, VaultSecrets) else None)
@@ -422,7 +438,7 @@ class SpinePlugin(SimplePlugin):
             config["deployment_config"] = deployment
         others = [p for p in config.get("plugins") or [] if p is not self]
         self._served[queue] = _Served(
-            http, database, audit.store, self._companions(config, runner, others), loader
+            http, database, audit.store, self._companions(config, runner, others), loader, sink
         )
         return config
 
@@ -467,6 +483,15 @@ class SpinePlugin(SimplePlugin):
         refreshing = (
             asyncio.create_task(served.keyring.keep_fresh()) if served.keyring is not None else None
         )
+        sink = served.sink
+        publish = None
+        if sink is not None:
+            await sink.start()
+
+            def publish(run_id: str, key: str, kind: str, data: dict[str, object], at: str) -> None:
+                sink.publish(NewEvent(run_id, key, kind, data, at))
+
+            live.register(worker.task_queue, publish)
         try:
             await served.migrate()  # before any task: a database that is down stops the start
             async with contextlib.AsyncExitStack() as stack:
@@ -476,6 +501,9 @@ class SpinePlugin(SimplePlugin):
         finally:
             if refreshing is not None:
                 refreshing.cancel()
+            if sink is not None:
+                live.unregister(worker.task_queue, publish)
+                await sink.stop()
             await served.close()
 
 

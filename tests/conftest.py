@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from spine.client.testing import (
     VaultDev,
     demo_stack,
     postgres_server,
+    stop_worker_process,
     temporal_dev_server,
     temporal_time_skipping,
 )
@@ -126,3 +128,28 @@ def new_account(vault: VaultDev, service: DemoService):
         return account
 
     return make
+
+
+@pytest.fixture
+def worker_env(
+    client: Client, vault: VaultDev, service: DemoService, task_queue: str, tmp_path: Path
+) -> dict[str, str]:
+    """The environment a deployed worker gets, pointing at this session's servers."""
+    return {
+        "TEMPORAL_ADDRESS": client.service_client.config.target_host,
+        "TEMPORAL_NAMESPACE": client.namespace,
+        "SPINE_TASK_QUEUE": task_queue,
+        "VAULT_ADDR": vault.url,
+        "VAULT_TOKEN": vault.token,
+        "SPINE_DEMO_URL": service.url,
+        "SPINE_STATE_DIR": str(tmp_path / "state"),
+    }
+
+
+@pytest.fixture
+def worker_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Worker processes a test started; whatever is still alive is stopped afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        stop_worker_process(process, timeout=30)

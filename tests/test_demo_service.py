@@ -257,3 +257,30 @@ async def test_amount_in_whole_cents(client: httpx.AsyncClient) -> None:
         "/v1/refunds", json=_refund("o-1110", 0.005), headers={"Idempotency-Key": "r1110-b"}
     )
     assert fraction.status_code == 422 and "whole number of cents" in fraction.json()["error"]
+
+
+async def test_legacy_credits_ignore_idempotency_keys(client: httpx.AsyncClient) -> None:
+    """The legacy API writes a row per POST, whatever Idempotency-Key says; found by reference."""
+    body = {"order_id": "o-1120", "amount": 5, "reference": "run-1/2/0"}
+    for _ in range(2):
+        response = await client.post(
+            "/v1/legacy/credits", json=body, headers={"Idempotency-Key": "same"}
+        )
+        assert response.status_code == 201 and response.json()["reference"] == "run-1/2/0"
+    found = (await client.get("/v1/legacy/credits", params={"reference": "run-1/2/0"})).json()
+    assert len(found) == 2 and {c["amount"] for c in found} == {5.0}
+    voided = await client.post(f"/v1/legacy/credits/{found[0]['credit_id']}/void")
+    again = await client.post(f"/v1/legacy/credits/{found[0]['credit_id']}/void")
+    assert voided.json()["voided"] and again.json() == voided.json()
+
+
+async def test_commit_then_timeout_commits_and_hangs(client: httpx.AsyncClient) -> None:
+    """commit_then_timeout_rate: the credit is written, the caller times out waiting."""
+    await client.post("/v1/chaos", json={"commit_then_timeout_rate": 1.0})
+    body = {"order_id": "o-1121", "amount": 7, "reference": "run-2/1/0"}
+    with pytest.raises(httpx.TimeoutException):
+        await client.post("/v1/legacy/credits", json=body, timeout=1.0)
+    found = (await client.get("/v1/legacy/credits", params={"reference": "run-2/1/0"})).json()
+    assert len(found) == 1
+    chaos = (await client.get("/v1/chaos")).json()
+    assert chaos["injected"]["commit_then_timeout"] == 1

@@ -149,3 +149,71 @@ async def test_demo_run_reads_like_a_story_in_the_web_ui(
     if not README_SHOT.exists() or os.environ.get("SPINE_UPDATE_SCREENSHOTS") == "1":
         README_SHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ARTIFACT, README_SHOT)
+
+
+async def test_a_sub_agent_shows_as_a_child_of_its_run_in_the_web_ui(
+    ui_env, stack: tuple[VaultDev, DemoService], monkeypatch
+):
+    """The parent's page names its child run; the child's page names its parent."""
+    from spine.client.testing import child_runs, script, start_scripted_run
+    from spine.plugin import SpineConfig, build_worker
+
+    env, ui_port, chromium = ui_env
+    vault, service = stack
+    # Runs are started by a verified principal: this client signs as the request's user.
+    from temporalio.client import Client
+
+    from spine.client.identity import SigningInterceptor
+
+    client = Client(
+        env.client.service_client,
+        namespace=env.client.namespace,
+        data_converter=env.client.data_converter,
+        interceptors=[SigningInterceptor(vault.signer(vault.tokens))],
+    )
+    order = "o-1482"
+    child_script = (
+        script()
+        .tool("file_inspection", order_id=order, finding="dented", claim_amount=10.0)
+        .text("Dented; claimed 10.00.")
+    )
+    with tempfile.TemporaryDirectory(prefix="spine-ui-") as tmp:
+        config = SpineConfig(
+            task_queue="web-ui-sub-agent",
+            state_dir=Path(tmp) / "state",
+            settings={"SPINE_DEMO_URL": service.url},
+            secrets=VaultSecrets(vault.url, token=vault.token),
+            providers={},
+        )
+        async with build_worker(client, config=config):
+            handle = await start_scripted_run(
+                client,
+                config.task_queue,
+                "refund-agent",
+                "inspect",
+                script().tool("inspect_damage", task=f"Inspect {order}.").text("done"),
+                role="support",
+                sub_agents={"inspection-agent": child_script},
+            )
+            assert (await wait_result(handle)).status == "completed"
+        [child] = await child_runs(handle)
+        monkeypatch.setenv("SPINE_UI_URL", f"http://127.0.0.1:{ui_port}")
+        async with playwright_api.async_playwright() as pw:
+            browser = await pw.chromium.launch_persistent_context(
+                str(Path(tmp) / "chromium-profile"),
+                executable_path=chromium,
+                args=CHROMIUM_FLAGS,
+                headless=True,
+                viewport={"width": 1500, "height": 1700},
+            )
+            try:
+                page = browser.pages[0] if browser.pages else await browser.new_page()
+                page.set_default_timeout(UI_TIMEOUT_MS)
+                expect = playwright_api.expect
+                await page.goto(web_ui_url(handle.id, handle.result_run_id))
+                await expect(page.get_by_text(child.id).first).to_be_visible()
+                await page.goto(web_ui_url(child.id))
+                parent_link = page.get_by_role("link", name=handle.id).first
+                await expect(parent_link).to_be_visible()
+            finally:
+                await browser.close()

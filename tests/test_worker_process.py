@@ -13,7 +13,6 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
@@ -25,40 +24,13 @@ from temporalio.client import Client, WorkflowHistory
 from spine.client.runs import get_run, get_state, start_run, wait_result
 from spine.client.testing import (
     DemoService,
-    VaultDev,
     binary,
     start_worker_process,
-    stop_worker_process,
 )
 from spine.contract import AgentResult, RunStatus
 from tests.helpers import SPINE, call, eventually, scripted_request, signing_env, turn
 
 STATUSES = set(get_args(RunStatus))
-
-
-@pytest.fixture
-def worker_env(
-    client: Client, vault: VaultDev, service: DemoService, task_queue: str, tmp_path: Path
-) -> dict[str, str]:
-    """The environment a deployed worker gets, pointing at this session's servers."""
-    return {
-        "TEMPORAL_ADDRESS": client.service_client.config.target_host,
-        "TEMPORAL_NAMESPACE": client.namespace,
-        "SPINE_TASK_QUEUE": task_queue,
-        "VAULT_ADDR": vault.url,
-        "VAULT_TOKEN": vault.token,
-        "SPINE_DEMO_URL": service.url,
-        "SPINE_STATE_DIR": str(tmp_path / "state"),
-    }
-
-
-@pytest.fixture
-def worker_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Worker processes a test started; whatever is still alive is stopped afterwards."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        stop_worker_process(process, timeout=30)
 
 
 async def spawn_worker(

@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
     from spine.guardrails.interceptor import RunGuards, refusal
     from spine.guardrails.parking import Parking, Skipped
     from spine.guardrails.saga import Saga
+    from spine.observability import live
     from spine.observability.trail import AuditTrail
     from spine.payloads import LedgerAnswer, LedgerOp, PrincipalView, ToolCall, digest
     from spine.workflows.state import (
@@ -62,6 +63,8 @@ with workflow.unsafe.imports_passed_through():
     )
 
 from spine.workflows import admission, calls
+from spine.workflows.parallel import run_turn
+from spine.workflows.subagents import SubAgents, verify_parent
 from spine.workflows.toolcalls import ToolCalls
 from spine.workflows.turns import ModelTurns
 from spine.workflows.visibility import Visibility
@@ -124,6 +127,7 @@ class AgentWorkflow:
             account=account,
             now=workflow.now,
         )
+        self.trail.observers.append(live.publish_entry)  # the run's live stream
         hooks = RunHooks(
             record=self.trail.record,
             flush=self.flush_audit,
@@ -157,6 +161,9 @@ class AgentWorkflow:
             retries=self.state.retries,
             path=self.state.path,
             refused=self.approvals.refused + self.parking.refused,
+            sub_agents=sorted(self.tools.sub_agents.active)
+            if self.tools and self.tools.sub_agents
+            else [],
         )
 
     @workflow.signal(name=SIGNAL_APPROVAL)
@@ -250,7 +257,8 @@ class AgentWorkflow:
                 raise
         else:
             try:
-                principal = await admission.admit(
+                # A sub-agent is admitted as its parent's child (no claim of its own).
+                principal = verify_parent(request, self.trail.record) or await admission.admit(
                     request, self.guards.start_claim, self.guards.start_claim_problem
                 )
             except StopRun as stop:
@@ -292,6 +300,14 @@ class AgentWorkflow:
             account=request.account,
             user=request.user,
         )
+        self.tools.sub_agents = SubAgents(
+            self.state,
+            request,
+            budget=self.budget,
+            record=self.trail.record,
+            audit_run_id=self.trail.run_id,
+            slots=self.tools.slots,
+        )
         self.turns = ModelTurns(
             self.state,
             request.model,
@@ -326,8 +342,11 @@ class AgentWorkflow:
             if not answer.message.tool_calls:
                 self.view.publish()
                 raise StopRun("completed", "final answer", output=answer.message.content or "")
-            for index, call in enumerate(answer.message.tool_calls):
-                await self.tool_call(call, index, answer.confidence)
+            await run_turn(
+                self.state,
+                answer.message.tool_calls,
+                lambda call, index, conf=answer.confidence: self.tool_call(call, index, conf),
+            )
             # The step's audit entries ride with the next model call (no extra round trip).
             self.view.publish(progress=True)
 

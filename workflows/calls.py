@@ -95,7 +95,7 @@ async def write_audit(trail: AuditTrail, *, park: Park | None) -> None:
                 return
             await park(f"audit log unavailable: {kind}: {message}")
             continue
-        trail.stored(len(batch.entries), anchor)
+        trail.stored_batch(batch, anchor)  # by seq: calls of one turn may write at once
 
 
 async def apply_ledger(

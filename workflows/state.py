@@ -23,13 +23,14 @@ import json
 
 from pydantic import BaseModel, Field
 
-from spine.contract import AgentRequest, RunStatus, SideEffect, Usage
+from spine.contract import AgentRequest, AgentResult, RunStatus, SideEffect, Usage
 from spine.guardrails import taint
 from spine.payloads import (
     EMPTY_DIGEST,
     AgentSpec,
     ChatMessage,
     ModelCallResult,
+    ParentRun,
     ToolCall,
     ToolDescriptor,
     chain_digest,
@@ -109,6 +110,10 @@ class RunState(BaseModel):
     context_bytes: int = Field(
         default=0, description="Bytes of every message sent to the model so far (a bound)."
     )
+    carved_usd: float = Field(
+        default=0.0,
+        description="Budget carved out for sub-agents still running (not yet spent, not free).",
+    )
     spec: AgentSpec | None = Field(
         default=None, description="The agent and policy slice pinned at the run's start."
     )
@@ -122,9 +127,11 @@ class RunState(BaseModel):
 
 
 class AgentWorkflowInput(AgentRequest):
-    """What the workflow receives: the request, plus `carry` after continue-as-new or in a fork."""
+    """What the workflow receives: the request, plus `carry` after continue-as-new or in a fork,
+    and `parent` when it runs as a sub-agent (checked against Temporal's record of its parent)."""
 
     carry: RunState | None = None
+    parent: ParentRun | None = None
 
 
 #: What a skipped call tells the model; a skip is an operator's choice, not the model's mistake.
@@ -267,9 +274,56 @@ def apply_charge(state: RunState, usd: float) -> None:
         state.budget.block_spent_usd += usd
 
 
+def apply_turn_order(state: RunState, call_ids: list[str]) -> None:
+    """A turn's tool calls ran at once: put what the model will read back in the order it asked.
+
+    Results, refusals and skips are appended as each call ends (completion order: the side
+    effects keep that order, so the saga undoes them newest first); the model reads them in the
+    order of its own calls. Stable, so calls sharing an id keep their completion order.
+    """
+    rank = {call_id: index for index, call_id in enumerate(call_ids)}
+
+    def of_turn(message: ChatMessage) -> bool:
+        return message.role == "tool" and message.tool_call_id in rank
+
+    head = [m for m in state.pending_messages if not of_turn(m)]
+    tail = [m for m in state.pending_messages if of_turn(m)]
+    tail.sort(key=lambda m: rank[m.tool_call_id or ""])
+    state.pending_messages = head + tail
+
+
 def apply_retries(state: RunState, failed_attempts: int) -> None:
     """Attempts that failed and were retried count against the run's retry budget."""
     state.retries += max(failed_attempts, 0)
+
+
+def apply_carve(state: RunState, usd: float) -> None:
+    """`usd` of the run's remaining budget is set aside for a sub-agent that starts now
+    (negative: given back, by a sub-agent that never ran)."""
+    state.carved_usd = round(max(state.carved_usd + usd, 0.0), 8)
+
+
+def apply_sub_agent(
+    state: RunState, child_id: str, result: AgentResult, *, carved_usd: float
+) -> list[SideEffect]:
+    """A sub-agent run ended: its spend is the parent's (its carve-out is released), and a
+    completed child's effects that still stand become the parent's to undo if the parent is
+    compensated later. Returns the effects taken over."""
+    state.carved_usd = round(max(state.carved_usd - carved_usd, 0.0), 8)
+    state.usage = Usage(
+        input_tokens=state.usage.input_tokens + result.usage.input_tokens,
+        output_tokens=state.usage.output_tokens + result.usage.output_tokens,
+        usd=round(state.usage.usd + result.usage.usd, 8),
+    )
+    if result.status != "completed":
+        return []  # a child that did not complete undid its own effects (or says it could not)
+    taken = [
+        effect.model_copy(update={"sub_agent_run": effect.sub_agent_run or child_id})
+        for effect in result.side_effects
+        if not effect.compensated
+    ]
+    state.side_effects.extend(taken)
+    return taken
 
 
 def apply_compensated(state: RunState, idempotency_key: str) -> SideEffect | None:

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from spine.guardrails.allowlist import Allowlist
     from spine.guardrails.hooks import Record
     from spine.guardrails.parking import Parking, Skipped
+    from spine.observability import live
     from spine.observability.metrics import record_policy_refusal
     from spine.payloads import (
         CompensationInput,
@@ -41,6 +42,8 @@ with workflow.unsafe.imports_passed_through():
         apply_retries,
         apply_tool_result,
     )
+
+from spine.workflows.subagents import SubAgents
 
 #: Tools heartbeat; one whose timeout is longer than this gets this heartbeat timeout, so a call
 #: in flight on a dead worker is retried after seconds, not after its start-to-close timeout.
@@ -72,8 +75,14 @@ class ToolCalls:
         self._account = account
         self._user = user
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
-        self._late: ToolCallResult | None = None
+        self._late: dict[str, ToolCallResult] = {}
+        self._caps: dict[str, int] = {}
         self.last_tool: str | None = None
+        self.slots = asyncio.Semaphore(max(1, self.spec.max_parallel_tool_calls))
+        """Tool activities of one turn running at once (the policy's
+        ``max_parallel_tool_calls``); a call waiting for a person holds none."""
+        self.sub_agents: SubAgents | None = None
+        """Runs sub-agent tools as child workflows (set by the run once it has resolved)."""
 
     def check(self, call: ToolCall) -> tuple[ToolDescriptor | None, str]:
         """The tool to run, or None and the error text for the model."""
@@ -133,19 +142,27 @@ class ToolCalls:
             StopRun: the run must end.
         """
         self.last_tool = tool.name
+        if tool.sub_agent is not None:
+            if self.sub_agents is None:
+                raise ApplicationError(f"{tool.name}: this run cannot start sub-agents")
+            return await self.sub_agents.run(tool, args, call_id, key)
         by_name = {t.name: t for t in self.spec.tools}
         fallback = by_name.get(tool.fallback or "")
         candidates = [tool] + ([fallback] if fallback else [])
+        tried_before = False
         while True:
             failures = []
             for candidate in candidates:
                 used_key = key if candidate is tool else f"{key}/{candidate.name}"
                 purpose: Purpose = "call" if candidate is tool else "fallback"
                 try:
-                    result = await self.execute(candidate, args, call_id, used_key, purpose)
+                    async with self.slots:
+                        result = await self.execute(
+                            candidate, args, call_id, used_key, purpose, tried_before=tried_before
+                        )
                 except (ActivityError, ApplicationError) as err:  # local tools: the latter
                     kind, message = failure_text(err)
-                    self.parking.failed(err)
+                    self.parking.failed(err, cap=self._caps.pop(used_key, None))
                     if kind in MODEL_CORRECTABLE:
                         self._audit(tool, args, key, "error", f"{kind}: {message}")
                         raise ApplicationError(message, type=kind) from err
@@ -158,7 +175,8 @@ class ToolCalls:
                     failures.append(f"{candidate.name}: {kind}: {message}")
                     continue
                 except asyncio.CancelledError:
-                    if self._late is not None and candidate.side_effects:
+                    late = self._late.pop(used_key, None)
+                    if late is not None and candidate.side_effects:
                         # The side effect finished while the run was being cancelled.
                         call = ToolCall(id=call_id, name=candidate.name, args=args)
                         apply_tool_result(
@@ -166,13 +184,27 @@ class ToolCalls:
                             call,
                             candidate,
                             args,
-                            self._late.output,
+                            late.output,
                             used_key,
-                            self._late.untrusted_filter,
+                            late.untrusted_filter,
                         )
                     raise
+                self._caps.pop(used_key, None)
                 apply_retries(self.state, result.attempt - 1)
-                self._audit(candidate, args, used_key, "ok", None, attempt=result.attempt)
+                self._audit(
+                    candidate,
+                    args,
+                    used_key,
+                    "ok",
+                    None,
+                    attempt=result.attempt,
+                    reconciled=result.reconciled,
+                )
+                if result.reconciled:
+                    self.state.path.append(
+                        f"step {self.state.step}: {candidate.name} had already happened "
+                        f"(found by {candidate.reconcile}); recorded, not called again"
+                    )
                 if candidate is not tool:
                     self.state.path.append(
                         f"step {self.state.step}: tool {tool.name} failed, used fallback "
@@ -187,6 +219,7 @@ class ToolCalls:
             if command.action == "skip":
                 self._audit(tool, args, key, "skipped", f"skipped by {command.by}")
                 raise Skipped(command)
+            tried_before = True  # the operator's retry: the effect may have happened already
 
     def _audit(
         self,
@@ -197,7 +230,9 @@ class ToolCalls:
         error: str | None,
         *,
         attempt: int | None = None,
+        reconciled: bool = False,
     ) -> None:
+        extra = {"reconciled": True} if reconciled else {}
         self._record(
             "tool_call",
             self._user,
@@ -208,6 +243,7 @@ class ToolCalls:
             error=error,
             idempotency_key=key if tool.side_effects else None,
             attempt=attempt,
+            **extra,
         )
 
     async def undo(self, tool: ToolDescriptor, effect: SideEffect, key: str) -> ToolCallResult:
@@ -224,6 +260,8 @@ class ToolCalls:
         call_id: str,
         key: str | None,
         purpose: Purpose = "call",
+        *,
+        tried_before: bool = False,
     ) -> ToolCallResult:
         """Schedule one tool activity (its retries are Temporal's) and wait for it."""
         shown = args.get(tool.summary_arg) if tool.summary_arg else None
@@ -238,6 +276,7 @@ class ToolCalls:
             account=self._account,
             user=self._user,
             purpose=purpose,
+            tried_before=tried_before,
         )
         options: dict[str, Any] = {
             "result_type": ToolCallResult,
@@ -247,6 +286,13 @@ class ToolCalls:
             ),
             "summary": f"{tool.name}({shown})" if shown is not None else tool.name,
         }
+        if key is not None:  # calls of one turn run at once: each keeps its own attempt cap
+            self._caps[key] = options["retry_policy"].maximum_attempts
+        live.publish(
+            f"tool:{self.state.step}:{call_id}:{purpose}:{tool.name}:{int(tried_before)}",
+            "tool_started",
+            {"step": self.state.step, "tool": tool.name, "call_id": call_id, "purpose": purpose},
+        )
         if tool.local:
             # Fast, read-only tools run as local activities: no round trip through the server.
             return await workflow.execute_local_activity(tool_activity(tool.name), call, **options)
@@ -261,15 +307,14 @@ class ToolCalls:
             else None,
             **options,
         )
-        if not tool.side_effects:
+        if not tool.side_effects or key is None:
             return await handle
-        self._late = None
         try:
             # A side effect in flight is not abandoned on cancellation: compensation must know.
             return await asyncio.shield(handle)
         except asyncio.CancelledError:
             try:
-                self._late = await handle
+                self._late[key] = await handle
             except ActivityError:
-                self._late = None
+                pass
             raise

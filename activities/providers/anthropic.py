@@ -19,8 +19,10 @@ from anthropic.types import (
 
 from spine.activities.errors import ContentRefused, DependencyUnavailable, SpineError, classify_http
 from spine.activities.providers.base import (
+    STREAM_BROKE,
     MissingCredentialsProvider,
     ModelProvider,
+    OnText,
     mentions_context_overflow,
     parse_tool_arguments,
     reported_usage,
@@ -69,6 +71,35 @@ class AnthropicProvider:
             )
         except anthropic.APIError as exc:
             raise classify_anthropic_error(exc) from exc
+        return from_anthropic_message(message)
+
+    async def stream(self, request: ProviderRequest, on_text: OnText) -> ProviderResponse:
+        """Send one message request as a stream; hand each text delta to `on_text` as it
+        arrives and return the whole reply (usage from ``message_start`` and
+        ``message_delta``, counted once).
+
+        A stream that breaks off raises `DependencyUnavailable`: the activity fails and Temporal
+        retries the whole call; nothing of the broken attempt is charged.
+        """
+        system, messages = to_anthropic_messages(request.messages)
+        try:
+            async with self._client.messages.stream(
+                model=request.model,
+                max_tokens=request.max_tokens,
+                system=system if system is not None else anthropic.omit,
+                messages=messages,
+                tools=to_anthropic_tools(request.tools) if request.tools else anthropic.omit,
+                timeout=request.timeout_s,
+            ) as stream:
+                async for text in stream.text_stream:
+                    await on_text(text)
+                message = await stream.get_final_message()
+        except anthropic.APIError as exc:
+            raise classify_anthropic_error(exc) from exc
+        except STREAM_BROKE as exc:
+            raise DependencyUnavailable(
+                f"Anthropic stream broke off: {type(exc).__name__}: {exc}"
+            ) from exc
         return from_anthropic_message(message)
 
     async def aclose(self) -> None:

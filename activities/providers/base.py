@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -21,6 +23,25 @@ _CONTEXT_OVERFLOW = re.compile(
 )
 
 
+OnText = Callable[[str], Awaitable[None]]
+"""Takes each delta of a streamed answer's text, as it arrives."""
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a stream that breaks off mid-way raises from the SDKs' HTTP layer (httpx, or the
+    httpx2 newer OpenAI SDKs use), besides the SDKs' own connection errors."""
+    found: list[type[BaseException]] = []
+    for module in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+STREAM_BROKE = _transport_errors()
+
+
 @runtime_checkable
 class ModelProvider(Protocol):
     """One chat model API behind Spine's provider-neutral request and response.
@@ -32,6 +53,16 @@ class ModelProvider(Protocol):
 
     async def complete(self, request: ProviderRequest) -> ProviderResponse:
         """Send `request` once (no retries: Temporal owns them) and return the reply."""
+        ...
+
+
+@runtime_checkable
+class StreamingProvider(ModelProvider, Protocol):
+    """A provider that can also stream: the model activity uses :meth:`stream` when it can."""
+
+    async def stream(self, request: ProviderRequest, on_text: OnText) -> ProviderResponse:
+        """Send `request` once as a stream, handing text deltas to `on_text` as they arrive;
+        return the whole reply, with the usage the provider reported once."""
         ...
 
 

@@ -21,8 +21,10 @@ from openai.types.chat import (
 
 from spine.activities.errors import ContentRefused, DependencyUnavailable, SpineError, classify_http
 from spine.activities.providers.base import (
+    STREAM_BROKE,
     MissingCredentialsProvider,
     ModelProvider,
+    OnText,
     mentions_context_overflow,
     parse_tool_arguments,
     reported_usage,
@@ -79,6 +81,36 @@ class OpenAIProvider:
             )
         except openai.APIError as exc:
             raise classify_openai_error(exc) from exc
+        return from_openai_completion(completion)
+
+    async def stream(self, request: ProviderRequest, on_text: OnText) -> ProviderResponse:
+        """Send one chat completion with ``stream=True``; hand each text delta to `on_text` as
+        it arrives and return the whole answer (usage from the stream's last chunk).
+
+        A stream that breaks off raises `DependencyUnavailable`: the activity fails and Temporal
+        retries the whole call; nothing of the broken attempt is charged.
+        """
+        cap_completion = self._max_tokens_param == "max_completion_tokens"
+        try:
+            async with self._client.chat.completions.stream(
+                model=request.model,
+                messages=to_openai_messages(request.messages),
+                tools=to_openai_tools(request.tools) if request.tools else openai.omit,
+                max_completion_tokens=request.max_tokens if cap_completion else openai.omit,
+                max_tokens=openai.omit if cap_completion else request.max_tokens,
+                stream_options={"include_usage": True},
+                timeout=request.timeout_s,
+            ) as stream:
+                async for event in stream:
+                    if event.type == "content.delta" and event.delta:
+                        await on_text(event.delta)
+                completion = await stream.get_final_completion()
+        except openai.APIError as exc:
+            raise classify_openai_error(exc) from exc
+        except STREAM_BROKE as exc:
+            raise DependencyUnavailable(
+                f"OpenAI stream broke off: {type(exc).__name__}: {exc}"
+            ) from exc
         return from_openai_completion(completion)
 
     async def aclose(self) -> None:

@@ -44,6 +44,14 @@ Recording
     `wait_for_requests(n)` blocks until `n` have arrived; from async code call it through
     `asyncio.to_thread`.
 
+Streaming
+    A request with ``"stream": true`` gets the same scripted reply as server-sent events in the
+    provider's streaming wire format (OpenAI chat completion chunks ending in ``[DONE]``, usage in
+    the last chunk when ``stream_options.include_usage``; Anthropic's ``message_start`` ...
+    ``message_stop`` events, usage in ``message_start`` and ``message_delta``). Pass
+    ``stream=StreamShape(chunk_chars=..., delay_s=..., break_after=...)`` to ``enqueue_*`` to
+    pace it, or to drop the connection mid-stream.
+
 Malformed tool arguments
     `FakeToolCall(name, raw_args="{not json")` sends the text verbatim: as OpenAI's
     `function.arguments` string, or as Anthropic's `input` (a string where the API promises an
@@ -115,6 +123,31 @@ class _Answer:
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    chunks: list[bytes] | None = None
+    """Server-sent events, sent one by one (chunked) instead of `body`."""
+    chunk_delay_s: float = 0.0
+    break_after: int | None = None
+    """Drop the connection after this many chunks, without ending the response."""
+
+
+@dataclass(frozen=True)
+class StreamShape:
+    """How a streamed reply is sent: text in pieces of `chunk_chars`, `delay_s` apart; with
+    `break_after`, the connection drops after that many events (a stream broken mid-way)."""
+
+    chunk_chars: int = 4
+    delay_s: float = 0.0
+    break_after: int | None = None
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), max(size, 1))] or [""]
+
+
+def _sse(data: JsonObject | str, event: str | None = None) -> bytes:
+    body = data if isinstance(data, str) else json.dumps(data)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {body}\n\n".encode()
 
 
 # A queued item: how long to wait, then how to answer a given request body.
@@ -243,8 +276,9 @@ class FakeLLMServer:
         refusal: str | None = None,
         model: str | None = None,
         delay_s: float = 0.0,
+        stream: StreamShape | None = None,
     ) -> None:
-        """Queue a chat completion reply.
+        """Queue a chat completion reply (as server-sent chunks when the request streams).
 
         Args:
             text: The assistant's `content`.
@@ -255,10 +289,16 @@ class FakeLLMServer:
             refusal: Sets `message.refusal` (the model declined).
             model: The `model` field; defaults to the requested model.
             delay_s: Wait this long before answering.
+            stream: How to send it when the request has ``stream: true``.
         """
         calls = [(c, c.id or f"call_fake_{self._next_id()}") for c in tool_calls]
+        shape = stream or StreamShape()
 
         def respond(request: JsonObject) -> _Answer:
+            if request.get("stream"):
+                return self._openai_stream(
+                    request, text, calls, input_tokens, output_tokens, finish_reason, model, shape
+                )
             message: JsonObject = {
                 "role": "assistant",
                 "content": text,
@@ -316,8 +356,10 @@ class FakeLLMServer:
         stop_reason: str | None = None,
         model: str | None = None,
         delay_s: float = 0.0,
+        stream: StreamShape | None = None,
     ) -> None:
-        """Queue a messages reply: a `text` block, then one `tool_use` block per call.
+        """Queue a messages reply: a `text` block, then one `tool_use` block per call (as
+        server-sent events when the request streams).
 
         Args:
             text: The text block (omitted when None).
@@ -328,10 +370,16 @@ class FakeLLMServer:
                 `refusal` simulates a declined request.
             model: The `model` field; defaults to the requested model.
             delay_s: Wait this long before answering.
+            stream: How to send it when the request has ``stream: true``.
         """
         calls = [(c, c.id or f"toolu_fake_{self._next_id()}") for c in tool_calls]
+        shape = stream or StreamShape()
 
         def respond(request: JsonObject) -> _Answer:
+            if request.get("stream"):
+                return self._anthropic_stream(
+                    request, text, calls, input_tokens, output_tokens, stop_reason, model, shape
+                )
             content: list[JsonObject] = []
             if text is not None:
                 content.append({"type": "text", "text": text})
@@ -458,6 +506,151 @@ class FakeLLMServer:
                     f"{f' to {endpoint!r}' if endpoint else ''} within {timeout}s"
                 )
             return matching()
+
+    # -- streamed replies -------------------------------------------------------------------
+
+    def _openai_stream(
+        self,
+        request: JsonObject,
+        text: str | None,
+        calls: list[tuple[FakeToolCall, str]],
+        input_tokens: int,
+        output_tokens: int,
+        finish_reason: str | None,
+        model: str | None,
+        shape: StreamShape,
+    ) -> _Answer:
+        """Chat completion chunks as `stream=True` sends them, usage in the last one."""
+        base = {
+            "id": f"chatcmpl-fake{self._next_id()}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model or request.get("model") or "gpt-fake",
+            "system_fingerprint": "fp_fake",
+        }
+
+        def chunk(delta: JsonObject, finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return _sse({**base, "choices": [choice], "usage": None})
+
+        chunks = [chunk({"role": "assistant", "content": ""})]
+        if text:
+            chunks += [chunk({"content": piece}) for piece in _pieces(text, shape.chunk_chars)]
+        for index, (call, call_id) in enumerate(calls):
+            head = {"index": index, "id": call_id, "type": "function"}
+            chunks.append(
+                chunk({"tool_calls": [{**head, "function": {"name": call.name, "arguments": ""}}]})
+            )
+            for piece in _pieces(_openai_arguments(call), shape.chunk_chars * 4):
+                chunks.append(
+                    chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+                )
+        chunks.append(chunk({}, finish_reason or ("tool_calls" if calls else "stop")))
+        options = request.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            usage = {
+                "prompt_tokens": input_tokens,
+                "completion_tokens": output_tokens,
+                "total_tokens": input_tokens + output_tokens,
+            }
+            chunks.append(_sse({**base, "choices": [], "usage": usage}))
+        chunks.append(_sse("[DONE]"))
+        return self._stream_answer("openai", chunks, shape)
+
+    def _anthropic_stream(
+        self,
+        request: JsonObject,
+        text: str | None,
+        calls: list[tuple[FakeToolCall, str]],
+        input_tokens: int,
+        output_tokens: int,
+        stop_reason: str | None,
+        model: str | None,
+        shape: StreamShape,
+    ) -> _Answer:
+        """Messages stream events: message_start (input usage), blocks, message_delta (output
+        usage), message_stop."""
+        message = {
+            "id": f"msg_fake{self._next_id()}",
+            "type": "message",
+            "role": "assistant",
+            "model": model or request.get("model") or "claude-fake",
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": input_tokens,
+                "output_tokens": 1,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+        }
+        chunks = [_sse({"type": "message_start", "message": message}, "message_start")]
+        index = 0
+
+        def block(start: JsonObject, deltas: list[JsonObject]) -> None:
+            nonlocal index
+            chunks.append(
+                _sse(
+                    {"type": "content_block_start", "index": index, "content_block": start},
+                    "content_block_start",
+                )
+            )
+            for delta in deltas:
+                chunks.append(
+                    _sse(
+                        {"type": "content_block_delta", "index": index, "delta": delta},
+                        "content_block_delta",
+                    )
+                )
+            chunks.append(
+                _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+            )
+            index += 1
+
+        if text is not None:
+            pieces = _pieces(text, shape.chunk_chars)
+            block(
+                {"type": "text", "text": ""},
+                [{"type": "text_delta", "text": piece} for piece in pieces],
+            )
+        for call, call_id in calls:
+            arguments = json.dumps(call.args or {})
+            block(
+                {"type": "tool_use", "id": call_id, "name": call.name, "input": {}},
+                [
+                    {"type": "input_json_delta", "partial_json": piece}
+                    for piece in _pieces(arguments, shape.chunk_chars * 4)
+                ],
+            )
+        chunks.append(
+            _sse(
+                {
+                    "type": "message_delta",
+                    "delta": {
+                        "stop_reason": stop_reason or ("tool_use" if calls else "end_turn"),
+                        "stop_sequence": None,
+                    },
+                    "usage": {"output_tokens": output_tokens},
+                },
+                "message_delta",
+            )
+        )
+        chunks.append(_sse({"type": "message_stop"}, "message_stop"))
+        return self._stream_answer("anthropic", chunks, shape)
+
+    def _stream_answer(
+        self, endpoint: Endpoint, chunks: list[bytes], shape: StreamShape
+    ) -> _Answer:
+        headers = {**self._headers(endpoint), "content-type": "text/event-stream"}
+        return _Answer(
+            200,
+            b"",
+            headers,
+            chunks=chunks,
+            chunk_delay_s=shape.delay_s,
+            break_after=shape.break_after,
+        )
 
     # -- internals ------------------------------------------------------------------------
 
@@ -597,6 +790,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.fake._handle(self)
 
     def send(self, answer: _Answer) -> None:
+        if answer.chunks is not None:
+            self.send_stream(answer)
+            return
         try:
             self.send_response(answer.status)
             self.send_header("content-type", "application/json")
@@ -608,6 +804,34 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:
             self.close_connection = True  # the client timed out and closed the socket
+
+    def send_stream(self, answer: _Answer) -> None:
+        """Server-sent events in HTTP/1.1 chunked encoding; broken off if asked to."""
+        assert answer.chunks is not None
+        stopping = self.server.fake._stopping
+        try:
+            self.send_response(answer.status)
+            for name, value in answer.headers.items():
+                self.send_header(name, value)
+            self.send_header("cache-control", "no-cache")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for sent, chunk in enumerate(answer.chunks):
+                if answer.break_after is not None and sent >= answer.break_after:
+                    # Gone mid-answer: no terminating chunk, the socket just closes.
+                    self.close_connection = True
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                self.wfile.flush()
+                if answer.chunk_delay_s and stopping.wait(answer.chunk_delay_s):
+                    self.close_connection = True
+                    return
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base signature
         pass  # keep pytest output clean; `requests` records everything

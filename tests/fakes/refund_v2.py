@@ -24,6 +24,13 @@ def register(registry: Registry) -> None:
         demo.send_email,
         demo.send_correction_email,
         demo.update_ticket,
+        demo.issue_store_credit,
+        demo.find_store_credit,
+        demo.void_store_credit,
+        demo.file_inspection,
+        demo.withdraw_inspection,
+        demo.inspect_damage,
     ):
         registry.add_tool(definition)
     registry.add_agent(demo.REFUND_AGENT)
+    registry.add_agent(demo.INSPECTION_AGENT)
