@@ -757,9 +757,7 @@ class ToolRunner:
                 f"{call.tool}: invalid output: {scrub.text(_one_line(err))}"
             ) from None
         dumped = scrub.value(output.model_dump(mode="json"))
-        return await self._deliver(
-            call, definition, dumped, attempt, reconciled=found is not None
-        )  # type: ignore[arg-type]  # scrub keeps the shape
+        return await self._deliver(call, definition, dumped, attempt, reconciled=found is not None)  # type: ignore[arg-type]  # scrub keeps the shape
 
     async def _dereference_undone(
         self, call: ToolCallInput, definition: ToolDefinition

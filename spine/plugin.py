@@ -69,8 +69,8 @@ from spine.observability.audit import (
     DatabaseAuditStore,
     store_from_env,
 )
-from spine.store import Database, database_from_env
 from spine.observability.streams import LiveSink, NewEvent, StreamStore, stream_store_from_env
+from spine.store import Database, database_from_env
 from spine.workflows.agent import AgentWorkflow
 from spine.workflows.alerts import SpineAlertsWorkflow
 from spine.workflows.ledger import BudgetLedger

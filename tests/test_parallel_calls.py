@@ -13,7 +13,13 @@ import pytest
 from spine.client.runs import decide, get_state, start_run, wait_result
 from spine.client.testing import DemoService, script, turn_timings
 from spine.contract import ApprovalDecision
-from tests.helpers import eventually, policy_file, scripted_request, wait_for_status
+from tests.helpers import (
+    custom_policy,
+    eventually,
+    policy_file,
+    scripted_request,
+    wait_for_status,
+)
 from tests.test_worker_process import rows, spawn_worker
 
 LOOKUPS = [f"o-{n}" for n in range(1350, 1355)]
@@ -253,7 +259,7 @@ async def test_waiting_status_follows_every_open_approval(
 
 
 async def test_refunds_of_one_order_in_one_turn_are_checked_one_after_another(
-    client, make_worker, task_queue, service: DemoService
+    client, make_worker, task_queue, service: DemoService, tmp_path
 ):
     """Two 60.00 refunds of one order in one turn (a cumulative line of 100.00 per order and
     day): the first runs, the second is checked against it and waits for approval; a lookup of
@@ -269,7 +275,8 @@ async def test_refunds_of_one_order_in_one_turn_are_checked_one_after_another(
         .confidence(0.95)
         .text("done")
     )
-    async with make_worker():
+    policy = custom_policy(tmp_path, lambda p: None, cumulative=True)
+    async with make_worker(policy_path=policy):
         handle = await start_run(client, scripted_request(turns), task_queue=task_queue)
         state = await wait_for_status(handle, "awaiting_approval")
         [pending] = state.pending_approvals

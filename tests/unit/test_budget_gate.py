@@ -75,8 +75,8 @@ def test_limits_only_tighten_the_policy():
 async def test_a_budget_degrades_then_asks_then_stops():
     """Past 80% the run takes the cheaper model, past 90% it asks a person, at 100% it stops."""
     run = FakeRun()
-    state = RunState(spec=spec(account="none"), usage=Usage(usd=0.0085))
-    budget = gate(state, run, Limits(max_usd=0.01))
+    state = RunState(spec=spec(account="none"), usage=Usage(usd=0.017))
+    budget = gate(state, run, Limits(max_usd=0.02))
     asked: list[str] = []
 
     async def ask(args: dict[str, object], reason: str, roles: list[str]) -> None:
@@ -88,17 +88,17 @@ async def test_a_budget_degrades_then_asks_then_stops():
     assert state.budget.degraded_to == "scripted-cheap"
     assert run.kinds() == ["budget:degraded"]
 
-    state.usage = Usage(usd=0.0092)
+    state.usage = Usage(usd=0.0184)
     await budget.before_call(MODELS, ask=ask, ledger=Ledger())
     assert asked == ["92% of the budget is used; approve to continue"]
     await budget.before_call(MODELS, ask=ask, ledger=Ledger())  # asked once per run
     assert len(asked) == 1
 
-    state.usage = Usage(usd=0.0099)
+    state.usage = Usage(usd=0.0199)
     with pytest.raises(StopRun) as stopped:
         await budget.before_call(MODELS, ask=ask, ledger=Ledger())
     assert stopped.value.status == "failed" and stopped.value.keep_status
-    assert stopped.value.reason.startswith("budget_exhausted: the run has spent 0.0099 USD")
+    assert stopped.value.reason.startswith("budget_exhausted: the run has spent 0.0199 USD")
 
 
 async def test_a_turn_that_goes_over_the_limit_stops_the_run():
