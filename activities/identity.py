@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from temporalio import activity
 from temporalio.api.common.v1 import WorkflowExecution
@@ -35,6 +36,9 @@ from spine.guardrails.policy import Policy
 from spine.payloads import ForkStateInput, PrincipalView, Verdict, VerifyCarryInput, VerifyInput
 from spine.workflows.state import RunState
 
+if TYPE_CHECKING:
+    from spine.activities.blobs import BlobStore
+
 
 class IdentityRefused(TerminalError):
     """A claim, a carry or a fork was refused; the message says why."""
@@ -54,12 +58,14 @@ class IdentityActivities:
         policy: Policy,
         registry: Registry,
         refresh: Callable[[], None] | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.keyring = keyring
         self.client = client
         self.policy = policy
         self._refresh = refresh
         self.registry = registry
+        self.blobs = blobs
 
     @activity.defn(name=ACTIVITY_VERIFY_PRINCIPAL)
     async def verify_principal(self, request: VerifyInput) -> Verdict:
@@ -133,7 +139,7 @@ class IdentityActivities:
         from spine.client.forks import worker_checkpoint  # lazily: it decodes histories
 
         try:
-            return await worker_checkpoint(
+            state = await worker_checkpoint(
                 self.client,
                 request.fork_from,
                 request.request,
@@ -141,7 +147,32 @@ class IdentityActivities:
                 self.policy,
                 self.registry,
             )
+            await self._share_outputs(state, request.fork_from.workflow_id)
         except SpineError as err:
             raise err.to_application_error() from None
         except (ValueError, RuntimeError) as err:
             raise ForkRefusedError(str(err)).to_application_error() from None
+        return state
+
+    async def _share_outputs(self, state: RunState, source: str) -> None:
+        """Give the fork read access to the large outputs its checkpoint refers to (the
+        original's, by reference). Done here, after the fork was allowed: a client never grants
+        a run access to another run's outputs."""
+        from spine.client.forks import referenced_outputs
+
+        digests = referenced_outputs(state)
+        if not digests:
+            return
+        target = activity.info().workflow_id
+        if self.blobs is None:
+            raise ForkRefusedError(
+                f"run {source!r} holds large tool outputs by reference and this worker has no "
+                "shared store to give them to the fork"
+            )
+        await self.blobs.share(source, target, digests)
+        missing = set(digests) - set(await self.blobs.resolve(target, digests))
+        if missing:
+            raise ForkRefusedError(
+                f"run {source!r} refers to {len(missing)} stored output(s) not found in the "
+                f"workers' shared store (e.g. {sorted(missing)[0]})"
+            )

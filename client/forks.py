@@ -57,8 +57,7 @@ from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from spine.activities.blobs import BlobStore, ref_digest
-from spine.activities.errors import SpineError
+from spine.activities.blobs import ref_digest
 from spine.activities.tools import Registry
 from spine.client.runs import RunHandle, SpineClientError, describe, get_run
 from spine.contract import (
@@ -93,7 +92,6 @@ from spine.payloads import (
     ToolCallResult,
     chain_digest,
 )
-from spine.store import Database, database_from_env
 from spine.workflows.state import (
     SKIPPED_PREFIX,
     AgentWorkflowInput,
@@ -968,43 +966,6 @@ def referenced_outputs(carry: RunState) -> list[str]:
     return sorted({d for d in found if d})
 
 
-async def share_outputs(plan: ForkPlan, database: Database | None = None) -> int:
-    """Give the fork read access to the stored outputs its carry refers to (the original's
-    large tool outputs); return how many index entries were shared.
-
-    Reads and writes the shared-state database of the environment (``SPINE_DATABASE_URL``,
-    else SQLite in ``SPINE_STATE_DIR``) unless `database` is given.
-
-    Raises:
-        ForkRefused: the outputs are not in that database (or it cannot be reached).
-    """
-    assert plan.request.carry is not None
-    digests = referenced_outputs(plan.request.carry)
-    if not digests:
-        return 0
-    db = database or database_from_env(os.environ)
-    store = BlobStore(db)
-    source = plan.point.workflow_id
-    try:
-        shared = await store.share(source, plan.new_id, digests)
-        missing = set(digests) - set(await store.resolve(plan.new_id, digests))
-    except SpineError as err:
-        raise ForkRefused(
-            f"run {source!r} holds large tool outputs by reference, and the shared store "
-            f"{db} cannot give them to the fork: {err.message}"
-        ) from err
-    finally:
-        if database is None:
-            await db.close()
-    if missing:
-        raise ForkRefused(
-            f"run {source!r} refers to {len(missing)} stored output(s) not found in {db} "
-            f"(e.g. {sorted(missing)[0]}); point SPINE_DATABASE_URL (or SPINE_STATE_DIR) at the "
-            "workers' shared store"
-        )
-    return shared
-
-
 async def start_fork(
     client: Client, plan: ForkPlan, *, task_queue: str, link_attribute: bool
 ) -> RunHandle:
@@ -1014,7 +975,6 @@ async def start_fork(
         SpineClientError: the id is taken or the server refuses the start.
     """
     request = plan.request
-    await share_outputs(plan)
     pairs = []
     if os.environ.get("SPINE_SEARCH_ATTRIBUTES", "1").lower() not in ("0", "false"):
         pairs = [

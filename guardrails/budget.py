@@ -110,9 +110,10 @@ class BudgetGate:
         return self.rules.daily_usd is not None or self.rules.monthly_usd is not None
 
     def used_fraction(self) -> float:
-        """The largest share of a budget used: the run's own, or the account's as last seen."""
+        """The largest share of a budget spent: the run's own, or the account's committed spend
+        as last seen (reservations, sized for the calls ahead, are not spend)."""
         own = self.state.usage.usd / self.max_usd if self.max_usd else 0.0
-        return max(own, self.state.budget.ledger_fraction)
+        return max(own, self.state.budget.ledger_spent_fraction)
 
     # ------------------------------------------------------------------------ before a call
 
@@ -209,6 +210,7 @@ class BudgetGate:
             )
             if answer.granted:
                 budget.ledger_fraction = answer.used_fraction
+                budget.ledger_spent_fraction = answer.spent_fraction
                 budget.block_id, budget.block_usd, budget.block_spent_usd = reservation, size, 0.0
                 return
         assert answer is not None

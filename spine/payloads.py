@@ -515,7 +515,14 @@ class LedgerAnswer(BaseModel):
     day_reserved_usd: float
     month_committed_usd: float
     used_fraction: float = Field(
-        description="Largest share of a limit that is committed or reserved, this call included."
+        description="Largest share of a limit that is committed or reserved, this call included "
+        "(what reservations are sized by)."
+    )
+    spent_fraction: float = Field(
+        default=0.0,
+        description="Largest share of a limit that is committed (spent): what the degrade and "
+        "ask-to-continue thresholds compare. Other runs' reservations are upper bounds, not "
+        "spend, so they do not make a run degrade or ask.",
     )
     exposure: dict[str, float] = Field(
         default_factory=dict, description="The totals asked for, today, before this operation."

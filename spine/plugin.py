@@ -412,7 +412,7 @@ class SpinePlugin(SimplePlugin):
         loader.refresh()
         self.keyring.refresher = loader.refresh_soon
         identity = IdentityActivities(
-            self.keyring, client, self.policy, self.registry, loader.refresh
+            self.keyring, client, self.policy, self.registry, loader.refresh, blobs
         )
         budget = BudgetActivities(
             signing_client(client, WorkerSigner(vault, self.config.worker_principal)),

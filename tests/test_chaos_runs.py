@@ -53,6 +53,22 @@ async def _approve_as_they_appear(handles: list[RunHandle], approved: dict[str, 
         await asyncio.sleep(0.5)
 
 
+async def _unfinished(handles: list[RunHandle]) -> dict[str, str]:
+    """What each run still open says about itself (for the failure message)."""
+    found = {}
+    for handle in handles:
+        description = await handle.describe()
+        if description.status is not None and description.status.name != "RUNNING":
+            continue
+        try:
+            state = await get_state(handle)
+        except SpineClientError as err:
+            found[handle.id] = f"no state: {err}"
+            continue
+        found[handle.id] = f"{state.status} at step {state.step}: {state.reason or state.path[-1:]}"
+    return found
+
+
 @pytest.mark.slow
 async def test_fifty_concurrent_demo_runs_survive_chaos_exactly_once(
     client, make_worker, task_queue, service: DemoService
@@ -84,10 +100,13 @@ async def test_fifty_concurrent_demo_runs_survive_chaos_exactly_once(
                 )
                 if approver.done():
                     approver.result()
-                assert finishing.done(), (
-                    f"not all runs finished within {DEADLINE_S:.0f}s; "
-                    f"{len(approved)} of {RUNS} approved"
-                )
+                if not finishing.done():
+                    stuck = await _unfinished(handles)
+                    raise AssertionError(
+                        f"not all runs finished within {DEADLINE_S:.0f}s; "
+                        f"{len(approved)} of {RUNS} approved; {len(stuck)} still open: "
+                        f"{dict(list(stuck.items())[:5])}"
+                    )
                 results: list[AgentResult] = finishing.result()
             finally:
                 for task in (approver, finishing):

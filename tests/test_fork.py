@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 
@@ -12,8 +13,10 @@ from click.testing import CliRunner
 from spine.client.cli import cli
 from spine.client.forks import apply_changes, checkpoint, load_history, with_goal
 from spine.client.runs import get_run, start_run, wait_result
-from spine.client.testing import REPO_ROOT
+from spine.client.testing import REPO_ROOT, VaultDev
 from spine.contract import SA_FORKED_FROM, AgentResult, Limits
+from spine.guardrails.secrets import VaultSecrets
+from spine.plugin import SpineConfig
 from tests.helpers import (
     SPINE,
     call,
@@ -26,6 +29,15 @@ from tests.helpers import (
     turn,
     wait_for_status,
 )
+
+
+@pytest.fixture
+def worker_config(worker_config: SpineConfig, vault: VaultDev) -> SpineConfig:
+    """Secrets read afresh on every call: these tests take a secret away mid-run and expect the
+    next call to find it gone (a worker's 30 s secret cache would otherwise still hold it)."""
+    uncached = VaultSecrets(vault.url, token=vault.token, cache_ttl_s=0)
+    return dataclasses.replace(worker_config, secrets=uncached)
+
 
 TOKENS = (2000, 100)  # 0.0024 USD per scripted turn
 TURN_USD = 0.0024

@@ -66,13 +66,13 @@ async def test_an_unsigned_start_is_refused_and_runs_nothing(
     client, temporal_env, make_worker, task_queue, service: DemoService
 ):
     """A start without a claim (a bare Temporal client) fails at once; no tool, no model call."""
-    request = scripted_request(_refund("o-2601", 20.0))
+    request = scripted_request(_refund("o-1236", 20.0))
     async with make_worker():
         handle = await start_run(temporal_env.client, request, task_queue=task_queue)
         result = await wait_result(handle)
     assert result.status == "failed" and "unauthenticated" in (result.reason or "")
     assert await _scheduled(handle) == []
-    assert service.get("/v1/refunds?order_id=o-2601") == []
+    assert service.get("/v1/refunds?order_id=o-1236") == []
 
 
 async def test_typed_user_role_and_account_grant_nothing(
@@ -89,7 +89,7 @@ async def test_typed_user_role_and_account_grant_nothing(
     results = {}
     async with make_worker(policy_path=policy):
         for what, changes in asks.items():
-            request = scripted_request(_refund("o-2602", 20.0)).model_copy(update=changes)
+            request = scripted_request(_refund("o-1237", 20.0)).model_copy(update=changes)
             handle = await start_run(as_alice, request, task_queue=task_queue)
             results[what] = (await wait_result(handle)).reason or ""
     assert "user 'bob' is not the principal who signed ('alice')" in results["named bob"]
@@ -99,7 +99,7 @@ async def test_typed_user_role_and_account_grant_nothing(
 
 async def test_an_account_name_cannot_climb_paths(temporal_env, make_worker, task_queue):
     """`globex/../acme` never reaches a Vault path: the run's input is refused in one line."""
-    request = scripted_request(_refund("o-2603", 20.0)).model_dump(mode="json")
+    request = scripted_request(_refund("o-1238", 20.0)).model_dump(mode="json")
     request["account"] = "globex/../acme"
     async with make_worker():
         handle = await temporal_env.client.start_workflow(
@@ -123,7 +123,7 @@ async def test_a_requester_cannot_approve_their_own_refund(
         tmp_path, lambda p: p["principals"]["alice"].update(roles=["support", "supervisor"])
     )
     async with make_worker(policy_path=policy):
-        handle = await start_run(client, scripted_request(_refund("o-2604")), task_queue=task_queue)
+        handle = await start_run(client, scripted_request(_refund("o-1239")), task_queue=task_queue)
         pending = (await wait_for_status(handle, "awaiting_approval")).pending_approvals[0]
         try:
             await decide(handle, _approve(pending.approval_id, by="alice"))
@@ -141,7 +141,7 @@ async def test_a_decision_signed_by_someone_else_is_refused(
 ):
     """Carol signs a decision that names bob; alice signs one as supervisor: both refused."""
     async with make_worker():
-        handle = await start_run(client, scripted_request(_refund("o-2605")), task_queue=task_queue)
+        handle = await start_run(client, scripted_request(_refund("o-1240")), task_queue=task_queue)
         pending = (await wait_for_status(handle, "awaiting_approval")).pending_approvals[0]
         refused = []
         for signer, decision in [
@@ -168,8 +168,8 @@ async def test_a_signature_cannot_be_moved_replayed_or_kept(
     bob = signer_as(vault, "bob")
     attacker, claims = forged_client(client)
     async with make_worker():
-        run_a = await start_run(client, scripted_request(_refund("o-2606")), task_queue=task_queue)
-        run_b = await start_run(client, scripted_request(_refund("o-2607")), task_queue=task_queue)
+        run_a = await start_run(client, scripted_request(_refund("o-1241")), task_queue=task_queue)
+        run_b = await start_run(client, scripted_request(_refund("o-1242")), task_queue=task_queue)
         a = (await wait_for_status(run_a, "awaiting_approval")).pending_approvals[0].approval_id
         b = (await wait_for_status(run_b, "awaiting_approval")).pending_approvals[0].approval_id
         for_a = _approve(a)
@@ -218,7 +218,7 @@ async def test_two_distinct_approvers_when_the_policy_says_so(
 
     policy = custom_policy(tmp_path, two_approvers)
     async with make_worker(policy_path=policy):
-        handle = await start_run(client, scripted_request(_refund("o-2608")), task_queue=task_queue)
+        handle = await start_run(client, scripted_request(_refund("o-1243")), task_queue=task_queue)
         pending = (await wait_for_status(handle, "awaiting_approval")).pending_approvals[0]
         first = await decide(handle, _approve(pending.approval_id))
         try:
@@ -237,7 +237,7 @@ async def test_operator_commands_are_signed_and_checked(
 ):
     """A parked run ignores alice's retry (not an operator) and takes ops'."""
     account = f"noseq-{uuid.uuid4().hex[:6]}"  # no secret in Vault yet: the lookup parks
-    request = scripted_request([turn(call("lookup_order", order_id="o-2609")), turn(text="ok")])
+    request = scripted_request([turn(call("lookup_order", order_id="o-1244")), turn(text="ok")])
     request.account = account
     async with make_worker():
         handle = await start_run(client, request, task_queue=task_queue)
@@ -258,7 +258,7 @@ async def test_the_signal_path_verifies_and_records_refusals(
 ):
     """A forged approval signal is refused and shows in `state`; a signed one is taken."""
     async with make_worker():
-        handle = await start_run(client, scripted_request(_refund("o-2610")), task_queue=task_queue)
+        handle = await start_run(client, scripted_request(_refund("o-1245")), task_queue=task_queue)
         pending = (await wait_for_status(handle, "awaiting_approval")).pending_approvals[0]
         carol = client_as(client, vault, "carol").get_workflow_handle(handle.id)
         await signal_approval(carol, _approve(pending.approval_id, by="bob"))
@@ -282,7 +282,7 @@ async def test_rotated_keys_keep_old_signatures_good_and_sign_new_ones(
     bob = signer_as(vault, "bob")
     attacker, claims = forged_client(client)
     async with make_worker():
-        handle = await start_run(client, scripted_request(_refund("o-2611")), task_queue=task_queue)
+        handle = await start_run(client, scripted_request(_refund("o-1246")), task_queue=task_queue)
         pending = (await wait_for_status(handle, "awaiting_approval")).pending_approvals[0]
         decision = _approve(pending.approval_id)
         claims.next = bob.sign("bob", "decide", handle.id, payload_digest(decision))
@@ -297,7 +297,7 @@ async def test_rotated_keys_keep_old_signatures_good_and_sign_new_ones(
 
 async def test_the_temporal_cli_way_in(client, make_worker, task_queue, tmp_path):
     """`temporal workflow start` and `update execute` with `--headers "$(spine sign ...)"`."""
-    request = scripted_request(_refund("o-2612"))
+    request = scripted_request(_refund("o-1247"))
     run_file = tmp_path / "run.json"
     run_file.write_text(request.model_dump_json())
     wid = f"tcli-{task_queue}"

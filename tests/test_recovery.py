@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import uuid
 
@@ -11,7 +12,17 @@ import pytest
 from spine.client.runs import decide, get_state, signal_operator, start_run, wait_result
 from spine.client.testing import DemoService, VaultDev, binary
 from spine.contract import SA_STATUS, ApprovalDecision, OperatorCommand
+from spine.guardrails.secrets import VaultSecrets
+from spine.plugin import SpineConfig
 from tests.helpers import call, policy_file, scripted_request, turn, wait_for_status
+
+
+@pytest.fixture
+def worker_config(worker_config: SpineConfig, vault: VaultDev) -> SpineConfig:
+    """Secrets read afresh on every call: these tests take a secret away mid-run and expect the
+    next call to find it gone (a worker's 30 s secret cache would otherwise still hold it)."""
+    uncached = VaultSecrets(vault.url, token=vault.token, cache_ttl_s=0)
+    return dataclasses.replace(worker_config, secrets=uncached)
 
 
 def _account(vault: VaultDev, service: DemoService) -> str:

@@ -100,17 +100,17 @@ async def test_a_new_build_rolls_out_while_old_runs_wait_for_approval(
     )
     async with v1:
         await set_current_build(client, deployment, "v1")
-        approved = await start_run(client, request("o-1401"), task_queue=queue)
-        rejected = await start_run(client, request("o-1402"), task_queue=queue)
+        approved = await start_run(client, request("o-1406"), task_queue=queue)
+        rejected = await start_run(client, request("o-1407"), task_queue=queue)
         await wait_for_status(approved, "awaiting_approval")
         await wait_for_status(rejected, "awaiting_approval")
         async with v2:
             await set_current_build(client, deployment, "v2")
             small = scripted_request(
                 [
-                    turn(call("lookup_order", order_id="o-1403")),
+                    turn(call("lookup_order", order_id="o-1408")),
                     turn(
-                        call("issue_refund", order_id="o-1403", amount=20.0, reason="late"),
+                        call("issue_refund", order_id="o-1408", amount=20.0, reason="late"),
                         confidence=0.95,
                     ),
                     turn(text="Refunded 20.00."),
@@ -130,8 +130,8 @@ async def test_a_new_build_rolls_out_while_old_runs_wait_for_approval(
     assert runs_on(await builds_of(client, rejected.id)) == ["v1"]
     assert runs_on(await builds_of(client, fresh.id)) == ["v2"]
     assert V2_MARK in done.path and V2_MARK in new.path and V2_MARK not in refused.path
-    made = [refunds(service, o, h) for o, h in (("o-1401", approved), ("o-1402", rejected))]
-    assert [*made, refunds(service, "o-1403", fresh)] == [1, 0, 1]
+    made = [refunds(service, o, h) for o, h in (("o-1406", approved), ("o-1407", rejected))]
+    assert [*made, refunds(service, "o-1408", fresh)] == [1, 0, 1]
 
 
 def refunds(service: DemoService, order: str, handle: RunHandle) -> int:

@@ -280,7 +280,7 @@ async def test_a_partner_echoing_the_key_leaks_it_nowhere(
         "worker logs": caplog.text,
         "traces": trace_file.read_text() if trace_file.exists() else "",
         "audit log": (worker_config.state_dir / "audit.db").read_bytes().decode("latin-1"),
-        "transcripts": (worker_config.state_dir / "transcripts.db").read_bytes().decode("latin-1"),
+        "transcripts": (worker_config.state_dir / "state.db").read_bytes().decode("latin-1"),
         "state and result": state.model_dump_json() + result.model_dump_json(),
     }
     leaks = {

@@ -161,8 +161,8 @@ async def test_audit_chain_on_either_database(database: Database) -> None:
     audit = DatabaseAuditStore(database)
     run = f"run-{uuid.uuid4().hex[:8]}"
     entries = story()
-    assert await audit.append(batch(entries[:4], run_id=run)) == 4
-    assert await audit.append(batch(entries, run_id=run)) == len(entries) - 4
+    assert (await audit.append(batch(entries[:4], run_id=run))).new == 4
+    assert (await audit.append(batch(entries, run_id=run))).new == len(entries) - 4
     assert verify(await audit.entries(run)).ok
     for statement in ("UPDATE spine_audit SET actor = 'x'", "DELETE FROM spine_audit"):
         with pytest.raises(StoreUnavailable, match="append-only"):
@@ -185,7 +185,7 @@ async def test_a_log_made_before_migrations_is_adopted(tmp_path: Path) -> None:
     try:
         assert await adopted.database.migrate(AUDIT_MIGRATIONS) == ["audit v1", "audit v2"]
         assert verify(await adopted.entries(run)).ok
-        assert await adopted.append(batch(story(), run_id=run)) == 0
+        assert (await adopted.append(batch(story(), run_id=run))).new == 0
     finally:
         await adopted.close()
 
@@ -261,7 +261,7 @@ async def test_a_worker_on_postgres_keeps_nothing_on_its_own_disk(
     try:
         async with make_worker(settings=settings, plugins=plugins):
             handle = await start_run(
-                client, build_demo_request("o-1201"), task_queue=worker_config.task_queue
+                client, build_demo_request("o-1204"), task_queue=worker_config.task_queue
             )
             state = await wait_for_status(handle, "awaiting_approval")
             await approve_first_pending(handle, state)
@@ -282,7 +282,11 @@ async def test_a_worker_on_postgres_keeps_nothing_on_its_own_disk(
         assert found is not None and found["n"] >= 10
     finally:
         await db.close()
-    verified = await asyncio.to_thread(spine_cli, "audit", "verify", handle.id, env=env)
+    # The CLI cross-checks the chain against the run's anchor in Temporal's history too.
+    address = {"TEMPORAL_ADDRESS": client.service_client.config.target_host}
+    verified = await asyncio.to_thread(
+        spine_cli, "audit", "verify", handle.id, env={**env, **address}
+    )
     assert verified.returncode == 0 and "ok" in verified.stdout, verified.stderr
     traced = await asyncio.to_thread(spine_cli, "trace", handle.id, env=env)
     assert traced.returncode == 0, traced.stderr

@@ -197,6 +197,11 @@ class BudgetLedger:
             for w, limit in ((d, op.daily_limit_usd), (m, op.monthly_limit_usd))
             if limit
         ]
+        spent = [
+            w.committed_usd / limit
+            for w, limit in ((d, op.daily_limit_usd), (m, op.monthly_limit_usd))
+            if limit
+        ]
         return LedgerAnswer(
             granted=granted,
             reason=reason,
@@ -206,6 +211,7 @@ class BudgetLedger:
             day_reserved_usd=round(d.reserved_usd, 8),
             month_committed_usd=round(m.committed_usd, 8),
             used_fraction=max(fractions, default=0.0),
+            spent_fraction=max(spent, default=0.0),
             exposure=exposure,
         )
 

@@ -68,6 +68,9 @@ class BudgetState(BaseModel):
     to_commit: dict[str, float] = Field(default_factory=dict)
     to_release: list[str] = Field(default_factory=list)
     ledger_fraction: float = 0.0
+    """The account's share committed or reserved, as the ledger last said (sizes blocks)."""
+    ledger_spent_fraction: float = 0.0
+    """The account's share committed, as the ledger last said (degrade and ask thresholds)."""
     last_input_tokens: int = 0
     degraded_to: str | None = None
     approved_to_continue: bool = False

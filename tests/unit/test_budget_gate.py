@@ -186,3 +186,26 @@ async def test_settling_commits_the_open_block_and_tolerates_a_silent_ledger():
     ledger = Ledger()
     await gate(state, run).settle(ledger)
     assert ledger.ops[0].commit == {"wf-1/1": 0.004} and state.budget.to_commit == {}
+
+
+async def test_other_runs_reservations_shrink_blocks_but_never_make_a_run_degrade_or_ask():
+    """Fifty runs of one account each hold a block: the account is 95% held but 10% spent. The
+    next run reserves a small block and goes on with its own model, without asking anyone."""
+
+    class Held(Ledger):
+        async def __call__(self, op: LedgerOp) -> LedgerAnswer:
+            answer = await super().__call__(op)
+            return answer.model_copy(update={"used_fraction": 0.95, "spent_fraction": 0.10})
+
+    run = FakeRun()
+    state = RunState(spec=spec(account="acme"), step=1)
+    budget = gate(state, run)
+    for _ in range(2):
+        models = await budget.before_call(MODELS, ask=never_asked, ledger=Held())
+        assert models == MODELS and state.budget.degraded_to is None
+        state.step += 1
+        budget._close_block()  # the next call opens a block of its own
+    assert state.budget.ledger_spent_fraction == pytest.approx(0.10)
+    assert budget.block_size(budget.estimate(MODELS)) == pytest.approx(
+        budget.estimate(MODELS) * BLOCK_CALLS
+    )
