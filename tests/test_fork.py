@@ -43,7 +43,7 @@ TOKENS = (2000, 100)  # 0.0024 USD per scripted turn
 TURN_USD = 0.0024
 # Enough for three turns; the fourth's worst-case estimate does not fit: budget_exhausted, and
 # (per policy) no compensation, so steps 1-3 stay done.
-TIGHT_USD = 0.013
+TIGHT_USD = 0.016
 
 
 async def spine(client, task_queue: str, *args: str, **env: str) -> tuple[int, str, str]:
@@ -86,7 +86,7 @@ async def _out_of_budget(client, task_queue: str, order: str, account: str):
     assert [(e.tool, e.compensated) for e in result.side_effects] == [
         ("issue_refund", False),
         ("send_email", False),
-    ]
+    ], result.reason
     return handle, result
 
 
