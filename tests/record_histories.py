@@ -201,6 +201,22 @@ async def large_output(r: Recorder) -> RunHandle:
     return await r.start("large-output", request)
 
 
+async def parallel(r: Recorder) -> RunHandle:
+    """A turn of three calls at once (two lookups and a refund), then an email and the answer."""
+    script = [
+        turn(
+            call("lookup_order", order_id="o-1007"),
+            call("lookup_order", order_id="o-1008"),
+            call("issue_refund", order_id="o-1007", amount=40.0),
+        ),
+        turn(call("send_email", order_id="o-1007", subject="Refund", body="Refunded 40.")),
+        turn(text="Refunded o-1007."),
+    ]
+    request = scripted_request(script)
+    request.account = r.account("parallel")
+    return await r.start("parallel", request)
+
+
 async def rollout(r: Recorder) -> RunHandle:
     """Worker versioning: a run of build r1 waits for approval while build r2 becomes current;
     approved, it makes its refund on r1, then continues as new onto r2 and completes there."""
@@ -237,6 +253,7 @@ SCENARIOS: dict[str, Callable[[Recorder], Awaitable[RunHandle]]] = {
     "fork": fork,
     "large-output": large_output,
     "rollout": rollout,
+    "parallel": parallel,
 }
 
 

@@ -40,7 +40,8 @@ def _history(path: Path, text: str | None = None) -> WorkflowHistory:
 
 def test_every_scenario_is_recorded():
     """The recorded set covers approval, compensation, parking, continue-as-new, a fork, outputs
-    stored by reference and a run that moved to a new build under worker versioning."""
+    stored by reference, a run that moved to a new build under worker versioning and a turn
+    whose calls ran at once."""
     scenarios = {p.name.split(".")[0] for p in FILES}
     assert scenarios == {
         "demo-approval",
@@ -50,6 +51,7 @@ def test_every_scenario_is_recorded():
         "fork",
         "large-output",
         "rollout",
+        "parallel",
     }
     assert len([p for p in FILES if p.name.startswith("continue-as-new.")]) >= 2
 
