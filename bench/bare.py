@@ -102,7 +102,7 @@ async def bare_chat(args: dict[str, object]) -> dict[str, object]:
         )
     system = str(messages[0]["content"])
     reply = await client.messages.create(  # type: ignore[attr-defined]
-        model="claude-sonnet-4-5",
+        model="claude-sonnet-4-6",
         system=system,
         messages=messages[1:],
         max_tokens=1024,

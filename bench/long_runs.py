@@ -120,7 +120,7 @@ async def run(steps: int, can_after: int | None, provider: str = "scripted") -> 
                     enqueue(tool_calls=[FakeToolCall(call.name, dict(call.args or {}))])
                 else:
                     enqueue(turn.text)
-            name = "gpt-4.1" if provider == "openai" else "claude-sonnet-4-5"
+            name = "gpt-4.1" if provider == "openai" else "claude-sonnet-4-6"
             request.model = ModelChoice(provider=provider, name=name)  # type: ignore[arg-type]
         step_times: list[float] = []
         async with build_worker(client, config=config):

@@ -109,7 +109,7 @@ class Arms:
         request = spine_request(script, agent="bench-agent", max_steps=steps + 2)
         if provider != "scripted":
             self._script_llm(provider, steps)
-            name = "gpt-4.1" if provider == "openai" else "claude-sonnet-4-5"
+            name = "gpt-4.1" if provider == "openai" else "claude-sonnet-4-6"
             request.model = ModelChoice(provider=provider, name=name)  # type: ignore[arg-type]
         start = time.perf_counter()
         handle = await start_run(self.client, request, task_queue=queue)
