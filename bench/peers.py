@@ -1,4 +1,5 @@
-"""Spine vs Temporal's OpenAI Agents integration vs Pydantic AI's Temporal integration.
+"""Spine vs Temporal's OpenAI Agents integration, Pydantic AI's Temporal integration and
+temporal-agent-harness (on its Pydantic AI integration; see :mod:`bench.peer_harness`).
 
 The same scripted agent on each, on one Temporal dev server, against one demo business service:
 
@@ -7,9 +8,10 @@ The same scripted agent on each, on one Temporal dev server, against one demo bu
 2. The sdk-python#1890 scenario: 100 model calls, each tool result ~20 KB. Does the run finish,
    how big is its history, and where does it die if it dies?
 
-Workers run in this process (in-process for all three, so the comparison is fair); each arm has
-its own task queue. Arms alternate round by round to share the machine's noise; the three
+Workers run in this process (in-process for all four, so the comparison is fair); each arm has
+its own task queue. Arms alternate round by round to share the machine's noise; the four
 #1890 runs go at the same time (their wall times are then not comparable, their histories are).
+An arm that cannot run a scenario is recorded as ``n/a: <reason>``, not a crash.
 
     python -m bench.peers [--quick] [--out bench/results/peers.json]
 
@@ -134,6 +136,9 @@ class SpineArm(Arm):
 
 
 class PeerArm(Arm):
+    #: Scenario -> why this arm cannot run it (recorded as "n/a: <reason>").
+    unsupported: dict[str, str] = {}
+
     def __init__(self, name: str, client: Client, queue: str, workflow: str) -> None:
         self.name = name
         self.client = client
@@ -156,9 +161,72 @@ class PeerArm(Arm):
         return "completed"
 
 
+class HarnessArm(PeerArm):
+    """temporal-agent-harness: a session workflow that takes the prompt as one message.
+
+    Started with an ``AgentConfig`` and the run's turn limit, sent the script's prompt through the
+    ``send_agent_message`` update, then ``close`` (the session ends once that turn drains). A
+    handler that raises leaves the session to complete normally, so the turn's own outcome is read
+    back with the ``peer_outcome`` query.
+    """
+
+    async def start(self, kind: str, arg: str, turns: int) -> WorkflowHandle:
+        from temporal_agent_harness.harness.agent_protocol import (
+            SEND_AGENT_MESSAGE_UPDATE,
+            AgentConfig,
+            AgentMessage,
+            AgentMessageReply,
+        )
+
+        from bench.peer_harness import RunLimits
+
+        handle = await self.client.start_workflow(
+            self.workflow,
+            args=[AgentConfig(), RunLimits(max_turns=turns + 5)],
+            id=f"peer-{self.name}-{uuid.uuid4().hex[:8]}",
+            task_queue=self.queue,
+        )
+        await handle.execute_update(
+            SEND_AGENT_MESSAGE_UPDATE,
+            AgentMessage(type="ask", payload={"text": f"SCRIPT {kind} {arg}"}, expected_turn=1),
+            result_type=AgentMessageReply,
+        )
+        await handle.signal("close")
+        return handle
+
+    async def outcome(self, handle: WorkflowHandle) -> str:
+        await handle.result()
+        return await handle.query("peer_outcome", result_type=str)
+
+
+def _not_applicable(arm: Arm, kind: str) -> str | None:
+    why = getattr(arm, "unsupported", {}).get(kind)
+    return f"n/a: {why}" if why else None
+
+
+def _na_sample(outcome: str) -> dict[str, object]:
+    return {
+        "workflow_id": None,
+        "outcome": outcome,
+        "status": None,
+        "wall_s": 0.0,
+        "runs": 0,
+        "events": 0,
+        "bytes": 0,
+        "largest_event_bytes": 0,
+        "model_calls_scheduled": 0,
+        "last_event": "",
+    }
+
+
 async def _timed(arm: Arm, kind: str, arg: str, turns: int, deadline: float) -> dict[str, object]:
+    if na := _not_applicable(arm, kind):
+        return _na_sample(na)
     began = time.perf_counter()
-    handle = await arm.start(kind, arg, turns)
+    try:
+        handle = await arm.start(kind, arg, turns)
+    except Exception as err:  # noqa: BLE001  # an arm that cannot even start is a result too
+        return _na_sample(f"not started: {type(err).__name__}: {err}"[:500])
     try:
         outcome = await asyncio.wait_for(arm.outcome(handle), deadline)
     except TimeoutError:
@@ -184,11 +252,14 @@ async def _timed(arm: Arm, kind: str, arg: str, turns: int, deadline: float) -> 
 
 
 async def _with_workers(stack: Stack, tmp: Path, body: Callable[[list[Arm]], Awaitable[None]]):
-    """Start the three frameworks' workers in this process and run `body` with their arms."""
-    from pydantic_ai.durable_exec.temporal import PydanticAIPlugin
+    """Start the four frameworks' workers in this process and run `body` with their arms."""
+    from pydantic_ai.durable_exec.temporal import AgentPlugin, PydanticAIPlugin
+    from temporal_agent_harness.plugin import AgentHarnessPlugin
+    from temporal_agent_harness.utils.large_payload import local_payload_storage
     from temporalio.contrib.openai_agents import ModelActivityParameters, OpenAIAgentsPlugin
     from temporalio.contrib.openai_agents.testing import TestModelProvider
 
+    from bench.peer_harness import HARNESS_AGENT, HARNESS_TOOLS, HarnessAgentWorkflow
     from bench.peer_oai import OpenAIAgentWorkflow, ScriptedOpenAIModel
     from bench.peer_pai import PydanticAIAgentWorkflow
     from bench.peer_tools import OAI_ACTIVITIES
@@ -224,12 +295,27 @@ async def _with_workers(stack: Stack, tmp: Path, body: Callable[[list[Arm]], Awa
         activities=list(OAI_ACTIVITIES),
     )
     pai_worker = Worker(pai_client, task_queue=pai_queue, workflows=[PydanticAIAgentWorkflow])
+    # The harness's plugin goes last (it keeps Pydantic AI's converter and adds its large-payload
+    # offload, to a directory of this benchmark's own); its tools' activities come with it.
+    harness_plugin = AgentHarnessPlugin(
+        tools=HARNESS_TOOLS,
+        large_payload_offload=local_payload_storage(base_dir=tmp / "harness-payloads"),
+    )
+    harness_client = Client(**{**plain, "plugins": [PydanticAIPlugin(), harness_plugin]})
+    harness_queue = f"peer-harness-{uuid.uuid4().hex[:6]}"
+    harness_worker = Worker(
+        harness_client,
+        task_queue=harness_queue,
+        workflows=[HarnessAgentWorkflow],
+        plugins=[AgentPlugin(HARNESS_AGENT)],
+    )
     arms: list[Arm] = [
         SpineArm(base, spine_queue),
         PeerArm("openai_agents", oai_client, oai_queue, "PeerOpenAIAgent"),
         PeerArm("pydantic_ai", pai_client, pai_queue, "PeerPydanticAIAgent"),
+        HarnessArm("agent_harness", harness_client, harness_queue, "PeerHarnessAgent"),
     ]
-    async with build_worker(base, config=config), oai_worker, pai_worker:
+    async with build_worker(base, config=config), oai_worker, pai_worker, harness_worker:
         await body(arms)
 
 
@@ -246,7 +332,7 @@ async def run(rounds: int, docs_calls: int = DOCS_CALLS, seed: int = 7) -> dict[
     problems: dict[str, str] = {}
 
     async def body(arms: list[Arm]) -> None:
-        targets = iter(orders(3 * (rounds + 1)))
+        targets = iter(orders(len(arms) * (rounds + 1)))
         for arm in arms:  # warm-up, not counted
             warm = await _timed(arm, "refund", next(targets), 10, 120)
             if warm["outcome"] != "completed":
@@ -262,7 +348,7 @@ async def run(rounds: int, docs_calls: int = DOCS_CALLS, seed: int = 7) -> dict[
                     f"{sample['bytes'] / 10 / 1024:.1f} KiB history/step ({sample['outcome']})",
                     flush=True,
                 )
-        # The three #1890 runs go side by side: their history sizes, not their wall times,
+        # The #1890 runs go side by side: their history sizes, not their wall times,
         # are the figure, and one after the other they would take minutes.
         print(f"  #1890 scenario: {docs_calls} model calls x ~20 KB, all arms at once ...")
         found = await asyncio.gather(
