@@ -90,6 +90,8 @@ def plot_peers(data: dict, results: Path) -> list[Path]:
     ax[2].set_ylabel("history (MiB)")
     ax[2].set_title(f"#1890: {data['setup']['docs_calls']} calls x 20 KB")
     ax[2].legend(fontsize=8)
+    for a in ax:  # four arms' names side by side overlap
+        a.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     path = results / "peers.png"
     fig.savefig(path, dpi=110)
