@@ -18,6 +18,16 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8300
 
 
+def console_run_url(workflow_id: str) -> str | None:
+    """The console's page of a run, when ``SPINE_CONSOLE_URL`` says where the console is."""
+    import urllib.parse
+
+    base = (os.environ.get("SPINE_CONSOLE_URL") or "").strip().rstrip("/")
+    if not base:
+        return None
+    return f"{base}/runs/{urllib.parse.quote(workflow_id, safe='')}"
+
+
 def _env_port() -> int:
     raw = os.environ.get("SPINE_CONSOLE_PORT") or str(DEFAULT_PORT)
     if not raw.isdigit() or not 0 < int(raw) < 65536:

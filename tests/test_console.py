@@ -200,6 +200,15 @@ async def test_approve_from_the_inbox_and_watch_the_run_complete(
         assert "<script>alert" not in html and "&lt;script&gt;" in html
         await page.screenshot(path=str(shoot("inbox")), full_page=True)
         assert_no_secrets(html, vault, service)
+        # On a phone: nothing wider than the screen. By keyboard: the skip link comes first.
+        await page.set_viewport_size({"width": 390, "height": 844})
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 391, f"the inbox is {width}px wide on a 390px phone"
+        await page.screenshot(path=str(shoot("inbox-phone")), full_page=True)
+        await page.set_viewport_size({"width": 1100, "height": 1400})
+        await page.keyboard.press("Tab")
+        focused = await page.evaluate("document.activeElement.textContent")
+        assert focused == "Skip to content"
 
         await card.get_by_label("Reason (for the audit log)").fill("customer verified by phone")
         await card.get_by_role("button", name="Approve").click()
@@ -237,6 +246,7 @@ async def test_approve_from_the_inbox_and_watch_the_run_complete(
     trace_html = await page.content()
     assert "invoke_agent" in trace_html or "no spans" in trace_html or "no trace file" in trace_html
     keep_screenshot("inbox")
+    keep_screenshot("inbox-phone")
     keep_screenshot("run")
 
 
