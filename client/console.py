@@ -155,12 +155,18 @@ def _environment() -> jinja2.Environment:
     env.filters["when"] = data.when
     env.filters["usd"] = lambda v: "—" if v is None else f"${v:,.4f}"
     env.globals["run_url"] = run_url
+    env.globals["trace_url"] = trace_url
     return env
 
 
 def run_url(workflow_id: str) -> str:
     """The console page of a run (the id is quoted whole, slashes too)."""
     return "/runs/" + urllib.parse.quote(workflow_id, safe="")
+
+
+def trace_url(workflow_id: str) -> str:
+    """The console page of a run's trace."""
+    return "/trace/" + urllib.parse.quote(workflow_id, safe="")
 
 
 def _safe_next(value: str | None) -> str:

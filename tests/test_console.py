@@ -425,6 +425,52 @@ async def test_a_viewer_cannot_approve_even_with_a_forged_form(
     assert service.get("/v1/refunds?order_id=o-1434") == []
 
 
+async def test_self_approval_is_refused_and_shown(
+    client, make_worker, task_queue, new_account, temporal_env, browser, vault, service, tmp_path
+):
+    """carol holds support and supervisor: she starts a run, sees no buttons on its approval,
+    and a decision she forges anyway is refused by the run as self-approval, and shown."""
+    from tests.helpers import custom_policy
+
+    context, _ = browser
+    account = new_account("console")
+
+    def both(data: dict) -> None:
+        data["principals"]["carol"] = {"roles": ["support", "supervisor"], "accounts": ["*"]}
+
+    policy_path = custom_policy(tmp_path, both)
+    settings = ConsoleSettings(
+        client=temporal_env.client, vault_url=vault.url, env={}, policy=load_policy(policy_path)
+    )
+    script = [turn(call("issue_refund", order_id="o-1437", amount=150.0)), turn(text="done")]
+    async with make_worker(policy_path=policy_path), serving(settings, port=free_port()) as url:
+        request = _request(account, script, user="carol")
+        handle = await start_run(client, request, task_queue=task_queue)
+        state = await wait_for_status(handle, "awaiting_approval", timeout=TIMEOUT_S)
+        page = await _page(context)
+        inbox = f"/inbox?account={account}"
+        await sign_in(page, url, "carol", inbox)
+        await reload_until(page, url + inbox, lambda h: handle.id in h, "the approval")
+        card = page.locator("article", has_text=handle.id)
+        assert await card.get_by_role("button", name="Approve").count() == 0
+        assert "You requested this run" in await card.inner_text()
+        response = await page.request.post(
+            f"{url}/decide",
+            form={
+                "csrf": await _csrf(page),
+                "workflow_id": handle.id,
+                "approval_id": state.pending_approvals[0].approval_id,
+                "decision": "approve",
+                "role": "supervisor",
+            },
+        )
+        refusal = await response.text()
+        assert "requested this run and cannot approve its own request" in refusal, refusal
+        assert (await get_state(handle)).status == "awaiting_approval"
+        await handle.terminate("test over")
+    assert service.get("/v1/refunds?order_id=o-1437") == []
+
+
 async def test_posts_without_the_session_token_are_refused(
     client, make_worker, task_queue, new_account, console, vault
 ):
@@ -447,10 +493,16 @@ async def test_posts_without_the_session_token_are_refused(
             bad = await http.post("/login", data={"name": "bob", "password": "pw-bob"})
             assert bad.status_code == 403
             csrf = re.search(r'name="csrf" value="([^"]+)"', bad.text).group(1)
-            signed = await http.post(
-                "/login", data={"csrf": csrf, "name": "bob", "password": "pw-bob", "next": "/inbox"}
+            wrong = await http.post(
+                "/login", data={"csrf": csrf, "name": "bob", "password": "not-bobs"}
             )
-            assert signed.status_code == 303
+            assert wrong.status_code == 401 and "OpenBao refused the login" in wrong.text
+            # Where to go after signing in is a local path only (no open redirect).
+            signed = await http.post(
+                "/login",
+                data={"csrf": csrf, "name": "bob", "password": "pw-bob", "next": "//evil.test/x"},
+            )
+            assert signed.status_code == 303 and signed.headers["location"] == "/inbox"
             cookie = signed.headers["set-cookie"]
             assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
             assert vault.tokens["bob"] not in cookie
