@@ -653,21 +653,39 @@ def create_app(settings: ConsoleSettings) -> Any:
 async def serving(
     settings: ConsoleSettings, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
 ) -> AsyncIterator[str]:
-    """Serve the console in this event loop until the block ends; yields its URL."""
+    """Serve the console in this event loop until the block ends; yields its URL (port 0: a
+    free one).
+
+    Raises:
+        OSError: the address cannot be bound (in use, not this host's).
+    """
+    import socket
+
     import uvicorn
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))  # here, so a port in use is an OSError, not uvicorn's exit
+    except OSError:
+        sock.close()
+        raise
+    bound = sock.getsockname()[1]
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, log_level="warning", lifespan="off"
+        create_app(settings), log_level="warning", lifespan="off", proxy_headers=False
     )
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
             if task.done():
                 task.result()  # raises why it stopped
-                raise RuntimeError(f"the console did not start on {host}:{port}")
+                raise RuntimeError(f"the console did not start on {host}:{bound}")
             await asyncio.sleep(0.05)
-        yield f"http://{host}:{port}"
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        yield f"http://{shown}:{bound}"
     finally:
         server.should_exit = True
         await asyncio.gather(task, return_exceptions=True)
+        sock.close()

@@ -100,8 +100,8 @@ def console(
                 click.echo(f"Spine console  {url}  (sign in with your OpenBao login)")
                 await asyncio.Event().wait()
         except OSError as err:
-            raise SpineClientError(f"cannot listen on {host}:{port}: {err.strerror}") from err
-        except SystemExit as err:  # uvicorn exits when it cannot bind
-            raise SpineClientError(f"cannot listen on {host}:{port} (in use?)") from err
+            raise SpineClientError(
+                f"cannot listen on {host}:{port}: {err.strerror or err}"
+            ) from err
 
     run_async(main())

@@ -581,3 +581,59 @@ async def test_budgets_page_shows_today_against_the_limit(
         await page.goto(f"{url}/budgets?account=Not+An+Account")
         await playwright_api.expect(page.get_by_role("alert")).to_contain_text("filter refused")
     keep_screenshot("budgets")
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+async def test_the_spine_console_command_serves_and_says_what_is_missing(
+    temporal_env, vault, tmp_path
+):
+    """`spine console` listens where SPINE_CONSOLE_PORT says; a port in use and a missing
+    OpenBao address are one `spine: error:` line each."""
+    import asyncio
+    import subprocess
+
+    from tests.helpers import SPINE, eventually
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": temporal_env.client.service_client.config.target_host,
+        "VAULT_ADDR": vault.url,
+        "SPINE_CONSOLE_PORT": str(port),
+        "SPINE_STATE_DIR": str(tmp_path),
+    }
+    server = await asyncio.create_subprocess_exec(
+        SPINE, "console", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+            async def healthy() -> bool:
+                assert server.returncode is None, f"spine console exited {server.returncode}"
+                return (await http.get("/healthz")).text == "ok"
+
+            await eventually(healthy, timeout=TIMEOUT_S, what="spine console to answer")
+            login = await http.get("/login")
+            assert login.status_code == 200 and 'name="password"' in login.text
+
+        def spine(*args: str, **more: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [SPINE, "console", *args],
+                env={**env, **more},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        busy = await asyncio.to_thread(spine)
+        assert busy.returncode == 1
+        assert busy.stderr.strip().startswith(f"spine: error: cannot listen on 127.0.0.1:{port}")
+        assert len(busy.stderr.strip().splitlines()) == 1, busy.stderr
+        missing = await asyncio.to_thread(spine, "--port", str(free_port()), VAULT_ADDR="")
+        assert missing.returncode == 2
+        assert "--vault-addr (or VAULT_ADDR) is required" in missing.stderr
+    finally:
+        server.terminate()
+        await asyncio.wait_for(server.wait(), timeout=30)
