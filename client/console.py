@@ -206,6 +206,11 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
+def _flash(session: Session, message: tuple[str, str]) -> None:
+    """A message for the person's next page (the last few only)."""
+    session.flashes = [*session.flashes[-4:], message]
+
+
 def _summarise(err: ValidationError) -> str:
     first = err.errors(include_url=False)[0]
     where = ".".join(str(p) for p in first["loc"])
@@ -243,8 +248,8 @@ class Console:
         """The roles the policy grants `principal` directly; None when the console cannot
         know (no policy, or the person's roles come from OpenBao groups)."""
         policy = self.settings.policy
-        if policy is None or principal not in policy.principals:
-            return None
+        if policy is None or principal not in policy.principals or policy.groups:
+            return None  # with group grants, what OpenBao says the person belongs to counts
         return list(policy.principals[principal].roles)
 
     def page(
@@ -529,7 +534,7 @@ class Console:
             return self._refused(session, 400, "that is not a workflow id")
         back = RedirectResponse(run_url(workflow_id), status_code=303)
         if len(form.get("reason", "")) > MAX_REASON_CHARS:
-            session.flashes.append(("error", f"a reason is at most {MAX_REASON_CHARS} characters"))
+            _flash(session, ("error", f"a reason is at most {MAX_REASON_CHARS} characters"))
             return back
         try:
             decision = ApprovalDecision(
@@ -540,21 +545,22 @@ class Console:
                 reason=form.get("reason", ""),
             )
         except ValidationError as err:
-            session.flashes.append(("error", f"not sent: {_summarise(err)}"))
+            _flash(session, ("error", f"not sent: {_summarise(err)}"))
             return back
         handle = get_run(self.signed_client(session), workflow_id)
         try:
             ack = await decide(handle, decision)
         except (SpineClientError, IdentityError) as err:
-            session.flashes.append(("error", str(err)))
+            _flash(session, ("error", str(err)))
             return back
         past = "approved" if ack.decision == "approve" else "rejected"
-        session.flashes.append(
+        _flash(
+            session,
             (
                 "ok",
                 f"{past} {ack.approval_id} as {decision.by} ({decision.role}); "
                 f"the run is now {ack.status}",
-            )
+            ),
         )
         return back
 
@@ -568,7 +574,7 @@ class Console:
             return self._refused(session, 400, "that is not a workflow id")
         back = RedirectResponse(run_url(workflow_id), status_code=303)
         if len(form.get("reason", "")) > MAX_REASON_CHARS:
-            session.flashes.append(("error", f"a reason is at most {MAX_REASON_CHARS} characters"))
+            _flash(session, ("error", f"a reason is at most {MAX_REASON_CHARS} characters"))
             return back
         try:
             command = OperatorCommand(
@@ -578,22 +584,23 @@ class Console:
                 reason=form.get("reason", ""),
             )
         except ValidationError as err:
-            session.flashes.append(("error", f"not sent: {_summarise(err)}"))
+            _flash(session, ("error", f"not sent: {_summarise(err)}"))
             return back
         handle = get_run(self.signed_client(session), workflow_id)
         try:
             state = await operate(handle, command)
         except (SpineClientError, IdentityError) as err:
-            session.flashes.append(("error", str(err)))
+            _flash(session, ("error", str(err)))
             return back
         goes_on = command.action in ("retry", "skip")
-        session.flashes.append(
+        _flash(
+            session,
             (
                 "ok",
                 f"{command.action} accepted from {command.by} ({command.role}); "
                 + ("the run goes on" if goes_on else "the run ends, undoing its side effects")
                 + f" (it was {state.status})",
-            )
+            ),
         )
         return back
 

@@ -169,8 +169,8 @@ async def test_approve_from_the_inbox_and_watch_the_run_complete(
     context, dialogs = browser
     account = new_account("console")
     script = [
-        turn(call("lookup_order", order_id="o-1431")),
-        turn(call("issue_refund", order_id="o-1431", amount=150.0, reason=XSS), confidence=0.93),
+        turn(call("lookup_order", order_id="o-1461")),
+        turn(call("issue_refund", order_id="o-1461", amount=150.0, reason=XSS), confidence=0.93),
         turn(text="Refunded 150."),
     ]
     async with make_worker():
@@ -193,7 +193,7 @@ async def test_approve_from_the_inbox_and_watch_the_run_complete(
             "issue_refund: amount above 100.00 -> supervisor",
             "0.93",
             "escalates to director",
-            'lookup_order(order_id="o-1431")',
+            'lookup_order(order_id="o-1461")',
             XSS,  # the argument, shown as text
         ):
             assert expected in text, f"{expected!r} not in the inbox card:\n{text}"
@@ -234,7 +234,7 @@ async def test_approve_from_the_inbox_and_watch_the_run_complete(
     assert "matches the head the run anchored" in run_html
     await page.screenshot(path=str(shoot("run")), full_page=True)
     assert_no_secrets(run_html, vault, service)
-    refunds = service.get("/v1/refunds?order_id=o-1431")
+    refunds = service.get("/v1/refunds?order_id=o-1461")
     assert [r["amount"] for r in refunds] == [150.0]
     assert dialogs == [], "a script ran on a console page"
 
@@ -258,8 +258,8 @@ async def test_reject_from_the_inbox_shows_the_compensation(
     context, _ = browser
     account = new_account("console")
     script = [
-        turn(call("issue_refund", order_id="o-1432", amount=40.0)),
-        turn(call("issue_refund", order_id="o-1432", amount=150.0)),
+        turn(call("issue_refund", order_id="o-1462", amount=40.0)),
+        turn(call("issue_refund", order_id="o-1462", amount=150.0)),
         turn(text="Refunded."),
     ]
     async with make_worker():
@@ -292,7 +292,7 @@ async def test_reject_from_the_inbox_shows_the_compensation(
     assert "undo: reverse_refund" in timeline
     assert "second refund not justified" in html
     assert_no_secrets(html, vault, service)
-    [refund] = service.get("/v1/refunds?order_id=o-1432")
+    [refund] = service.get("/v1/refunds?order_id=o-1462")
     assert refund["reversed"] is True
 
 
@@ -307,8 +307,8 @@ async def test_operate_a_parked_run_from_the_console(
     context, _ = browser
     account = new_account("console")
     script = [
-        turn(call("issue_refund", order_id="o-1433", amount=40.0)),
-        turn(call("issue_refund", order_id="o-1433", amount=150.0)),
+        turn(call("issue_refund", order_id="o-1463", amount=40.0)),
+        turn(call("issue_refund", order_id="o-1463", amount=150.0)),
         turn(text="Refunded."),
     ]
     # No secret cache: the refund after the approval reads the (deleted) secret again.
@@ -333,7 +333,7 @@ async def test_operate_a_parked_run_from_the_console(
         card = page.locator("article", has_text=handle.id)
         text = await card.inner_text()
         assert "SecretMissing" in text, text
-        assert 'issue_refund(order_id="o-1433", amount=40.0)' in text  # its side effect
+        assert 'issue_refund(order_id="o-1463", amount=40.0)' in text  # its side effect
         await page.screenshot(path=str(shoot("parked")), full_page=True)
         assert_no_secrets(html, vault, service)
 
@@ -353,7 +353,7 @@ async def test_operate_a_parked_run_from_the_console(
             "the run's page to show it completed",
         )
     assert "operator ops (operator) chose retry: secret restored" in html
-    assert [r["amount"] for r in service.get("/v1/refunds?order_id=o-1433")] == [40.0, 150.0]
+    assert [r["amount"] for r in service.get("/v1/refunds?order_id=o-1463")] == [40.0, 150.0]
     keep_screenshot("parked")
 
 
@@ -371,7 +371,7 @@ async def test_a_viewer_cannot_approve_even_with_a_forged_form(
     the supervisor role, is signed as her and refused by the run, and she is shown why."""
     context, _ = browser
     account = new_account("console")
-    script = [turn(call("issue_refund", order_id="o-1434", amount=150.0)), turn(text="done")]
+    script = [turn(call("issue_refund", order_id="o-1464", amount=150.0)), turn(text="done")]
     async with make_worker():
         handle = await start_run(client, _request(account, script), task_queue=task_queue)
         state = await wait_for_status(handle, "awaiting_approval", timeout=TIMEOUT_S)
@@ -422,7 +422,7 @@ async def test_a_viewer_cannot_approve_even_with_a_forged_form(
         assert "already decided" in text or "already finished" in text, text
         result = await wait_result(handle)
     assert result.status == "rejected"
-    assert service.get("/v1/refunds?order_id=o-1434") == []
+    assert service.get("/v1/refunds?order_id=o-1464") == []
 
 
 async def test_self_approval_is_refused_and_shown(
@@ -442,7 +442,7 @@ async def test_self_approval_is_refused_and_shown(
     settings = ConsoleSettings(
         client=temporal_env.client, vault_url=vault.url, env={}, policy=load_policy(policy_path)
     )
-    script = [turn(call("issue_refund", order_id="o-1437", amount=150.0)), turn(text="done")]
+    script = [turn(call("issue_refund", order_id="o-1467", amount=150.0)), turn(text="done")]
     async with make_worker(policy_path=policy_path), serving(settings, port=free_port()) as url:
         request = _request(account, script, user="carol")
         handle = await start_run(client, request, task_queue=task_queue)
@@ -468,7 +468,7 @@ async def test_self_approval_is_refused_and_shown(
         assert "requested this run and cannot approve its own request" in refusal, refusal
         assert (await get_state(handle)).status == "awaiting_approval"
         await handle.terminate("test over")
-    assert service.get("/v1/refunds?order_id=o-1437") == []
+    assert service.get("/v1/refunds?order_id=o-1467") == []
 
 
 async def test_posts_without_the_session_token_are_refused(
@@ -478,7 +478,7 @@ async def test_posts_without_the_session_token_are_refused(
     refused before anything reaches the run; pages need a session; the cookie is HttpOnly and
     SameSite=Strict and holds no token; every page carries a script-free CSP."""
     account = new_account("console")
-    script = [turn(call("issue_refund", order_id="o-1435", amount=150.0)), turn(text="done")]
+    script = [turn(call("issue_refund", order_id="o-1465", amount=150.0)), turn(text="done")]
     async with make_worker():
         handle = await start_run(client, _request(account, script), task_queue=task_queue)
         state = await wait_for_status(handle, "awaiting_approval", timeout=TIMEOUT_S)
@@ -553,7 +553,7 @@ async def test_budgets_page_shows_today_against_the_limit(
         data["accounts"][account] = {"daily_usd": 2.0, "monthly_usd": 20.0}
 
     policy_path = custom_policy(tmp_path, limited)
-    script = [turn(call("lookup_order", order_id="o-1436")), turn(text="ok")]
+    script = [turn(call("lookup_order", order_id="o-1466")), turn(text="ok")]
     settings = ConsoleSettings(
         client=temporal_env.client, vault_url=vault.url, env={}, policy=load_policy(policy_path)
     )
