@@ -540,6 +540,32 @@ async def test_posts_without_the_session_token_are_refused(
     assert result.status == "completed", result.reason
 
 
+async def test_a_hostile_workflow_id_and_goal_render_as_text(
+    client, make_worker, task_queue, new_account, console, vault, service
+):
+    """A run whose id and goal carry quotes, slashes and markup: its page is found, shows them
+    as text, and does not put the id into a visibility query."""
+    account = new_account("console")
+    script = [turn(call("lookup_order", order_id="o-1468")), turn(text="<i>done</i>")]
+    hostile_id = "it's/<b>bold</b>\\" + account
+    async with make_worker():
+        request = _request(account, script, goal=XSS)
+        handle = await start_run(client, request, workflow_id=hostile_id, task_queue=task_queue)
+        result = await wait_result(handle)
+        assert result.status == "completed", result.reason
+    async with httpx.AsyncClient(base_url=console, timeout=60) as http:
+        login = await http.get("/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', login.text).group(1)
+        await http.post("/login", data={"csrf": csrf, "name": "bob", "password": "pw-bob"})
+        page = await http.get(run_url(hostile_id))
+    assert page.status_code == 200, page.text
+    html = page.text
+    assert "<b>bold</b>" not in html and "&lt;b&gt;bold&lt;/b&gt;" in html
+    assert "<script>alert" not in html and "<i>done</i>" not in html
+    assert "not cross-checked with Temporal: the workflow id has quotes" in html
+    assert_no_secrets(html, vault, service)
+
+
 async def test_budgets_page_shows_today_against_the_limit(
     client, make_worker, task_queue, new_account, temporal_env, browser, vault, service, tmp_path
 ):
