@@ -35,13 +35,16 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from spine.activities.errors import SpineError
 from spine.client.runs import SpineClientError
 from spine.observability.audit import AuditStore, StoredEntry, VerifyResult, store_from_env, verify
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
 
 T = TypeVar("T")
 
@@ -376,17 +379,23 @@ def verify_cmd(run: str | None, offline: bool, as_json: bool) -> None:
         raise SpineClientError(f"audit log does not match Temporal: {problems[0]}")
 
 
-async def cross_check(store: AuditStore, entries: list[StoredEntry], run: str | None) -> list[str]:
-    """Where the store disagrees with the heads finished runs anchored in Temporal."""
+async def cross_check(
+    store: AuditStore, entries: list[StoredEntry], run: str | None, *, client: Client | None = None
+) -> list[str]:
+    """Where the store disagrees with the heads finished runs anchored in Temporal (through
+    `client`, else a connection from the environment)."""
     from temporalio.client import WorkflowExecutionStatus
 
     from spine.client.runs import connect
     from spine.contract import WORKFLOW_TYPE, AgentResult
 
-    try:
-        client = await connect(signer=None)
-    except SpineClientError as e:
-        return [f"cannot cross-check with Temporal ({e}); use --offline to check the chains only"]
+    if client is None:
+        try:
+            client = await connect(signer=None)
+        except SpineClientError as e:
+            return [
+                f"cannot cross-check with Temporal ({e}); use --offline to check the chains only"
+            ]
     by_run: dict[str, list[StoredEntry]] = {}
     for entry in entries:
         by_run.setdefault(entry.run_id, []).append(entry)

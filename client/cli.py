@@ -21,6 +21,7 @@ from spine.client.alerts_cli import alerts
 from spine.client.audit_cli import audit
 from spine.client.budget_cli import budget
 from spine.client.codec_cli import codec_server
+from spine.client.console_cli import console
 from spine.client.identity_cli import login_cmd, sign_cmd, whoami_cmd
 from spine.client.output import compact, echo_json, follow, result_lines, run_async, usage_text
 from spine.client.replay_cli import replay
@@ -470,6 +471,7 @@ for _verb in (
     audit,
     budget,
     codec_server,
+    console,
     login_cmd,
     replay,
     sign_cmd,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import httpx
 
+from spine.client.console_cli import console_run_url
 from spine.client.output import compact, result_lines, state_line
 from spine.client.runs import (
     SpineClientError,
@@ -234,4 +235,7 @@ async def run_demo(
     for line in result_lines(result):
         echo(line)
     echo(f"Web UI: {url}")
+    console = console_run_url(handle.id)
+    if console:
+        echo(f"Console: {console}  (approvals, parked runs, budgets; sign in as bob or ops)")
     return result

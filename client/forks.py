@@ -76,13 +76,12 @@ from spine.contract import (
     tool_of,
 )
 from spine.guardrails.allowlist import Allowlist
-from spine.guardrails.approvals import approval_rule
+from spine.guardrails.approvals import approval_rule, describe_rule
 from spine.guardrails.budget import price
 from spine.guardrails.policy import Policy
 from spine.payloads import (
     EMPTY_DIGEST,
     AgentSpec,
-    ApprovalRule,
     ChatMessage,
     ModelCallInput,
     ModelCallResult,
@@ -1158,24 +1157,3 @@ def _narrowed(point: Checkpoint, spec: AgentSpec, role: str) -> str | None:
         for key, amount in cumulative_amounts(state, effect.tool, effect.args):
             totals[key] = totals.get(key, 0.0) + amount
     return None
-
-
-def describe_rule(rule: ApprovalRule) -> str:
-    """A policy approval rule in one line: `issue_refund: amount above 50.00 -> supervisor`."""
-    conditions = []
-    if rule.always:
-        conditions.append("always")
-    if rule.above is not None:
-        conditions.append(f"{rule.arg} above {rule.above:.2f}")
-    if rule.cumulative_above is not None:
-        conditions.append(
-            f"total {rule.arg} per {rule.per or 'call'} above {rule.cumulative_above:.2f}"
-        )
-    if rule.below_confidence is not None:
-        conditions.append(f"confidence below {rule.below_confidence:.2f}")
-    if rule.untrusted_args:
-        conditions.append("untrusted arguments")
-    if rule.after_untrusted:
-        conditions.append("after untrusted content")
-    approvers = ", ".join(rule.approver_roles)
-    return f"{rule.tool}: {', '.join(conditions) or 'no condition'} -> {approvers}"

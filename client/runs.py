@@ -392,9 +392,12 @@ def _failure_message(cause: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
-def web_ui_url(workflow_id: str, run_id: str | None = None, namespace: str = "default") -> str:
-    """The Temporal Web UI page of a run (`SPINE_UI_URL`, default `http://localhost:8233`)."""
-    ui = (os.environ.get("SPINE_UI_URL") or DEFAULT_UI_URL).rstrip("/")
+def web_ui_url(
+    workflow_id: str, run_id: str | None = None, namespace: str = "default", ui: str | None = None
+) -> str:
+    """The Temporal Web UI page of a run (at `ui`, else `SPINE_UI_URL`, default
+    `http://localhost:8233`)."""
+    ui = (ui or os.environ.get("SPINE_UI_URL") or DEFAULT_UI_URL).rstrip("/")
     url = (
         f"{ui}/namespaces/{urllib.parse.quote(namespace, safe='')}"
         f"/workflows/{urllib.parse.quote(workflow_id, safe='')}"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from spine.contract import ApprovalDecision, DecisionAck, JsonObject, PendingApproval, RunStatus
 from spine.guardrails.hooks import RunHooks
@@ -84,6 +84,33 @@ def approval_rule(
         if rule.after_untrusted and untrusted_seen:
             return f"untrusted content is in the run's context; {tool} needs approval", rule
     return None
+
+
+def describe_rule(rule: ApprovalRule) -> str:
+    """A policy approval rule in one line: `issue_refund: amount above 50.00 -> supervisor`."""
+    conditions = []
+    if rule.always:
+        conditions.append("always")
+    if rule.above is not None:
+        conditions.append(f"{rule.arg} above {rule.above:.2f}")
+    if rule.cumulative_above is not None:
+        conditions.append(
+            f"total {rule.arg} per {rule.per or 'call'} above {rule.cumulative_above:.2f}"
+        )
+    if rule.below_confidence is not None:
+        conditions.append(f"confidence below {rule.below_confidence:.2f}")
+    if rule.untrusted_args:
+        conditions.append("untrusted arguments")
+    if rule.after_untrusted:
+        conditions.append("after untrusted content")
+    approvers = ", ".join(rule.approver_roles)
+    return f"{rule.tool}: {', '.join(conditions) or 'no condition'} -> {approvers}"
+
+
+def _iso(at: datetime | None, after_s: float | None = 0.0) -> str | None:
+    if at is None or after_s is None:
+        return None
+    return (at + timedelta(seconds=after_s)).isoformat()
 
 
 @dataclass
@@ -153,9 +180,11 @@ class ApprovalDesk:
         reason: str,
         roles: list[str],
         rule: ApprovalRule | None = None,
+        *,
+        confidence: float | None = None,
     ) -> ApprovalDecision:
         """Open an approval and wait for its decision; per `rule`, a timeout escalates (once)
-        or rejects.
+        or rejects. `confidence` is the model's for the turn (shown to the approver).
 
         Raises:
             StopRun: the call was rejected (status `rejected`).
@@ -163,8 +192,25 @@ class ApprovalDesk:
         hooks = self._hooks
         approval_id = f"ap-{self.state.step}-{hooks.new_id()}"
         required = rule.approvals_required if rule else 1
+        now = hooks.now() if hooks.now else None
+        timeout = rule.timeout_s if rule else None
         self._open[approval_id] = _Open(
-            PendingApproval(approval_id=approval_id, tool=tool, args=args, reason=reason),
+            PendingApproval(
+                approval_id=approval_id,
+                tool=tool,
+                args=args,
+                reason=reason,
+                step=self.state.step,
+                approver_roles=list(roles),
+                approvals_required=required,
+                rule=describe_rule(rule) if rule else None,
+                confidence=confidence,
+                untrusted_seen=self.state.untrusted_seen,
+                requested_at=_iso(now),
+                deadline=_iso(now, timeout) if timeout else None,
+                on_timeout=rule.on_timeout if rule and timeout else None,
+                escalate_to=list(rule.escalate_to) if rule and timeout else [],
+            ),
             list(roles),
             required,
         )
@@ -181,7 +227,6 @@ class ApprovalDesk:
             approvals_required=required,
         )
         await hooks.flush()
-        timeout = rule.timeout_s if rule else None
         escalate = rule is not None and rule.on_timeout == "escalate"
         opened = self._open[approval_id]
         while True:
@@ -243,6 +288,11 @@ class ApprovalDesk:
         opened = self._open[approval_id]
         opened.roles = list(rule.escalate_to)
         opened.asked.reason += f"; escalated to {', '.join(rule.escalate_to)} after {timeout:.0f}s"
+        now = self._hooks.now() if self._hooks.now else None
+        opened.asked.approver_roles = list(rule.escalate_to)
+        opened.asked.deadline = _iso(now, timeout)
+        opened.asked.on_timeout = "reject"
+        opened.asked.escalate_to = []
         self._hooks.record(
             "policy_decision",
             "spine",
@@ -293,6 +343,7 @@ class ApprovalDesk:
             opened.final = decision
         else:
             opened.approvals.append(decision)
+            opened.asked.approved_by.append(decision.by)
             if len(opened.approvals) >= opened.required:
                 opened.final = decision
         self._audit(decision, accepted=True, principal=decision.by)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from spine.contract import RunStatus
 
@@ -35,3 +35,5 @@ class RunHooks:
     """A short id, unique in the run and the same on replay (`workflow.uuid4`)."""
     warn: Callable[[str], None]
     """Log a warning (the workflow logger, quiet on replay)."""
+    now: Callable[[], datetime] | None = None
+    """Workflow time (`workflow.now`), for what the `state` query shows; None: not shown."""

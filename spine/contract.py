@@ -214,12 +214,34 @@ class Usage(BaseModel):
 
 
 class PendingApproval(BaseModel):
-    """A tool call (or budget continuation) waiting for a person."""
+    """A tool call (or budget continuation) waiting for a person.
+
+    Beyond the call and the reason: who may decide it and how many must, the rule that made it
+    wait, what the model reported, and when it escalates or is rejected without a decision
+    (the `state` query only: nothing here is in history).
+    """
 
     approval_id: str
     tool: str
     args: JsonObject
     reason: str
+    step: int = 0
+    approver_roles: list[str] = Field(default_factory=list)
+    approvals_required: int = 1
+    approved_by: list[str] = Field(
+        default_factory=list, description="Who approved so far (when several must)."
+    )
+    rule: str | None = Field(default=None, description="The policy rule, in one line.")
+    confidence: float | None = Field(default=None, description="The model's, for this turn.")
+    untrusted_seen: bool = Field(
+        default=False, description="Untrusted content was in the run's context when it asked."
+    )
+    requested_at: str | None = Field(default=None, description="ISO 8601 UTC (workflow time).")
+    deadline: str | None = Field(
+        default=None, description="When the rule's timeout acts without a decision (UTC)."
+    )
+    on_timeout: Literal["reject", "escalate"] | None = None
+    escalate_to: list[str] = Field(default_factory=list)
 
 
 class SideEffect(BaseModel):

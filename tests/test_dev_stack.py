@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from spine.client.testing import REPO_ROOT, binary, free_port, postgres_bin
@@ -51,6 +52,7 @@ def stack_env() -> Iterator[dict[str, str]]:
         "SPINE_DEV_VAULT_PORT": str(free_port()),
         "SPINE_DEV_SERVICE_PORT": str(free_port()),
         "SPINE_DEV_PG_PORT": str(free_port()),
+        "SPINE_DEV_CONSOLE_PORT": str(free_port()),
         "SPINE_DEV_DEADLINE_S": "120",
     }
     try:
@@ -78,10 +80,16 @@ async def test_up_with_postgres_runs_the_demo_in_shared_state_mode(
     url = dotenv["SPINE_DATABASE_URL"]
     assert url == f"postgresql://spine@127.0.0.1:{stack_env['SPINE_DEV_PG_PORT']}/spine"
     assert dotenv["TEMPORAL_ADDRESS"].endswith(f":{stack_env['SPINE_DEV_TEMPORAL_PORT']}")
+    # The console is up too, and the demo links it.
+    console = f"http://127.0.0.1:{stack_env['SPINE_DEV_CONSOLE_PORT']}"
+    assert dotenv["SPINE_CONSOLE_URL"] == console and f"console       {console}" in first
+    login = await asyncio.to_thread(httpx.get, f"{console}/login", timeout=30)
+    assert login.status_code == 200 and "Sign in" in login.text
 
     demo_env = {**stack_env, **dotenv, "SPINE_STATE_DIR": str(tmp_path / "state")}
     shown = await asyncio.to_thread(run, [binary("spine"), "demo"], demo_env, tmp_path)
     assert "completed" in shown, shown
+    assert f"Console: {console}/runs/" in shown, shown
     run_id = next(line.split()[1] for line in shown.splitlines() if line.startswith("run:"))
     assert not (tmp_path / "state" / "state.db").exists()  # nothing shared on local disk
 
@@ -103,3 +111,4 @@ async def test_up_with_postgres_runs_the_demo_in_shared_state_mode(
     assert "already running" in again and "(already running;" in again
     down = await asyncio.to_thread(run, [str(REPO_ROOT / "temporal-dev" / "down")], stack_env)
     assert "postgres: stopped" in down and "temporal: stopped" in down
+    assert "console: stopped" in down

@@ -135,6 +135,7 @@ class AgentWorkflow:
             set_status=self.view.set,
             new_id=lambda: workflow.uuid4().hex[:8],
             warn=workflow.logger.warning,
+            now=workflow.now,
         )
         self.approvals = ApprovalDesk(self.state, hooks, agent=agent)
         # Parking on an audit failure must not park again: it writes the trail best effort.
@@ -363,7 +364,9 @@ class AgentWorkflow:
         needs = self.approvals.rule_for(tool, args, confidence, day_totals=day_totals)
         if needs is not None:
             reason, rule = needs
-            await self.approvals.request(tool.name, args, reason, rule.approver_roles, rule)
+            await self.approvals.request(
+                tool.name, args, reason, rule.approver_roles, rule, confidence=confidence
+            )
         key = f"{_run_key()}/{self.state.step}/{index}"
         try:
             result, used, used_key = await tools.run(tool, args, call.id, key)

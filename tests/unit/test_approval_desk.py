@@ -188,3 +188,75 @@ def test_taint_has_no_window_and_no_size_exemption():
     assert found is not None and "amount copy text from untrusted" in found[0]
     clean = desk(FakeRun(), untrusted=taint.remember("", "nothing numeric here"))
     assert clean.rule_for(tool, {"order_id": "o-1001", "amount": 5.0}, 0.9) is None
+
+
+async def test_a_pending_approval_shows_its_rule_deadline_and_escalation():
+    """What the `state` query shows an approver: roles, rule, confidence, deadline, escalation;
+    after escalation, the new roles and the deadline of the rejection."""
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    # Workflow time: the approval opens at 10:00 and escalates at 11:00.
+    times = iter(
+        [datetime(2026, 11, 29, 10, 0, tzinfo=UTC), datetime(2026, 11, 29, 11, 0, tzinfo=UTC)]
+    )
+    run = FakeRun()
+    approvals = ApprovalDesk(
+        state(principal="alice", step=3),
+        replace(run.hooks(), now=lambda: next(times)),
+        agent="refund-agent",
+    )
+    shown = []
+
+    def look_then_approve() -> None:
+        pending = approvals.pending()[0]
+        shown.append(pending.model_copy(deep=True))
+        approvals.accept(decision(pending.approval_id, role="director", by="dana"))
+
+    run.answers = ["timeout", look_then_approve]
+    got = await approvals.request(
+        "issue_refund",
+        {"amount": 180.0},
+        "amount above",
+        ["supervisor"],
+        ESCALATING,
+        confidence=0.42,
+    )
+    assert got.by == "dana"
+    [after] = shown
+    assert after.approver_roles == ["director"]
+    assert (after.on_timeout, after.escalate_to) == ("reject", [])
+    assert after.deadline == "2026-11-29T12:00:00+00:00"
+    assert after.requested_at == "2026-11-29T10:00:00+00:00"
+    assert (after.step, after.confidence, after.approved_by) == (3, 0.42, [])
+    assert after.rule == "issue_refund: amount above 100.00 -> supervisor"
+
+
+async def test_a_fresh_pending_approval_names_its_deadline():
+    """Before any timeout: the rule's approvers, the deadline and that it escalates."""
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    run = FakeRun()
+    approvals = ApprovalDesk(
+        state(principal="alice"),
+        replace(run.hooks(), now=lambda: datetime(2026, 11, 29, 10, 0, tzinfo=UTC)),
+        agent="refund-agent",
+    )
+    shown = []
+
+    def look_and_reject() -> None:
+        pending = approvals.pending()[0]
+        shown.append(pending.model_copy(deep=True))
+        approvals.accept(decision(pending.approval_id, verdict="reject"))
+
+    run.answers = [look_and_reject]
+    with pytest.raises(StopRun):
+        await approvals.request(
+            "issue_refund", {"amount": 180.0}, "why", ["supervisor"], ESCALATING
+        )
+    [pending] = shown
+    assert pending.approver_roles == ["supervisor"]
+    assert pending.deadline == "2026-11-29T11:00:00+00:00"
+    assert (pending.on_timeout, pending.escalate_to) == ("escalate", ["director"])
+    assert (pending.approvals_required, pending.approved_by) == (1, [])
