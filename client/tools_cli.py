@@ -21,14 +21,18 @@ from spine.activities.tools import Registry, ToolDefinitionError
 
 def _registry(agents: str | None) -> Registry:
     from spine.plugin import load_registry  # lazily: it imports every activity
+    from spine.worker import importable_cwd
 
+    importable_cwd()  # `--agents my_agent` finds ./my_agent.py, as the worker does
     spec = agents or os.environ.get("SPINE_AGENTS") or "spine.demo.agent"
     modules = tuple(m.strip() for m in spec.split(",") if m.strip())
     try:
         return load_registry(modules)
     except ToolDefinitionError as err:
         raise click.ClickException(f"tool definitions are wrong: {err}") from err
-    except (ImportError, ValueError) as err:
+    except ImportError as err:  # AgentModuleError: names the module and why, in one line
+        raise click.ClickException(str(err)) from err
+    except ValueError as err:
         raise click.ClickException(f"cannot load agent modules {spec!r}: {err}") from err
 
 

@@ -223,16 +223,30 @@ class SpineConfig:
         )
 
 
+class AgentModuleError(ImportError):
+    """An agent module (``SPINE_AGENTS``) cannot be imported; the message says which and why."""
+
+
 def load_registry(modules: Sequence[str]) -> Registry:
     """Import each agent module and let it `register(registry)`; check the result.
 
     Raises:
-        ImportError: a module cannot be imported.
+        AgentModuleError: a module cannot be imported (an `ImportError`: named, in one line).
         ValueError: a module has no ``register``; :class:`ToolDefinitionError` for bad tools.
     """
     registry = Registry()
     for name in modules:
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ImportError as err:
+            missing = getattr(err, "name", None)
+            why = (
+                f"no module named {missing!r} on the Python path (the current directory is "
+                "on it for `spine worker` and `spine tools`)"
+                if missing and (missing == name or name.startswith(f"{missing}."))
+                else f"{type(err).__name__}: {err}"
+            )
+            raise AgentModuleError(f"cannot import agent module {name!r}: {why}") from err
         register = getattr(module, "register", None)
         if register is None:
             raise ValueError(f"agent module {name!r} has no register(registry) function")

@@ -23,7 +23,7 @@ from spine.activities.tools import ToolDefinitionError
 from spine.client.runs import SpineClientError, connect
 from spine.guardrails.policy import PolicyError, load_policy
 from spine.observability.telemetry import TelemetryError, telemetry_from_env
-from spine.plugin import SpineConfig, SpinePlugin
+from spine.plugin import AgentModuleError, SpineConfig, SpinePlugin, load_registry
 from spine.store import StoreUnavailable
 
 log = logging.getLogger("spine.worker")
@@ -32,16 +32,18 @@ log = logging.getLogger("spine.worker")
 async def run_worker(config: SpineConfig | None = None) -> None:
     """Connect, serve until SIGINT/SIGTERM, then drain gracefully."""
     config = config or SpineConfig.from_env()
+    # The policy and the agents first: a mistake there is named before anything connects.
+    policy = load_policy(config.policy_path)
+    registry = load_registry(config.agent_modules)
     telemetry = telemetry_from_env(config.settings)
     if telemetry.runtime is not None:
         Runtime.set_default(telemetry.runtime)
     client = await connect()
-    policy = load_policy(config.policy_path)
     worker = Worker(
         client,
         task_queue=config.task_queue,
         plugins=[
-            SpinePlugin(config, policy=policy),
+            SpinePlugin(config, policy=policy, registry=registry),
             *telemetry.worker_plugins(policy.price_table()),
         ],
         max_concurrent_activities=config.max_concurrent_activities,
@@ -78,8 +80,18 @@ class RetryableFailureFilter(logging.Filter):
         return True
 
 
+def importable_cwd() -> None:
+    """Put the current directory on the import path, as ``python worker.py`` (run where the
+    agent lives) and ``python -m`` do, so ``SPINE_AGENTS=my_agent`` finds ``./my_agent.py``
+    from the ``spine`` console script too. Appended: it never shadows an installed module."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        sys.path.append(cwd)
+
+
 def main() -> None:
     """Entry point: log setup, run the worker, exit 2 with one line on a startup mistake."""
+    importable_cwd()
     logging.basicConfig(
         level=os.environ.get("SPINE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -88,7 +100,13 @@ def main() -> None:
     code = 0
     try:
         asyncio.run(run_worker())
-    except (PolicyError, ToolDefinitionError, TelemetryError, SpineClientError) as err:
+    except (
+        PolicyError,
+        ToolDefinitionError,
+        TelemetryError,
+        SpineClientError,
+        AgentModuleError,
+    ) as err:
         print(f"spine worker: error: {err}", file=sys.stderr)
         code = 2
     except StoreUnavailable as err:  # the shared database is down or refuses the migrations

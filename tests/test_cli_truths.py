@@ -1,0 +1,129 @@
+"""The `spine` command and the README tell the truth, tried the way a new user tries them.
+
+Each test is one finding of issue 15 (part 2): it failed before the change that fixed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+from spine.client.runs import start_run, wait_result
+from spine.client.testing import VaultDev, _worker_polls, stop_worker_process
+from spine.contract import AgentRequest, ModelChoice
+from tests.helpers import SPINE, call, eventually, turn
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(marker: str, language: str) -> str:
+    """The fenced `language` block of the README that holds `marker`, else the first one after
+    it."""
+    text = README.read_text()
+    at = text.index(marker)
+    for found in re.finditer(rf"```{language}\n(.*?)```", text, re.S):
+        if found.end() > at:
+            return found.group(1)
+    raise AssertionError(f"no ```{language} block at or after {marker!r} in the README")
+
+
+def run_spine(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SPINE, *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _spawn(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+# ------------------------------------------------------------ agent modules in the current dir
+
+
+def _weather_project(tmp_path: Path) -> Path:
+    """The README walkthrough's weather agent and its minimal policy, in a fresh directory."""
+    project = tmp_path / "weather"
+    project.mkdir()
+    (project / "weather_agent.py").write_text(readme_block("# weather_agent.py", "python"))
+    policy = readme_block("the minimal one for the weather agent is:", "toml")
+    policy += '\n[principals.alice]\nroles = ["user"]\naccounts = ["*"]\n'
+    (project / "policy.toml").write_text(policy)
+    return project
+
+
+def test_tools_lock_finds_an_agent_module_in_the_current_directory(tmp_path):
+    """`spine tools lock --agents weather_agent` next to weather_agent.py (was
+    ModuleNotFoundError: the console script's path did not hold the current directory)."""
+    project = _weather_project(tmp_path)
+    done = run_spine("tools", "lock", "--agents", "weather_agent", cwd=project)
+    assert done.returncode == 0, done.stderr
+    assert '"forecast"' in (project / "tools.lock.json").read_text()
+
+
+def test_an_unknown_agent_module_is_one_line(tmp_path):
+    """`spine worker` and `spine tools lock` with a module that does not exist: one line each,
+    naming it, before anything connects (was a 40-line traceback)."""
+    env = {"SPINE_AGENTS": "no_such_agent", "TEMPORAL_ADDRESS": "127.0.0.1:9"}
+    worker = run_spine("worker", cwd=tmp_path, env=env)
+    tools = run_spine("tools", "lock", "--agents", "no_such_agent", cwd=tmp_path)
+    for done, code in ((worker, 2), (tools, 1)):
+        assert done.returncode == code, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "cannot import agent module 'no_such_agent'" in done.stderr
+
+
+async def test_spine_worker_serves_an_agent_module_in_the_current_directory(
+    client, vault: VaultDev, temporal_env, tmp_path
+):
+    """`SPINE_AGENTS=weather_agent spine worker`, run where weather_agent.py is, serves it: a
+    weather run completes (the README's walkthrough agent and minimal policy, as written)."""
+    project = _weather_project(tmp_path)
+    queue = f"weather-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": client.service_client.config.target_host,
+        "SPINE_AGENTS": "weather_agent",
+        "SPINE_POLICY": "policy.toml",
+        "SPINE_TASK_QUEUE": queue,
+        "SPINE_STATE_DIR": str(tmp_path / "state"),
+        "SPINE_LEDGER_WORKER": "0",
+        "VAULT_ADDR": vault.url,
+        "VAULT_TOKEN": vault.token,
+    }
+    log = tmp_path / "worker.log"
+    process = await asyncio.to_thread(_spawn, [SPINE, "worker"], project, env, log)
+
+    async def polls() -> bool:
+        assert process.poll() is None, log.read_text()[-3000:]
+        return await asyncio.to_thread(_worker_polls, process, env)
+
+    try:
+        await eventually(polls, timeout=120, what="spine worker to poll its task queue")
+        request = AgentRequest(
+            agent="weather-agent",
+            goal="Weather in Oslo?",
+            user="alice",
+            role="user",
+            account="acme",
+            model=ModelChoice(
+                script=[turn(call("forecast", city="Oslo")), turn(text="Sunny in Oslo.")]
+            ),
+        )
+        handle = await start_run(client, request, task_queue=queue)
+        result = await asyncio.wait_for(wait_result(handle), timeout=120)
+    finally:
+        stop_worker_process(process)
+    assert result.status == "completed", result.reason
+    assert result.output == "Sunny in Oslo."
