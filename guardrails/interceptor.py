@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
+from temporalio.common import RawValue
 from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import (
@@ -50,6 +51,8 @@ from spine.contract import (
     UPDATE_DECIDE,
     UPDATE_OPERATE,
     WORKFLOW_TYPE,
+    ApprovalDecision,
+    OperatorCommand,
     tool_of,
 )
 from spine.guardrails.allowlist import Allowlist
@@ -180,8 +183,48 @@ def refusal(message: str) -> ApplicationError:
     return ApplicationError(message, type="DecisionRefused", non_retryable=True)
 
 
-#: Update name -> (purpose of the claim it needs, the workflow type it applies to).
-_SIGNED_UPDATES: dict[str, Purpose] = {UPDATE_DECIDE: "decide", UPDATE_OPERATE: "operate"}
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode(raw: RawValue, model: type[M]) -> tuple[M | None, str | None]:
+    """A signal's or update's payload as `model`, or None and what is wrong with it (one line).
+
+    Updates and signals take their payload raw and decode it here, so a payload that is not a
+    decision (or command) is refused like any other bad decision, naming the field, instead of
+    failing in the SDK as a retryable ``RuntimeError`` (updates) or a dropped signal.
+    """
+    try:
+        value = workflow.payload_converter().from_payload(raw.payload)
+        return model.model_validate(value), None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        return None, f"invalid {model.__name__}: {where}: {first['msg']}"
+    except Exception as err:  # noqa: BLE001  # anything that does not decode is refused, not fatal
+        return None, f"invalid {model.__name__}: {type(err).__name__}"
+
+
+def decoded(payload: object, model: type[M]) -> M:
+    """An update's payload as `model` (decoded already by the identity interceptor, or raw).
+
+    Raises:
+        ApplicationError: ``DecisionRefused``, naming what is wrong with the payload.
+    """
+    if isinstance(payload, model):
+        return payload
+    if not isinstance(payload, RawValue):
+        raise refusal(f"the payload is not a {model.__name__}")
+    value, problem = decode(payload, model)
+    if value is None:
+        raise refusal(problem or f"the payload is not a {model.__name__}")
+    return value
+
+
+#: Update name -> (purpose of the claim it needs, the payload it carries).
+_SIGNED_UPDATES: dict[str, tuple[Purpose, type[BaseModel]]] = {
+    UPDATE_DECIDE: ("decide", ApprovalDecision),
+    UPDATE_OPERATE: ("operate", OperatorCommand),
+}
 
 
 class _IdentityInbound(WorkflowInboundInterceptor):
@@ -213,10 +256,15 @@ class _IdentityInbound(WorkflowInboundInterceptor):
 
     def handle_update_validator(self, input: HandleUpdateInput) -> None:
         ledger = workflow.info().workflow_type == LEDGER_WORKFLOW_TYPE and input.update == "apply"
-        purpose: Purpose | None = "ledger" if ledger else _SIGNED_UPDATES.get(input.update)
+        signed = _SIGNED_UPDATES.get(input.update)
+        purpose: Purpose | None = "ledger" if ledger else (signed[0] if signed else None)
         if purpose is None or (not ledger and guards_of_current_run() is None):
             return self.next.handle_update_validator(input)
         payload = input.args[0] if input.args else None
+        if signed is not None and isinstance(payload, RawValue):
+            # Decoded here, so a payload that is not a decision is a refusal, not a crash.
+            payload = decoded(payload, signed[1])
+            input.args = [payload, *input.args[1:]]
         if not isinstance(payload, BaseModel):
             raise refusal(f"{input.update}: the payload is not a {purpose} payload")
         try:

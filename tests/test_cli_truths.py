@@ -6,16 +6,27 @@ Each test is one finding of issue 15 (part 2): it failed before the change that 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
 import uuid
 from pathlib import Path
 
-from spine.client.runs import start_run, wait_result
-from spine.client.testing import VaultDev, _worker_polls, stop_worker_process
+from temporalio.api.enums.v1 import EventType
+
+from spine.client.runs import get_state, start_run, wait_result
+from spine.client.testing import VaultDev, _worker_polls, binary, stop_worker_process
 from spine.contract import AgentRequest, ModelChoice
-from tests.helpers import SPINE, call, eventually, turn
+from tests.helpers import (
+    SPINE,
+    call,
+    eventually,
+    scripted_request,
+    signing_env,
+    turn,
+    wait_for_status,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -127,3 +138,113 @@ async def test_spine_worker_serves_an_agent_module_in_the_current_directory(
         stop_worker_process(process)
     assert result.status == "completed", result.reason
     assert result.output == "Sunny in Oslo."
+
+
+# ------------------------------------------------- the Temporal CLI: updates and signals refused
+
+
+def _cli(client, principal: str | None, *args: str, env: dict[str, str] | None = None):
+    """Run a command (`temporal ...` or `spine ...`) as `principal` against the test server."""
+    full = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": client.service_client.config.target_host,
+        **(signing_env(client, principal) if principal else {}),
+        **(env or {}),
+    }
+    return subprocess.run(args, env=full, capture_output=True, text=True, timeout=120)
+
+
+async def _awaiting(client, make_worker_ctx, task_queue: str, order: str):
+    request = scripted_request(
+        [turn(call("issue_refund", order_id=order, amount=150.0)), turn(text="Refunded.")]
+    )
+    handle = await start_run(client, request, task_queue=task_queue)
+    state = await wait_for_status(handle, "awaiting_approval")
+    return handle, state.pending_approvals[0].approval_id
+
+
+async def test_update_refusals_are_final_and_typed_in_the_temporal_cli(
+    client, make_worker, task_queue
+):
+    """A `decide` with a payload that is not a decision, one with a role bob lacks, and an
+    `operate` that is not a command: the Temporal CLI prints `(type: DecisionRefused,
+    retryable: false)` naming what was wrong (a garbled payload was `RuntimeError, retryable:
+    true`); the run still takes bob's good decision."""
+    temporal = binary("temporal")
+    async with make_worker():
+        handle, approval = await _awaiting(client, make_worker, task_queue, "o-1251")
+
+        def update(name: str, payload: str, signed: bool) -> subprocess.CompletedProcess:
+            headers = []
+            if signed:
+                sign = _cli(client, "bob", SPINE, "sign", name, "--workflow-id", handle.id,
+                            "--input", payload)  # fmt: skip
+                assert sign.returncode == 0, sign.stderr
+                headers = ["--headers", sign.stdout.strip()]
+            return _cli(client, "bob", temporal, "workflow", "update", "execute",
+                        "--workflow-id", handle.id, "--name", name, "--input", payload,
+                        *headers)  # fmt: skip
+
+        garbled = json.dumps(
+            {"approval_id": approval, "decision": "yes", "by": "bob", "role": "supervisor"}
+        )
+        wrong_role = json.dumps(
+            {"approval_id": approval, "decision": "approve", "by": "bob", "role": "viewer"}
+        )
+        good = json.dumps(
+            {"approval_id": approval, "decision": "approve", "by": "bob", "role": "supervisor"}
+        )
+        refusals = [
+            await asyncio.to_thread(update, "decide", garbled, False),
+            await asyncio.to_thread(update, "decide", wrong_role, True),
+            await asyncio.to_thread(update, "operate", "[1]", False),
+        ]
+        accepted = await asyncio.to_thread(update, "decide", good, True)
+        result = await wait_result(handle)
+    for done in refusals:
+        assert done.returncode != 0
+        assert "(type: DecisionRefused, retryable: false)" in done.stderr, done.stderr
+        assert "RuntimeError" not in done.stderr and "retryable: true" not in done.stderr
+    assert "invalid ApprovalDecision: decision: Input should be 'approve' or 'reject'" in (
+        refusals[0].stderr
+    )
+    assert "does not hold role 'viewer'" in refusals[1].stderr
+    assert "invalid OperatorCommand" in refusals[2].stderr
+    assert accepted.returncode == 0, accepted.stderr
+    assert result.status == "completed"
+
+
+async def test_a_wrong_signal_payload_is_audited_and_in_state(
+    client, make_worker, task_queue, tmp_path
+):
+    """`temporal workflow signal --name approval` with a payload that is not a decision: the
+    run refuses it, lists it in `state.refused`, and `spine audit show` has the refusal; no
+    workflow task fails over it (it used to be dropped with a traceback in the worker log)."""
+    temporal = binary("temporal")
+    async with make_worker():
+        handle, approval = await _awaiting(client, make_worker, task_queue, "o-1252")
+        bad = json.dumps({"approval_id": approval, "decision": "yes", "by": "bob"})
+        sent = await asyncio.to_thread(
+            _cli, client, None, temporal, "workflow", "signal", "--workflow-id", handle.id,
+            "--name", "approval", "--input", bad,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+
+        async def refused() -> bool:
+            return bool((await get_state(handle)).refused)
+
+        await eventually(refused, what="the bad signal to show in state.refused")
+        state = await get_state(handle)
+        audit = await asyncio.to_thread(
+            _cli, client, None, SPINE, "audit", "show", handle.id,
+            env={"SPINE_STATE_DIR": str(tmp_path / "state")},
+        )  # fmt: skip
+        await handle.cancel()
+        await wait_result(handle)
+        kinds = [e.event_type async for e in handle.fetch_history_events()]
+    problem = "invalid ApprovalDecision: decision: Input should be 'approve' or 'reject'"
+    assert state.status == "awaiting_approval"
+    assert any(problem in line for line in state.refused), state.refused
+    assert audit.returncode == 0, audit.stderr
+    assert re.search(rf"approval\s+unauthenticated refused .*{re.escape(problem)}", audit.stdout)
+    assert EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED not in kinds

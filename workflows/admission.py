@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.common import RawValue
 
 with workflow.unsafe.imports_passed_through():
     from spine.guardrails.identity import Claim, Purpose, payload_digest, request_digest
+    from spine.guardrails.interceptor import decode as decode_payload
     from spine.payloads import PrincipalView
     from spine.workflows.state import AgentWorkflowInput, StopRun
 
@@ -69,15 +70,7 @@ async def admit_carry() -> None:
 
 def decode(raw: RawValue, model: type[M]) -> tuple[M | None, str | None]:
     """A signal's payload as `model`, or None and what is wrong with it (in one line)."""
-    try:
-        value = workflow.payload_converter().from_payload(raw.payload)
-        return model.model_validate(value), None
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "payload"
-        return None, f"invalid {model.__name__}: {where}: {first['msg']}"
-    except Exception as err:  # noqa: BLE001  # anything that does not decode is refused, not fatal
-        return None, f"invalid {model.__name__}: {type(err).__name__}"
+    return decode_payload(raw, model)
 
 
 async def verified(

@@ -46,7 +46,7 @@ with workflow.unsafe.imports_passed_through():
     from spine.guardrails.budget import BudgetGate
     from spine.guardrails.hooks import RunHooks
     from spine.guardrails.identity import CURRENT, VERIFIED
-    from spine.guardrails.interceptor import RunGuards, refusal
+    from spine.guardrails.interceptor import RunGuards, decoded, refusal
     from spine.guardrails.parking import Parking, Skipped
     from spine.guardrails.saga import Saga
     from spine.observability import live
@@ -184,13 +184,17 @@ class AgentWorkflow:
             self.approvals.accept(decision)
         await self.flush_best_effort()
 
+    # Updates take their payload raw (`decoded`): one that is not a decision or command is a
+    # `DecisionRefused` naming the field, not a retryable decoding error from the SDK.
     @workflow.update(name=UPDATE_DECIDE)
-    def decide(self, decision: ApprovalDecision) -> DecisionAck:
+    def decide(self, raw: RawValue) -> DecisionAck:
+        decision = decoded(raw, ApprovalDecision)
         self.approvals.accept(decision)
         return self.approvals.ack(decision)
 
     @decide.validator
-    def _validate_decide(self, decision: ApprovalDecision) -> None:
+    def _validate_decide(self, raw: RawValue) -> None:
+        decision = decoded(raw, ApprovalDecision)
         problem = self.approvals.problem(decision, _verified())
         if problem:
             raise refusal(problem)
@@ -212,12 +216,14 @@ class AgentWorkflow:
         await self.flush_best_effort()
 
     @workflow.update(name=UPDATE_OPERATE)
-    def operate(self, command: OperatorCommand) -> StateView:
+    def operate(self, raw: RawValue) -> StateView:
+        command = decoded(raw, OperatorCommand)
         self.parking.accept(command)
         return self.state_view()
 
     @operate.validator
-    def _validate_operate(self, command: OperatorCommand) -> None:
+    def _validate_operate(self, raw: RawValue) -> None:
+        command = decoded(raw, OperatorCommand)
         problem = self.parking.problem(command, self.view.status, _verified())
         if problem:
             raise refusal(problem)
