@@ -22,6 +22,7 @@ from tests.helpers import (
     SPINE,
     call,
     eventually,
+    policy_file,
     scripted_request,
     signing_env,
     turn,
@@ -248,3 +249,39 @@ async def test_a_wrong_signal_payload_is_audited_and_in_state(
     assert audit.returncode == 0, audit.stderr
     assert re.search(rf"approval\s+unauthenticated refused .*{re.escape(problem)}", audit.stdout)
     assert EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED not in kinds
+
+
+# ----------------------------------------------------------------------------- spine operator
+
+
+async def test_spine_operator_refusals_exit_1_with_the_reason(
+    client, make_worker, task_queue, tmp_path
+):
+    """On a parked model turn: alice's retry (not an operator role) and ops' skip (a model turn
+    is not skippable) each exit 1 with the run's reason in one line (it used to print "sent
+    retry" and exit 0); ops' abort is accepted and the run ends failed."""
+    policy = policy_file(
+        tmp_path, runtime={"model_max_attempts": 2, "model_initial_interval_s": 0.1}
+    )
+    script = [turn(call("lookup_order", order_id="o-1253")), turn(text="Found it.")]
+    script[1].error = "transient"
+    env = {"SPINE_TASK_QUEUE": task_queue}
+    async with make_worker(policy_path=policy):
+        handle = await start_run(client, scripted_request(script), task_queue=task_queue)
+        await wait_for_status(handle, "parked", timeout=120)
+
+        def operator(action: str, by: str, role: str) -> subprocess.CompletedProcess:
+            return _cli(client, by, SPINE, "operator", handle.id, action, "--role", role, env=env)
+
+        not_an_operator = await asyncio.to_thread(operator, "retry", "alice", "support")
+        not_skippable = await asyncio.to_thread(operator, "skip", "ops", "operator")
+        abort = await asyncio.to_thread(operator, "abort", "ops", "operator")
+        result = await wait_result(handle)
+    for done in (not_an_operator, not_skippable):
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("spine: error: ")
+        assert "refused" in done.stderr and "sent" not in done.stdout
+    assert "role 'support' may not operate runs" in not_an_operator.stderr
+    assert "a model turn cannot be skipped" in not_skippable.stderr
+    assert abort.returncode == 0, abort.stderr
+    assert result.status == "failed" and "aborted by operator ops" in (result.reason or "")
