@@ -23,7 +23,15 @@ from spine.client.budget_cli import budget
 from spine.client.codec_cli import codec_server
 from spine.client.console_cli import console
 from spine.client.identity_cli import login_cmd, sign_cmd, whoami_cmd
-from spine.client.output import compact, echo_json, follow, result_lines, run_async, usage_text
+from spine.client.output import (
+    compact,
+    echo_json,
+    follow,
+    operator_lines,
+    result_lines,
+    run_async,
+    usage_text,
+)
 from spine.client.replay_cli import replay
 from spine.client.runs import (
     SpineClientError,
@@ -235,7 +243,11 @@ def worker_cmd() -> None:
 @click.option("--max-steps", type=click.IntRange(min=1), help="Tighten the policy's step limit.")
 @click.option("--max-usd", type=click.FloatRange(min=0), help="Tighten the policy's cost limit.")
 @click.option("--id", "workflow_id", help="Workflow id (default AGENT-<random>).")
-@click.option("--wait", is_flag=True, help="Follow the run and print its result.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Follow the run and print its result; stop as soon as it parks (exit 3).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def run_cmd(
@@ -253,7 +265,16 @@ def run_cmd(
     wait: bool,
     as_json: bool,
 ) -> None:
-    """Start AGENT on GOAL; print the workflow id and its Web UI link."""
+    """Start AGENT on GOAL; print the workflow id and its Web UI link.
+
+    \b
+    Exit status with --wait:
+      0  the run completed
+      1  it ended failed, compensated or rejected (or could not be started or followed)
+      2  bad usage or input
+      3  it parked for an operator (still open): the reason and the
+         `spine operator` commands are printed
+    """
     model = parse_model(model_spec, load_script(script) if script is not None else None)
     if model is not None and script is not None:
         model.sub_agents = load_sub_agent_scripts(script)  # a script file may script sub-agents
@@ -352,6 +373,9 @@ async def _status(workflow_id: str, as_json: bool) -> None:
             click.echo(f"last tool {state.last_tool}")
         if state.reason:
             click.echo(f"reason    {state.reason}")
+        if state.status == "parked":
+            for line in operator_lines(desc.id, state.reason)[1:]:
+                click.echo(line)
         for p in state.pending_approvals:
             click.echo(f"approval  {p.approval_id}  {p.tool} {compact(p.args)}: {p.reason}")
             click.echo(f"          spine approve {desc.id} {p.approval_id} --by NAME --role ROLE")

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import click
 
-from spine.client.runs import RunHandle, wait_result
+from spine.client.runs import RunHandle, wait_result, watch
 from spine.contract import AgentResult, StateView, Usage
 
 T = TypeVar("T")
@@ -73,6 +73,20 @@ def run_async(coro: Coroutine[object, object, T]) -> T:
     return asyncio.run(coro)
 
 
+#: Exit statuses of ``spine run --wait`` (and ``spine replay --wait``), documented in --help.
+EXIT_COMPLETED = 0
+EXIT_NOT_COMPLETED = 1  # ended failed, compensated or rejected (or could not be followed)
+EXIT_PARKED = 3  # parked for an operator: still open, waiting for retry/skip/compensate/abort
+
+
+def operator_lines(workflow_id: str, reason: str | None) -> list[str]:
+    """What a parked run is waiting for, and the commands that answer it."""
+    lines = [f"parked    {reason or 'waiting for an operator'}"]
+    for action in ("retry", "skip", "compensate", "abort"):
+        lines.append(f"          spine operator {workflow_id} {action} --role operator")
+    return lines
+
+
 async def follow(
     handle: RunHandle,
     started: dict[str, object],
@@ -81,15 +95,28 @@ async def follow(
     as_json: bool,
     noun: str = "run",
 ) -> int:
-    """Print `started`, or follow the run to its end; exit code 1 unless it completed."""
+    """Print `started`, or follow the run to its end.
+
+    Returns `EXIT_COMPLETED`; `EXIT_PARKED` as soon as the run parks (it stays open, waiting
+    for an operator: the reason and the operator commands are printed); else
+    `EXIT_NOT_COMPLETED`.
+    """
     if not wait:
         if as_json:
             echo_json(started)
         return 0
-    if not as_json:
-        from spine.client.live import print_live  # lazily: it imports this module's users
-
-        await print_live(handle, click.echo)  # tokens and steps as they happen
+    parked = await _until_closed_or_parked(handle, live=not as_json)
+    if parked is not None:
+        if as_json:
+            echo_json({**started, "state": parked.model_dump(mode="json"), "result": None})
+        else:
+            for line in operator_lines(handle.id, parked.reason):
+                click.echo(line)
+        click.echo(
+            f"spine: error: {noun} {handle.id!r} is parked: {parked.reason or 'see above'}",
+            err=True,
+        )
+        return EXIT_PARKED
     result = await wait_result(handle)
     if as_json:
         echo_json({**started, "result": result.model_dump(mode="json")})
@@ -99,5 +126,37 @@ async def follow(
     if result.status != "completed":
         reason = f" ({result.reason})" if result.reason else ""
         click.echo(f"spine: error: {noun} {handle.id!r} ended {result.status}{reason}", err=True)
-        return 1
-    return 0
+        return EXIT_NOT_COMPLETED
+    return EXIT_COMPLETED
+
+
+async def _first_parked(handle: RunHandle) -> StateView | None:
+    """The run's state once it is parked, or None when it closed first."""
+    async for state in watch(handle):
+        if state.status == "parked":
+            return state
+    return None
+
+
+async def _until_closed_or_parked(handle: RunHandle, *, live: bool) -> StateView | None:
+    """Follow the run (printing its stream when `live`) until it closes, or until it parks:
+    then return its state (a parked run stays open, waiting for an operator)."""
+    parked = asyncio.ensure_future(_first_parked(handle))
+    printing = None
+    if live:
+        from spine.client.live import print_live  # lazily: it imports this module's users
+
+        printing = asyncio.ensure_future(print_live(handle, click.echo))  # tokens and steps
+    try:
+        waiting = [parked, printing] if printing is not None else [parked]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if parked.done() and parked.result() is not None:
+            return parked.result()
+        if printing is not None:
+            await printing  # the run closed: let the stream print its end
+        return None
+    finally:
+        for task in (parked, printing):
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(parked, *([printing] if printing else []), return_exceptions=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from temporalio.api.enums.v1 import EventType
 
-from spine.client.runs import get_state, start_run, wait_result
+from spine.client.runs import get_run, get_state, start_run, wait_result
 from spine.client.testing import VaultDev, _worker_polls, binary, stop_worker_process
 from spine.contract import AgentRequest, ModelChoice
 from tests.helpers import (
@@ -285,3 +285,31 @@ async def test_spine_operator_refusals_exit_1_with_the_reason(
     assert "a model turn cannot be skipped" in not_skippable.stderr
     assert abort.returncode == 0, abort.stderr
     assert result.status == "failed" and "aborted by operator ops" in (result.reason or "")
+
+
+# ----------------------------------------------------------------------- spine run --wait parks
+
+
+async def test_spine_run_wait_returns_when_the_run_parks(
+    client, make_worker, task_queue, tmp_path, service
+):
+    """`spine run --wait` on a run whose tool keeps failing stops once the run parks: it prints
+    the reason and the operator commands and exits 3 (it used to wait forever)."""
+    account = f"nosecret-{uuid.uuid4().hex[:6]}"  # no API key in Vault: the lookup parks
+    script = tmp_path / "script.json"
+    turns = [turn(call("lookup_order", order_id="o-1254")), turn(text="ok")]
+    script.write_text(json.dumps([t.model_dump(mode="json", exclude_none=True) for t in turns]))
+    wid = f"parks-{task_queue}"
+    async with make_worker():
+        done = await asyncio.to_thread(
+            _cli, client, "alice", SPINE, "run", "refund-agent", "Look o-1254 up",
+            "--role", "support", "--account", account, "--script", str(script), "--id", wid,
+            "--wait", env={"SPINE_TASK_QUEUE": task_queue},
+        )  # fmt: skip
+        state = await get_state(get_run(client, wid))
+        await get_run(client, wid).cancel()
+        await wait_result(get_run(client, wid))
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    assert state.status == "parked"
+    assert "exhausted its retries" in done.stdout and f"spine operator {wid} retry" in done.stdout
+    assert done.stderr.count("\n") == 1 and "is parked" in done.stderr
