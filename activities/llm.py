@@ -146,6 +146,7 @@ def build_spec(
         model_max_interval_s=policy.runtime.model_max_interval_s,
         budget=policy.budget_rules(request.account),
         rate_limits=dict(policy.rate_limits),
+        on_failed_side_effect=policy.runtime.on_failed_side_effect,
         prices=policy.price_table(),
         policy_version=policy.full_version,
         search_attributes=search_attributes,

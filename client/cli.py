@@ -26,6 +26,7 @@ from spine.client.identity_cli import login_cmd, sign_cmd, whoami_cmd
 from spine.client.output import (
     compact,
     echo_json,
+    failed_call_lines,
     follow,
     operator_lines,
     result_lines,
@@ -376,6 +377,8 @@ async def _status(workflow_id: str, as_json: bool) -> None:
         if state.status == "parked":
             for line in operator_lines(desc.id, state.reason)[1:]:
                 click.echo(line)
+        for line in failed_call_lines(state.failed_calls):
+            click.echo(line)
         for p in state.pending_approvals:
             click.echo(f"approval  {p.approval_id}  {p.tool} {compact(p.args)}: {p.reason}")
             click.echo(f"          spine approve {desc.id} {p.approval_id} --by NAME --role ROLE")

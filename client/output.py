@@ -14,7 +14,7 @@ from typing import TypeVar
 import click
 
 from spine.client.runs import RunHandle, wait_result, watch
-from spine.contract import AgentResult, StateView, Usage
+from spine.contract import AgentResult, FailedCall, StateView, Usage
 
 T = TypeVar("T")
 
@@ -44,6 +44,17 @@ def usage_text(usage: Usage) -> str:
     return f"{usage.input_tokens} input + {usage.output_tokens} output tokens, ${usage.usd:.4f}"
 
 
+def failed_call_lines(calls: list[FailedCall]) -> list[str]:
+    """Tool calls that were refused, failed or skipped, one line each (none: no lines)."""
+    if not calls:
+        return []
+    lines = [f"failed calls ({len(calls)})"]
+    for c in calls:
+        risky = "  [side effect]" if c.side_effects else ""
+        lines.append(f"  step {c.step}  {c.tool} {c.outcome}: {c.reason}{risky}")
+    return lines
+
+
 def result_lines(result: AgentResult) -> list[str]:
     """A human summary of a run's result, one fact per line."""
     lines = [
@@ -54,6 +65,7 @@ def result_lines(result: AgentResult) -> list[str]:
     ]
     if result.reason:
         lines.append(f"reason    {result.reason}")
+    lines.extend(failed_call_lines(result.failed_calls))
     lines.append(f"side effects ({len(result.side_effects)})")
     for fx in result.side_effects:
         undone = "  [compensated]" if fx.compensated else ""

@@ -41,6 +41,10 @@ class Runtime(_Strict):
     breaker_threshold: int = Field(default=10, ge=1)
     breaker_reset_s: float = Field(default=30.0, gt=0)
     max_sub_agent_depth: int = Field(default=3, ge=0, le=10)
+    on_failed_side_effect: Literal["fail", "complete"] = "fail"
+    """A run whose model gives its final answer while a side-effect tool's last call was
+    refused or failed: ``fail`` (it ends `failed`, its other side effects undone) or
+    ``complete`` (the answer stands; the failed call is in the result's `failed_calls`)."""
 
 
 class Price(_Strict):

@@ -262,6 +262,24 @@ class SideEffect(BaseModel):
     )
 
 
+class FailedCall(BaseModel):
+    """A tool call that did not do what the model asked: refused before it ran (not allowed,
+    invalid arguments), failed in a way the model was told about, or skipped by an operator."""
+
+    step: int
+    tool: str
+    outcome: Literal["refused", "failed", "skipped"]
+    reason: str
+    side_effects: bool = Field(
+        default=False, description="The tool changes the outside world (a risky call)."
+    )
+
+
+#: What a run keeps of its failed calls for `state` and the result (the newest; older ones are
+#: counted in the audit log).
+MAX_FAILED_CALLS_SHOWN = 50
+
+
 class StateView(BaseModel):
     """Answer of the `state` query."""
 
@@ -280,6 +298,10 @@ class StateView(BaseModel):
     )
     sub_agents: list[str] = Field(
         default_factory=list, description="Workflow ids of the sub-agent runs in progress."
+    )
+    failed_calls: list[FailedCall] = Field(
+        default_factory=list,
+        description="Tool calls refused, failed or skipped so far (the newest 50).",
     )
 
 
@@ -303,6 +325,10 @@ class AgentResult(BaseModel):
     path: list[str] = Field(default_factory=list)
     audit: AuditAnchor | None = Field(
         default=None, description="The audit chain's final head: `spine audit verify` checks it."
+    )
+    failed_calls: list[FailedCall] = Field(
+        default_factory=list,
+        description="Tool calls refused, failed or skipped (the newest 50), whatever the status.",
     )
 
 

@@ -273,6 +273,14 @@ class AgentSpec(BaseModel):
     model_max_interval_s: float = 20.0
     budget: BudgetRules = Field(default_factory=lambda: BudgetRules())
     rate_limits: dict[str, float] = Field(default_factory=dict)
+    on_failed_side_effect: Literal["fail", "complete"] = Field(
+        default="complete",
+        description=(
+            "The policy's choice for a final answer after a failed side-effect call. The "
+            "default here is what specs pinned before the setting existed did; the policy's "
+            "own default is `fail`."
+        ),
+    )
 
 
 class AgentTask(BaseModel):

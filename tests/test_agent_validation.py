@@ -5,11 +5,11 @@ from __future__ import annotations
 from spine.client.runs import start_run, wait_result
 from spine.client.testing import DemoService
 from spine.contract import ScriptToolCall
-from tests.helpers import call, scripted_request, turn
+from tests.helpers import call, policy_file, scripted_request, turn
 
 
-async def _run(client, make_worker, task_queue, script, **kw):
-    async with make_worker():
+async def _run(client, make_worker, task_queue, script, policy_path=None, **kw):
+    async with make_worker(**({"policy_path": policy_path} if policy_path else {})):
         handle = await start_run(client, scripted_request(script, **kw), task_queue=task_queue)
         return handle, await wait_result(handle)
 
@@ -36,7 +36,9 @@ async def test_invalid_calls_are_returned_to_the_model(
         turn(text="I could not do it."),
     ]
     handle, result = await _run(client, make_worker, task_queue, script)
-    assert result.status == "completed", result.reason
+    # The refund never happened, so the run does not complete (on_failed_side_effect = "fail").
+    assert result.status == "failed" and "issue_refund" in (result.reason or "")
+    assert [c.outcome for c in result.failed_calls] == ["refused"] * 3
     assert result.side_effects == []
     assert service.get("/v1/refunds?order_id=o-1003") == []
     shown = "\n".join(await _tool_messages(handle))
@@ -61,22 +63,26 @@ async def test_role_without_tool_is_refused(client, make_worker, task_queue, ser
         turn(text="Not allowed."),
     ]
     handle, result = await _run(client, make_worker, task_queue, script, role="viewer")
-    assert result.status == "completed"
+    assert result.status == "failed"  # the refund it was asked for did not happen
+    assert "not allowed for role 'viewer'" in result.failed_calls[0].reason
     assert service.get("/v1/refunds?order_id=o-1004") == []
     assert "not allowed for role 'viewer'" in "\n".join(await _tool_messages(handle))
 
 
-async def test_business_error_is_shown_to_the_model(client, make_worker, task_queue):
-    """A refund above the order total comes back as an error the model can react to."""
+async def test_business_error_is_shown_to_the_model(client, make_worker, task_queue, tmp_path):
+    """A refund above the order total comes back as an error the model can react to; the
+    policy here lets the run complete after it (``on_failed_side_effect = "complete"``)."""
     script = [
         turn(call("issue_refund", order_id="o-1005", amount=99.0), confidence=0.9),
         turn(call("issue_refund", order_id="o-1005", amount=99.0), confidence=0.9),
         turn(call("issue_refund", order_id="o-1005", amount=99.0), confidence=0.9),
         turn(text="Refunded what I could."),
     ]
-    handle, result = await _run(client, make_worker, task_queue, script)
+    policy = policy_file(tmp_path, runtime={"on_failed_side_effect": "complete"})
+    handle, result = await _run(client, make_worker, task_queue, script, policy_path=policy)
     assert result.status == "completed", result.reason
     assert [s.output["amount"] for s in result.side_effects] == [99.0, 99.0]
+    assert [c.outcome for c in result.failed_calls] == ["failed"]
     assert "ToolFailed" in "\n".join(await _tool_messages(handle))
 
 

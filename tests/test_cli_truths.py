@@ -313,3 +313,64 @@ async def test_spine_run_wait_returns_when_the_run_parks(
     assert state.status == "parked"
     assert "exhausted its retries" in done.stdout and f"spine operator {wid} retry" in done.stdout
     assert done.stderr.count("\n") == 1 and "is parked" in done.stderr
+
+
+# -------------------------------------------------- runs whose calls were refused or failed
+
+
+async def test_a_run_whose_refund_failed_does_not_complete_with_the_models_claim(
+    client, make_worker, task_queue, tmp_path
+):
+    """The refund fails (no such order) and the model still says "Refunded 40.": by default
+    the run ends `failed` saying why, and the failed call is in `state`, the result and `spine
+    status`; with `on_failed_side_effect = "complete"` the answer stands, the failure still
+    listed. A lookup the viewer may not make is listed but decides nothing (not risky)."""
+    script = [
+        turn(call("issue_refund", order_id="o-9999", amount=40.0)),
+        turn(text="Refunded 40."),
+    ]
+    complete = policy_file(tmp_path, runtime={"on_failed_side_effect": "complete"}, name="c.toml")
+    async with make_worker():
+        handle = await start_run(client, scripted_request(script), task_queue=task_queue)
+        result = await wait_result(handle)
+        status = await asyncio.to_thread(
+            _cli, client, None, SPINE, "status", handle.id, env={"SPINE_TASK_QUEUE": task_queue}
+        )
+        viewer = scripted_request(
+            [turn(call("issue_refund", order_id="o-1255", amount=1.0)), turn(text="Done.")],
+            role="viewer",
+        )
+        refused = await wait_result(await start_run(client, viewer, task_queue=task_queue))
+    async with make_worker(policy_path=complete):
+        handle = await start_run(client, scripted_request(script), task_queue=task_queue)
+        allowed = await wait_result(handle)
+    assert result.status == "failed", result
+    assert result.output == "Refunded 40."
+    assert "side-effect call(s) did not succeed: issue_refund" in (result.reason or "")
+    assert 'on_failed_side_effect = "fail"' in (result.reason or "")
+    [failed] = result.failed_calls
+    assert (failed.tool, failed.outcome, failed.side_effects) == ("issue_refund", "failed", True)
+    assert "order 'o-9999' not found" in failed.reason
+    assert status.returncode == 0, status.stderr
+    assert "status    failed" in status.stdout and "failed calls (1)" in status.stdout
+    assert "issue_refund failed: error: ToolFailed" in status.stdout
+    assert refused.status == "failed"
+    assert refused.failed_calls[0].outcome == "refused"
+    assert allowed.status == "completed" and allowed.output == "Refunded 40."
+    assert [c.tool for c in allowed.failed_calls] == ["issue_refund"]
+
+
+async def test_a_refused_lookup_is_listed_but_the_run_completes(client, make_worker, task_queue):
+    """A read-only call that was refused is shown in `state`/the result; it does not stop the
+    run from completing (only risky calls do)."""
+    script = [
+        turn(call("lookup_order", order_id="not an id", extra=1)),
+        turn(call("lookup_order", order_id="o-1256")),
+        turn(text="Found it."),
+    ]
+    async with make_worker():
+        handle = await start_run(client, scripted_request(script), task_queue=task_queue)
+        result = await wait_result(handle)
+    assert result.status == "completed", result.reason
+    [failed] = result.failed_calls
+    assert (failed.tool, failed.outcome, failed.side_effects) == ("lookup_order", "refused", False)

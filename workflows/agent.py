@@ -60,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
         apply_tool_result,
         begin,
         cumulative_amounts,
+        unfinished_problem,
     )
 
 from spine.workflows import admission, calls
@@ -165,6 +166,7 @@ class AgentWorkflow:
             sub_agents=sorted(self.tools.sub_agents.active)
             if self.tools and self.tools.sub_agents
             else [],
+            failed_calls=self.state.failed_calls,
         )
 
     @workflow.signal(name=SIGNAL_APPROVAL)
@@ -348,7 +350,11 @@ class AgentWorkflow:
             answer = await turns.take(models, offered)
             if not answer.message.tool_calls:
                 self.view.publish()
-                raise StopRun("completed", "final answer", output=answer.message.content or "")
+                output = answer.message.content or ""
+                unfinished = unfinished_problem(self.state)
+                if unfinished:  # the model's answer may claim what did not happen
+                    raise StopRun("failed", unfinished, output=output, keep_status=True)
+                raise StopRun("completed", "final answer", output=output)
             await run_turn(
                 self.state,
                 answer.message.tool_calls,
@@ -380,7 +386,7 @@ class AgentWorkflow:
             apply_skip(self.state, call, skipped.command.by, skipped.command.reason)
             return None
         except ApplicationError as err:  # a failure the model can correct: it is told
-            return tools.refuse(call, f"error: {err.type}: {err.message}")
+            return tools.refuse(call, f"error: {err.type}: {err.message}", outcome="failed")
         apply_tool_result(
             self.state, call, used, args, result.output, used_key, result.untrusted_filter
         )
@@ -425,6 +431,7 @@ class AgentWorkflow:
             retries=self.state.retries,
             path=self.state.path,
             audit=AuditAnchor(entries=self.state.audit_stored, head=self.state.audit_head),
+            failed_calls=self.state.failed_calls,
         )
 
     # -------------------------------------------------------------------- platform helpers

@@ -23,7 +23,15 @@ import json
 
 from pydantic import BaseModel, Field
 
-from spine.contract import AgentRequest, AgentResult, RunStatus, SideEffect, Usage
+from spine.contract import (
+    MAX_FAILED_CALLS_SHOWN,
+    AgentRequest,
+    AgentResult,
+    FailedCall,
+    RunStatus,
+    SideEffect,
+    Usage,
+)
 from spine.guardrails import taint
 from spine.payloads import (
     EMPTY_DIGEST,
@@ -117,6 +125,13 @@ class RunState(BaseModel):
         default=0.0,
         description="Budget carved out for sub-agents still running (not yet spent, not free).",
     )
+    failed_calls: list[FailedCall] = Field(
+        default_factory=list, description="Tool calls refused, failed or skipped (the newest)."
+    )
+    unfinished: dict[str, str] = Field(
+        default_factory=dict,
+        description="Side-effect tools whose last call was refused or failed: tool -> why.",
+    )
     spec: AgentSpec | None = Field(
         default=None, description="The agent and policy slice pinned at the run's start."
     )
@@ -198,6 +213,9 @@ def apply_tool_result(
             else taint.remember(state.untrusted, content)
         )
         state.untrusted_seen = True
+    # The tool (or its fallback, for the tool the model called) did its work this time.
+    state.unfinished.pop(call.name, None)
+    state.unfinished.pop(tool.name, None)
     for total, amount in cumulative_amounts(state, tool.name, args):
         state.totals[total] = round(state.totals.get(total, 0.0) + amount, 8)
     if tool.side_effects:
@@ -237,18 +255,60 @@ def cumulative_amounts(
     return found
 
 
-def apply_refusal(state: RunState, call: ToolCall, text: str) -> ChatMessage:
-    """A tool call was refused (not allowed, invalid, or it failed in a way the model can fix).
+def apply_refusal(
+    state: RunState,
+    call: ToolCall,
+    text: str,
+    *,
+    outcome: str = "refused",
+    side_effects: bool = False,
+) -> ChatMessage:
+    """A tool call was refused (not allowed, invalid: `outcome` ``refused``) or failed in a way
+    the model can fix (``failed``); `side_effects`: the tool is a risky one.
 
-    Counts against the run's allowance of invalid calls; returns what the model will read.
+    Counts against the run's allowance of invalid calls and is listed in the run's failed
+    calls; a risky tool stays unfinished until a later call of it succeeds. Returns what the
+    model will read.
     """
     state.invalid_calls += 1
+    apply_failed_call(state, call.name, outcome, text, side_effects=side_effects)
     return _tell_model(state, call, text)
 
 
+def apply_failed_call(
+    state: RunState, tool: str, outcome: str, reason: str, *, side_effects: bool
+) -> None:
+    """List a call that did not do what the model asked (the newest are kept)."""
+    failed = FailedCall(
+        step=state.step,
+        tool=tool,
+        outcome=outcome,  # type: ignore[arg-type]  # one of the three, from Spine's own code
+        reason=reason[:500],
+        side_effects=side_effects,
+    )
+    state.failed_calls = [*state.failed_calls, failed][-MAX_FAILED_CALLS_SHOWN:]
+    if side_effects and outcome != "skipped":
+        state.unfinished[tool] = f"step {state.step}: {reason[:300]}"
+
+
 def apply_skip(state: RunState, call: ToolCall, by: str, reason: str) -> ChatMessage:
-    """An operator skipped a parked call; the model hears so (not counted as its mistake)."""
-    return _tell_model(state, call, f"{SKIPPED_PREFIX} {by}: {reason or 'no reason given'}")
+    """An operator skipped a parked call; the model hears so (not counted as its mistake, and
+    not unfinished: it was a person's choice)."""
+    text = f"{SKIPPED_PREFIX} {by}: {reason or 'no reason given'}"
+    apply_failed_call(state, call.name, "skipped", text, side_effects=False)
+    return _tell_model(state, call, text)
+
+
+def unfinished_problem(state: RunState) -> str | None:
+    """Why a final answer may not complete the run under the policy's
+    ``on_failed_side_effect = "fail"``, or None."""
+    if not state.unfinished or state.agent.on_failed_side_effect != "fail":
+        return None
+    tools = "; ".join(f"{tool} ({why})" for tool, why in sorted(state.unfinished.items()))
+    return (
+        f"the model gave its final answer, but side-effect call(s) did not succeed: {tools}; "
+        'the policy does not let such a run complete (runtime.on_failed_side_effect = "fail")'
+    )
 
 
 def _tell_model(state: RunState, call: ToolCall, text: str) -> ChatMessage:

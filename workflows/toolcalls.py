@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
     from spine.workflows.state import (
         RunState,
         StopRun,
+        apply_failed_call,
         apply_refusal,
         apply_retries,
         apply_tool_result,
@@ -103,13 +104,16 @@ class ToolCalls:
             return None, f"error: invalid arguments for {call.name!r}: {detail}"
         return tool, ""
 
-    def refuse(self, call: ToolCall, text: str) -> None:
-        """Tell the model its call was refused; too many refusals end the run.
+    def refuse(self, call: ToolCall, text: str, *, outcome: str = "refused") -> None:
+        """Tell the model its call was refused (or `outcome` ``failed``: it failed in a way the
+        model can correct); too many refusals end the run.
 
         Raises:
             StopRun: the run has used up its allowance of invalid calls.
         """
-        apply_refusal(self.state, call, text)
+        known = {t.name: t for t in self.spec.tools}.get(call.name)
+        risky = bool(known and known.side_effects)
+        apply_refusal(self.state, call, text, outcome=outcome, side_effects=risky)
         workflow.logger.info(
             "refused tool call %s at step %d: %s", call.name, self.state.step, text
         )
@@ -167,6 +171,13 @@ class ToolCalls:
                         self._audit(tool, args, key, "error", f"{kind}: {message}")
                         raise ApplicationError(message, type=kind) from err
                     if kind in TERMINAL:
+                        apply_failed_call(
+                            self.state,
+                            tool.name,
+                            "failed",
+                            f"{candidate.name}: {kind}: {message}",
+                            side_effects=tool.side_effects,
+                        )
                         raise StopRun(
                             "failed",
                             f"tool {candidate.name} at step {self.state.step} failed: "
