@@ -73,6 +73,11 @@ class SecretsUnavailable(TransientError):
     pass
 
 
+class AgentNotServed(TransientError):
+    """This worker does not serve the run's agent. Retryable on purpose: the task goes back to
+    the queue for another worker on it (refuse and requeue, instead of failing the run)."""
+
+
 class TerminalError(SpineError):
     retryable = False
 

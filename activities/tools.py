@@ -44,6 +44,7 @@ from spine.activities.blobs import (
 from spine.activities.blobs import encode as encode_output
 from spine.activities.breakers import Breakers
 from spine.activities.errors import (
+    AgentNotServed,
     AuthenticationFailed,
     DependencyUnavailable,
     SecretMissing,
@@ -615,7 +616,10 @@ class Registry:
             return self._agents[name]
         except KeyError:
             known = ", ".join(sorted(self._agents)) or "none"
-            raise UnknownTool(f"unknown agent {name!r}; this worker serves: {known}") from None
+            raise AgentNotServed(
+                f"unknown agent {name!r}: no worker on this task queue that answered serves "
+                f"it (this one serves: {known}; SPINE_AGENTS)"
+            ) from None
 
     @property
     def tool_names(self) -> list[str]:

@@ -36,6 +36,7 @@ from spine.client.output import (
 from spine.client.replay_cli import replay
 from spine.client.runs import (
     SpineClientError,
+    check_agent,
     connect,
     decide,
     describe,
@@ -301,6 +302,7 @@ def run_cmd(
 
 async def _run(request: AgentRequest, workflow_id: str | None, wait: bool, as_json: bool) -> int:
     client = await connect()
+    await check_agent(client, request)  # an agent no worker serves: one line, nothing started
     handle = await start_run(client, request, workflow_id=workflow_id)
     run_id = handle.result_run_id
     url = web_ui_url(handle.id, run_id, client.namespace)

@@ -37,6 +37,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from spine.client.identity import SigningInterceptor, signer_from_env
 from spine.contract import (
+    AGENT_CHECK_WORKFLOW_TYPE,
     DEFAULT_TASK_QUEUE,
     SA_ACCOUNT,
     SA_AGENT,
@@ -52,6 +53,7 @@ from spine.contract import (
 from spine.guardrails.codec import CodecConfigError, data_converter_from_env
 from spine.guardrails.identity import IdentityError
 from spine.guardrails.principals import VaultSigner
+from spine.payloads import AgentCheck, ResolveAgentInput
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
@@ -218,6 +220,62 @@ async def start_run(
                 f"registered in namespace {client.namespace!r} (temporal-dev/up registers them)"
             ) from e
         raise SpineClientError(f"cannot start run {wid!r}: {e.message}") from e
+
+
+#: How long `check_agent` waits for the task queue's workers to answer.
+AGENT_CHECK_TIMEOUT = timedelta(seconds=60)
+
+
+async def check_agent(
+    client: Client, request: AgentRequest, *, task_queue: str | None = None
+) -> AgentCheck:
+    """Ask the task queue whether a worker serves `request.agent`, before starting a run.
+
+    Starts nothing on the run's behalf: a short `SpineAgentCheck` workflow resolves the agent
+    the way the run would (a worker that does not serve it refuses and the task goes back to
+    the queue), and returns the agent's tools.
+
+    Raises:
+        SpineClientError: no worker polls the task queue, or none of its workers serves the
+            agent (one line, naming both).
+    """
+    from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    queue = task_queue or _default_task_queue()
+    try:
+        described = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            )
+        )
+    except RPCError as e:
+        raise SpineClientError(f"cannot describe task queue {queue!r}: {e.message}") from e
+    if not described.pollers:
+        raise SpineClientError(
+            f"no worker polls task queue {queue!r} in namespace {client.namespace!r}, so "
+            f"nothing would run agent {request.agent!r}; start one with `spine worker` "
+            "(SPINE_AGENTS names the agents it serves, SPINE_TASK_QUEUE its queue)"
+        )
+    try:
+        return await client.execute_workflow(
+            AGENT_CHECK_WORKFLOW_TYPE,
+            ResolveAgentInput(agent=request.agent, role=request.role, account=request.account),
+            id=f"spine-agent-check-{uuid4().hex[:12]}",
+            task_queue=queue,
+            result_type=AgentCheck,
+            execution_timeout=AGENT_CHECK_TIMEOUT,
+        )
+    except WorkflowFailureError as e:
+        raise SpineClientError(
+            f"no worker on task queue {queue!r} serves agent {request.agent!r}: "
+            f"{_failure_message(e.cause)}"
+        ) from e
+    except RPCError as e:
+        raise SpineClientError(f"cannot check agent {request.agent!r}: {e.message}") from e
 
 
 def _search_attributes(request: AgentRequest) -> TypedSearchAttributes | None:

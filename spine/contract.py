@@ -40,6 +40,8 @@ ACTIVITY_FORK_STATE = "spine.fork_state"
 ACTIVITY_TAINT_CHECK = "spine.taint_check"
 TOOL_ACTIVITY_PREFIX = "tool."
 
+#: `spine run` asks the task queue whether a worker serves the agent before it starts a run.
+AGENT_CHECK_WORKFLOW_TYPE = "SpineAgentCheck"
 LEDGER_WORKFLOW_TYPE = "SpineBudgetLedger"
 DEFAULT_LEDGER_TASK_QUEUE = "spine-ledger"
 

@@ -319,6 +319,15 @@ class ParentRun(BaseModel):
     principal: str = Field(description="The principal the parent verified; the child's too.")
 
 
+class AgentCheck(BaseModel):
+    """`SpineAgentCheck`'s answer: a worker on the queue serves the agent with these tools, and
+    these the role may use."""
+
+    agent: str
+    tools: list[str] = Field(default_factory=list)
+    allowed_tools: list[str] = Field(default_factory=list)
+
+
 class CompensationInput(BaseModel):
     """Input model of every compensation tool: the call being undone and what it returned."""
 

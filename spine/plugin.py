@@ -72,6 +72,7 @@ from spine.observability.audit import (
 from spine.observability.streams import LiveSink, NewEvent, StreamStore, stream_store_from_env
 from spine.store import Database, database_from_env
 from spine.workflows.agent import AgentWorkflow
+from spine.workflows.agentcheck import SpineAgentCheck
 from spine.workflows.alerts import SpineAlertsWorkflow
 from spine.workflows.ledger import BudgetLedger
 
@@ -349,7 +350,7 @@ class SpinePlugin(SimplePlugin):
         super().__init__(
             "spine",
             data_converter=_converter,
-            workflows=[agent_workflow, SpineAlertsWorkflow],
+            workflows=[agent_workflow, SpineAlertsWorkflow, SpineAgentCheck],
             workflow_runner=sandbox,
             interceptors=[PolicyInterceptor(), IdentityInterceptor(self.keyring)],
             activities=self._activities,

@@ -14,13 +14,16 @@ import uuid
 from pathlib import Path
 
 from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
 
 from spine.client.runs import get_run, get_state, start_run, wait_result
 from spine.client.testing import VaultDev, _worker_polls, binary, stop_worker_process
 from spine.contract import AgentRequest, ModelChoice
+from spine.plugin import SpineConfig, build_worker
 from tests.helpers import (
     SPINE,
     call,
+    custom_policy,
     eventually,
     policy_file,
     scripted_request,
@@ -374,3 +377,77 @@ async def test_a_refused_lookup_is_listed_but_the_run_completes(client, make_wor
     assert result.status == "completed", result.reason
     [failed] = result.failed_calls
     assert (failed.tool, failed.outcome, failed.side_effects) == ("lookup_order", "refused", False)
+
+
+# ------------------------------------------------ which worker serves which agent (spine run)
+
+
+def _two_agent_policy(tmp_path: Path) -> Path:
+    """The test policy plus the weather agent (alice may use it as `user`)."""
+
+    def change(data: dict) -> None:
+        data["agents"]["weather-agent"] = {"roles": {"user": ["forecast"]}}
+        data["principals"]["alice"]["roles"] = ["support", "user"]
+
+    return custom_policy(tmp_path, change, name="two-agents.toml")
+
+
+async def test_spine_run_of_an_agent_no_worker_serves_starts_nothing(
+    client, make_worker, task_queue, tmp_path
+):
+    """`spine run ghost-agent ...` exits 1 with one line naming the agent and the task queue,
+    and no run is started; with no worker on the queue at all it says so (it used to print
+    "started" and exit 0)."""
+    env = {"SPINE_TASK_QUEUE": task_queue}
+    args = ("run", "ghost-agent", "hi", "--role", "support", "--account", "acme")
+    nobody = await asyncio.to_thread(_cli, client, "alice", SPINE, *args, env=env)
+    async with make_worker():
+        unknown = await asyncio.to_thread(_cli, client, "alice", SPINE, *args, env=env)
+    assert nobody.returncode == 1 and nobody.stderr.count("\n") == 1, nobody.stderr
+    assert f"no worker polls task queue '{task_queue}'" in nobody.stderr
+    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1, unknown.stderr
+    assert f"no worker on task queue '{task_queue}' serves agent 'ghost-agent'" in unknown.stderr
+    assert "started" not in unknown.stdout + nobody.stdout
+    runs = [
+        w
+        async for w in client.list_workflows(
+            f"WorkflowType='AgentWorkflow' AND TaskQueue='{task_queue}'"
+        )
+    ]
+    assert runs == []
+
+
+async def test_a_worker_refuses_and_requeues_an_agent_it_does_not_serve(
+    client, vault: VaultDev, worker_config, task_queue, tmp_path
+):
+    """Two workers share one task queue, one serving refund-agent and one the walkthrough's
+    weather-agent: every run of either completes, because a worker that does not serve a run's
+    agent refuses its `spine.resolve_agent` (retryable `AgentNotServed`) and the task goes back
+    to the queue for the other one (it used to fail the run: UnknownTool, non-retryable)."""
+    policy = _two_agent_policy(tmp_path)
+    # A worker per client and task queue: the second worker connects on its own.
+    other = vault.signed(
+        await Client.connect(
+            client.service_client.config.target_host,
+            namespace=client.namespace,
+            data_converter=client.data_converter,
+        )
+    )
+    base = {**worker_config.__dict__, "policy_path": policy}
+    demo = SpineConfig(**base)
+    weather_only = SpineConfig(
+        **{**base, "agent_modules": ("tests.fakes.weather_agent",), "ledger": False}
+    )
+    weather = AgentRequest(
+        agent="weather-agent",
+        goal="Weather?",
+        user="alice",
+        role="user",
+        account="acme",
+        model=ModelChoice(script=[turn(text="Sunny.")]),
+    )
+    refund = scripted_request([turn(text="Nothing to do.")])
+    async with build_worker(client, config=demo), build_worker(other, config=weather_only):
+        handles = [await start_run(client, r, task_queue=task_queue) for r in [weather, refund] * 5]
+        results = [await wait_result(h) for h in handles]
+    assert [r.status for r in results] == ["completed"] * 10, [r.reason for r in results]

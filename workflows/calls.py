@@ -44,6 +44,18 @@ Park = Callable[[str], Awaitable[object]]
 """Park the run with a reason until an operator retries (or ends it)."""
 
 
+#: How `spine.resolve_agent` is retried. A worker that does not serve the agent refuses it
+#: (`AgentNotServed`, retryable), so the task goes back to the queue for another worker: this
+#: many tries, quickly, before the run (or `spine run`'s check) says no worker serves it.
+RESOLVE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=0.2),
+    backoff_coefficient=1.5,
+    maximum_interval=timedelta(seconds=2),
+    maximum_attempts=12,
+    non_retryable_error_types=NON_RETRYABLE_TYPES,
+)
+
+
 async def resolve_agent(request: AgentRequest) -> AgentSpec:
     """Pin the agent's tools and the policy slice that applies to this run.
 
@@ -56,9 +68,7 @@ async def resolve_agent(request: AgentRequest) -> AgentSpec:
             ResolveAgentInput(agent=request.agent, role=request.role, account=request.account),
             result_type=AgentSpec,
             start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(
-                maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE_TYPES
-            ),
+            retry_policy=RESOLVE_RETRY,
             summary=f"resolve agent {request.agent}",
         )
     except ActivityError as err:
