@@ -1098,3 +1098,54 @@ async def _child_agent(child: RunHandle, payloads: Payloads) -> str:
 
     request = await _decode(child, payloads, AgentWorkflowInput)
     return request.agent if request is not None else "?"
+
+
+# ------------------------------------------------------------------------------------------
+# The pytest plugin: installing Spine registers this module with pytest (entry point
+# ``pytest11``), so a project's own tests, wherever they live, get these session fixtures:
+#
+#     client             a Temporal client on `temporal_env` that signs as the principal each
+#                        call names (the request's `user`, the decision's `by`)
+#     vault              a real OpenBao dev server (`VaultDev`) with `spine_principals` seeded
+#     temporal_env       the real Temporal dev server (`temporal_dev_server()`)
+#     spine_principals   who `vault` seeds: name -> OpenBao groups (default: the demo's five);
+#                        override it in your conftest.py to seed your own people
+#
+# They need pytest-asyncio with session-scoped loops (``asyncio_mode = "auto"``,
+# ``asyncio_default_fixture_loop_scope = "session"``, ``asyncio_default_test_loop_scope =
+# "session"``). A conftest.py fixture of the same name takes precedence over these.
+# ------------------------------------------------------------------------------------------
+
+try:  # the plugin's fixtures exist only where pytest does; the kit itself does not need it
+    import pytest as _pytest
+    import pytest_asyncio as _pytest_asyncio
+except ImportError:  # pragma: no cover  # the kit without pytest: no fixtures to define
+    _pytest = None  # type: ignore[assignment]
+
+if _pytest is not None:
+
+    @_pytest.fixture(scope="session")
+    def spine_principals() -> dict[str, tuple[str, ...]]:
+        """Principals the `vault` fixture seeds (name -> OpenBao identity groups)."""
+        return dict(DEMO_PRINCIPALS)
+
+    @_pytest_asyncio.fixture(scope="session", loop_scope="session")
+    async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+        """The real Temporal dev server on a free port, Spine's search attributes registered."""
+        async with temporal_dev_server() as env:
+            yield env
+
+    @_pytest.fixture(scope="session")
+    def vault(spine_principals: dict[str, tuple[str, ...]]) -> Iterator[VaultDev]:
+        """A real OpenBao dev server with `spine_principals` seeded (passwords ``pw-<name>``)."""
+        server = start_vault_dev()
+        try:
+            server.tokens = server.seed_principals(spine_principals)
+            yield server
+        finally:
+            server.stop()
+
+    @_pytest.fixture(scope="session")
+    def client(temporal_env: WorkflowEnvironment, vault: VaultDev) -> Client:
+        """`temporal_env`'s client, signing each call as the principal it names."""
+        return vault.signed(temporal_env.client)

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -451,3 +452,52 @@ async def test_a_worker_refuses_and_requeues_an_agent_it_does_not_serve(
         handles = [await start_run(client, r, task_queue=task_queue) for r in [weather, refund] * 5]
         results = [await wait_result(h) for h in handles]
     assert [r.status for r in results] == ["completed"] * 10, [r.reason for r in results]
+
+
+# ------------------------------------------------------------------- the test kit as a plugin
+
+USER_TEST = """
+from spine.client.testing import assert_tools_called, script, spine_worker, start_scripted_run
+from spine.guardrails.secrets import VaultSecrets
+
+
+async def test_weather(client, vault, tmp_path):
+    turns = script().tool("forecast", city="Oslo").text("Sunny in Oslo.")
+    async with spine_worker(
+        client,
+        agent_modules=("weather_agent",),
+        policy_path="policy.toml",
+        identity=VaultSecrets(vault.url, token=vault.token),
+        ledger=False,
+    ) as worker:
+        handle = await start_scripted_run(
+            client, worker, "weather-agent", "Weather in Oslo?", turns, role="user"
+        )
+        result = await handle.result()
+    assert result.status == "completed" and result.output == "Sunny in Oslo."
+    await assert_tools_called(handle, ["forecast"])
+"""
+
+
+def test_the_test_kit_fixtures_work_in_a_project_of_ones_own(tmp_path):
+    """A user's test in a directory of its own, outside this repository and with no conftest,
+    gets `client` and `vault` from the installed plugin (entry point ``pytest11``) and runs the
+    README's weather agent to completion (they used to exist only in Spine's tests/conftest.py)."""
+    project = _weather_project(tmp_path)
+    (project / "test_weather.py").write_text(USER_TEST)
+    (project / "pytest.ini").write_text(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = session\n"
+        "asyncio_default_test_loop_scope = session\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TEMPORAL_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_weather.py"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout
+    assert not Path(str(project)).resolve().is_relative_to(README.parent)
