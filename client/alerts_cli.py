@@ -10,8 +10,10 @@ webhook and prints them. Exit status:
 - 1: an error (the audit log or the policy cannot be read), one ``spine: error:`` line;
 - 2: bad usage.
 
-Each new alert is also one JSON line on the ``spine.alerts`` logger, which without a logging
-configuration Python writes to stderr: collectors can take stderr, people read stdout.
+With ``--log-json`` each new alert is also one JSON line on stderr (the ``spine.alerts``
+logger), for log collectors; without it the terminal gets only the text on stdout (``--json``:
+the whole result as JSON on stdout). In a worker (the Temporal Schedule below) the JSON lines
+always go to the worker's log.
 
 The audit store is the worker's (``SPINE_AUDIT_DSN``, else ``SPINE_STATE_DIR/audit.db``), the
 policy ``SPINE_POLICY`` or the default, the webhook ``--webhook``, else ``SPINE_ALERT_WEBHOOK``,
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -61,7 +64,13 @@ from spine.client.runs import SpineClientError, connect
 from spine.client.slo_cli import parse_since
 from spine.contract import DEFAULT_TASK_QUEUE
 from spine.guardrails.policy import Policy, PolicyError, load_policy
-from spine.observability.alerts import Alert, AlertEngine, AlertsCheckInput, AlertsCheckResult
+from spine.observability.alerts import (
+    ALERT_LINE,
+    Alert,
+    AlertEngine,
+    AlertsCheckInput,
+    AlertsCheckResult,
+)
 from spine.observability.audit import AuditStore, store_from_env
 from spine.workflows.alerts import ALERTS_SCHEDULE_ID, ALERTS_WORKFLOW_TYPE
 
@@ -138,6 +147,13 @@ def render(result: AlertsCheckResult, *, dry_run: bool) -> list[str]:
     return lines
 
 
+class _NoAlertLines(logging.Filter):
+    """Drops the alerts' JSON log lines (webhook errors and the rest still show)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, ALERT_LINE, False)
+
+
 def _short(alert: Alert) -> str:
     return f"{alert.rule} {alert.subject}"
 
@@ -156,6 +172,9 @@ def alerts() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--webhook", help="POST new alerts here (overrides SPINE_ALERT_WEBHOOK).")
 @click.option("--dry-run", is_flag=True, help="Evaluate only: record, log and send nothing.")
+@click.option(
+    "--log-json", is_flag=True, help="Also write each new alert as one JSON line to stderr."
+)
 @click.pass_context
 def check_cmd(
     ctx: click.Context,
@@ -163,13 +182,30 @@ def check_cmd(
     as_json: bool,
     webhook: str | None,
     dry_run: bool,
+    log_json: bool,
 ) -> None:
     """Evaluate the alert rules now and print the new alerts.
 
-    Exit status: 0 no new alert (none, or all already reported), 3 new alerts fired (with
-    --dry-run: would fire), 1 error. Each new alert is also one JSON line on the spine.alerts
-    logger (stderr unless logging is configured).
+    \b
+    Exit status:
+      0  no new alert (none, or all already reported)
+      1  error (the audit log or the policy cannot be read)
+      2  bad usage
+      3  new alerts fired (with --dry-run: would fire)
     """
+    quiet = _NoAlertLines()
+    logger = logging.getLogger("spine.alerts")
+    if not log_json:  # the JSON lines are for collectors; the terminal gets the text
+        logger.addFilter(quiet)
+    try:
+        _check(ctx, since_text, as_json, webhook, dry_run)
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _check(
+    ctx: click.Context, since_text: str | None, as_json: bool, webhook: str | None, dry_run: bool
+) -> None:
     env = dict(os.environ)
     now = datetime.now(UTC)
     window_s: float | None = None

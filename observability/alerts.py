@@ -59,6 +59,9 @@ from spine.observability.audit import AuditConflict, AuditStore, DatabaseAuditSt
 from spine.payloads import AuditBatch, AuditEntry
 
 log = logging.getLogger("spine.alerts")
+#: Set on the log record of each new alert's JSON line (``spine alerts check`` keeps those off
+#: the terminal unless asked, with ``--log-json``).
+ALERT_LINE = "spine_alert_line"
 
 ALERT_CHAIN_PREFIX = "alerts:"
 """Alert chains in the audit log are ``alerts:YYYY-MM-DD`` (UTC date of the check)."""
@@ -656,7 +659,7 @@ class AlertEngine:
         )
         if emit:
             for alert in fired:
-                log.warning(alert_log_line(alert))
+                log.warning(alert_log_line(alert), extra={ALERT_LINE: True})
             await self._notify(fired)
         return result
 

@@ -501,3 +501,45 @@ def test_the_test_kit_fixtures_work_in_a_project_of_ones_own(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "1 passed" in done.stdout
     assert not Path(str(project)).resolve().is_relative_to(README.parent)
+
+
+# ------------------------------------------------------------- spine slo / trace / alerts
+
+
+def _alerting_state_dir(path: Path) -> Path:
+    """An audit log holding a run that trips the loop rule (5 identical lookups)."""
+    from datetime import UTC, datetime, timedelta
+
+    from spine.observability.audit import SQLiteAuditStore
+    from tests.test_alerts import write_run
+
+    async def seed() -> None:
+        store = SQLiteAuditStore(path / "audit.db")
+        now = datetime.now(UTC)
+        await write_run(store, end=now - timedelta(minutes=2), calls=[("lookup_order", {})] * 5)
+        await store.close()
+
+    path.mkdir()
+    asyncio.run(seed())
+    return path
+
+
+def test_alerts_check_prints_only_its_text_and_documents_its_exit_codes(tmp_path):
+    """`spine alerts check` with a new alert: the text on stdout and nothing on stderr (a raw
+    JSON line used to come first); `--log-json` gives collectors that line on stderr; the exit
+    statuses are in --help."""
+    quiet = {"SPINE_POLICY": "", "SPINE_AUDIT_DSN": "", "SPINE_DATABASE_URL": ""}
+    plain = run_spine(
+        "alerts", "check", cwd=tmp_path,
+        env={**quiet, "SPINE_STATE_DIR": str(_alerting_state_dir(tmp_path / "a"))},
+    )  # fmt: skip
+    logged = run_spine(
+        "alerts", "check", "--log-json", cwd=tmp_path,
+        env={**quiet, "SPINE_STATE_DIR": str(_alerting_state_dir(tmp_path / "b"))},
+    )  # fmt: skip
+    usage = run_spine("alerts", "check", "--help", cwd=tmp_path)
+    assert plain.returncode == 3, plain.stderr
+    assert plain.stderr == "" and plain.stdout.startswith("WARNING   loop"), plain.stdout
+    assert logged.returncode == 3
+    assert json.loads(logged.stderr.strip().splitlines()[0])["rule"] == "loop"
+    assert "3  new alerts fired" in usage.stdout and "0  no new alert" in usage.stdout
