@@ -100,8 +100,11 @@ class SloReport(BaseModel):
     failures: int
     budget_allowed_failures: float
     budget_remaining: float | None
-    """Share of the error budget left: 1.0 untouched, 0 used up, negative overspent."""
+    """Share of the error budget left: 1.0 untouched, 0 used up or overspent (never negative;
+    `budget_over_by` says by how much); None when no failure was allowed and some happened."""
     budget_exhausted: bool
+    budget_over_by: float = 0.0
+    """Failures beyond the budget's allowance (0 while within it)."""
 
 
 def visibility_query(since: datetime, agent: str | None, task_queue: str | None) -> str:
@@ -244,8 +247,9 @@ def slo_report(
         cost_per_success_usd=cost_total / len(completed) if completed else None,
         failures=failures,
         budget_allowed_failures=round(allowed, 6),
-        budget_remaining=remaining,
+        budget_remaining=None if remaining is None else max(remaining, 0.0),
         budget_exhausted=remaining is None or remaining <= 0,
+        budget_over_by=round(max(failures - allowed, 0.0), 6),
     )
 
 
@@ -273,10 +277,12 @@ def render(report: SloReport) -> list[str]:
     step = report.per_step
     if report.budget_remaining is None:
         budget = "exhausted (no failures allowed)"
+    elif report.budget_over_by > 0:
+        budget = f"exhausted, over budget by {report.budget_over_by:g} failures"
+    elif report.budget_exhausted:
+        budget = "exhausted (0.00% left)"
     else:
-        budget = f"{_pct(report.budget_remaining)} left" + (
-            " (exhausted)" if report.budget_exhausted else ""
-        )
+        budget = f"{_pct(report.budget_remaining)} left"
     cost_each = (
         "-" if report.cost_per_success_usd is None else f"${report.cost_per_success_usd:.6f}"
     )

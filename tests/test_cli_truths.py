@@ -543,3 +543,21 @@ def test_alerts_check_prints_only_its_text_and_documents_its_exit_codes(tmp_path
     assert logged.returncode == 3
     assert json.loads(logged.stderr.strip().splitlines()[0])["rule"] == "loop"
     assert "3  new alerts fired" in usage.stdout and "0  no new alert" in usage.stdout
+
+
+def test_slo_never_prints_a_negative_budget_left():
+    """Two of two runs failed against a 99% target: the budget is "exhausted, over budget by
+    1.98 failures", not "-9800.00% left"; the JSON's share left is clamped at 0."""
+    from datetime import UTC, datetime, timedelta
+
+    from spine.client.slo_cli import Run, render, slo_report
+
+    now = datetime.now(UTC)
+    runs = [
+        Run(f"r{i}", "failed", True, now - timedelta(minutes=5), now, 0.001, 3, 0) for i in range(2)
+    ]
+    report = slo_report(runs, target=0.99, since=now - timedelta(hours=1), until=now)
+    [line] = [line for line in render(report) if line.startswith("budget")]
+    assert "exhausted, over budget by 1.98 failures" in line, line
+    assert not re.search(r"-\d", line.split(";")[-1]), line
+    assert report.budget_remaining == 0.0 and report.budget_over_by == 1.98
