@@ -231,6 +231,7 @@ def trace(run: str, path: Path | None, as_json: bool) -> None:
     if path is None and shared_database(env) and not env.get("SPINE_TRACE_FILE"):
         spans = _from_database(env, run)
         if not spans:
+            _went_to_otlp(env, run)
             raise click.ClickException(
                 f"no spans for run {run!r} in the shared database "
                 f"({redact_url(env['SPINE_DATABASE_URL'].strip())}); check the workflow id, and "
@@ -245,6 +246,7 @@ def trace(run: str, path: Path | None, as_json: bool) -> None:
 
         path = default_trace_file(env)
     if not path.exists():
+        _went_to_otlp(env, run)
         raise click.ClickException(
             f"no trace file at '{path}'; the worker writes it when OTEL_EXPORTER_OTLP_ENDPOINT is "
             "unset (or set SPINE_TRACE_FILE / --file to where it writes)"
@@ -255,11 +257,32 @@ def trace(run: str, path: Path | None, as_json: bool) -> None:
         raise click.ClickException(f"cannot read trace file '{path}': {e.strerror or e}") from e
     spans = spans_for_run(every, run)
     if not spans:
+        _went_to_otlp(env, run)
         raise click.ClickException(
             f"no spans for run {run!r} in '{path}' ({len(every)} spans read); check the workflow "
             "id, and that the worker traced it (spans are flushed about a second after they end)"
         )
     _show(run, spans, as_json)
+
+
+def _went_to_otlp(env: Mapping[str, str], run: str) -> None:
+    """With an OTLP endpoint configured the workers export spans there, not to a trace file or
+    the shared database: say so, naming the endpoint, instead of "no spans".
+
+    Raises:
+        click.ClickException: OTLP is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+            ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``).
+    """
+    from spine.observability.telemetry import otlp_endpoint  # lazily: it loads OpenTelemetry
+
+    endpoint = otlp_endpoint(env)
+    if endpoint:
+        raise click.ClickException(
+            f"no spans for run {run!r} here: with OTEL_EXPORTER_OTLP_ENDPOINT set the workers "
+            f"send spans to the OTLP endpoint {redact_url(endpoint)}; look the run up in your "
+            f"tracing backend (attribute spine.run.id = {run!r}), or set "
+            "SPINE_TRACE_FILE on the workers too for `spine trace`"
+        )
 
 
 def _show(run: str, spans: list[SpanRecord], as_json: bool) -> None:

@@ -846,7 +846,8 @@ class Telemetry:
         self._processors.clear()
 
 
-def _otlp_endpoint(env: Mapping[str, str]) -> str | None:
+def otlp_endpoint(env: Mapping[str, str]) -> str | None:
+    """Where the workers export spans over OTLP/HTTP, or None when OTLP is not configured."""
     if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         return env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
     base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -878,7 +879,7 @@ def telemetry_from_env(env: Mapping[str, str] | None = None) -> Telemetry:
     """
     env = os.environ if env is None else env
     tracing = not _flag(env.get("OTEL_SDK_DISABLED"))
-    endpoint = _otlp_endpoint(env)
+    endpoint = otlp_endpoint(env)
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
         "OTEL_EXPORTER_OTLP_PROTOCOL"
     )

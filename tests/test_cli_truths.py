@@ -561,3 +561,18 @@ def test_slo_never_prints_a_negative_budget_left():
     assert "exhausted, over budget by 1.98 failures" in line, line
     assert not re.search(r"-\d", line.split(";")[-1]), line
     assert report.budget_remaining == 0.0 and report.budget_over_by == 1.98
+
+
+def test_trace_with_otlp_configured_says_where_the_spans_went(tmp_path):
+    """`spine trace RUN` where the workers export to an OTLP collector: one line naming the
+    endpoint (it used to say only that there was no trace file / no spans)."""
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.internal:4318",
+        "SPINE_STATE_DIR": str(tmp_path / "state"),
+        "SPINE_DATABASE_URL": "",
+        "SPINE_TRACE_FILE": "",
+    }
+    done = run_spine("trace", "refund-agent-1a2b3c", cwd=tmp_path, env=env)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "OTLP endpoint http://collector.internal:4318/v1/traces" in done.stderr
+    assert "spine.run.id = 'refund-agent-1a2b3c'" in done.stderr
