@@ -576,3 +576,45 @@ def test_trace_with_otlp_configured_says_where_the_spans_went(tmp_path):
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "OTLP endpoint http://collector.internal:4318/v1/traces" in done.stderr
     assert "spine.run.id = 'refund-agent-1a2b3c'" in done.stderr
+
+
+# ------------------------------------------------------- what the README's CLI runs cost
+
+
+async def test_a_cli_run_whose_script_states_no_usage_costs_something(
+    client, make_worker, task_queue, tmp_path
+):
+    """`spine run --script` with turns that state no usage (as in the README) reports what a
+    provider would (a token per four bytes of the prompt and the answer), so the run costs
+    more than $0 and its spend lands on the account's budget ledger."""
+    script = tmp_path / "script.json"
+    script.write_text(
+        json.dumps(
+            [
+                {"tool_calls": [{"name": "lookup_order", "args": {"order_id": "o-1257"}}]},
+                {"text": "Order o-1257 is on its way."},
+            ]
+        )
+    )
+    env = {"SPINE_TASK_QUEUE": task_queue}
+
+    def committed() -> float:
+        shown = _cli(client, "alice", SPINE, "budget", "show", "acme", "--json", env=env)
+        if shown.returncode != 0:  # no ledger yet: nothing spent
+            return 0.0
+        windows = json.loads(shown.stdout)["windows"]
+        return sum(w["committed_usd"] for w in windows if w["window"].startswith("day"))
+
+    async with make_worker():
+        before = await asyncio.to_thread(committed)
+        done = await asyncio.to_thread(
+            _cli, client, "alice", SPINE, "run", "refund-agent", "Where is o-1257?",
+            "--role", "support", "--account", "acme", "--script", str(script), "--wait",
+            "--json", env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        usage = json.loads(done.stdout)["result"]["usage"]
+        after = await asyncio.to_thread(committed)
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+    assert usage["usd"] > 0
+    assert after - before >= usage["usd"] - 1e-9, (before, after, usage)
