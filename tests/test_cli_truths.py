@@ -618,3 +618,77 @@ async def test_a_cli_run_whose_script_states_no_usage_costs_something(
     assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
     assert usage["usd"] > 0
     assert after - before >= usage["usd"] - 1e-9, (before, after, usage)
+
+
+# ------------------------------------------------------------ the README's Temporal CLI way in
+
+
+def _readme_section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(title)
+    end = text.index("\n#", start + len(title))
+    return text[start:end]
+
+
+async def test_the_readmes_temporal_cli_way_in_runs_as_written(
+    client, make_worker, task_queue, tmp_path
+):
+    """The shell blocks of "The Temporal CLI way in", run with bash from a fresh shell whose
+    PATH has no venv: the venv is activated by the README's own line, the run completes, and
+    the refund above 100.00 is approved with the `decide` payload signed as the README shows.
+    Only what starts servers or logs in is replaced (the test's own server, worker and tokens).
+    """
+    section = _readme_section("### The Temporal CLI way in")
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "the section's two shell blocks"
+    venv = Path(sys.executable).parent
+    tokens = {name: signing_env(client, name) for name in ("alice", "bob")}
+    first, second = f"rf1-{uuid.uuid4().hex[:8]}", f"rf2-{uuid.uuid4().hex[:8]}"
+
+    def adapt(block: str) -> str:
+        lines = []
+        for line in block.splitlines():
+            if line.startswith("make setup && source .venv/bin/activate"):
+                line = f"source {venv}/activate"
+            elif line.startswith(("temporal-dev/up", "python worker.py")):
+                continue
+            elif line.startswith("spine login --user"):
+                who = line.split()[3]
+                env = tokens[who]
+                line = " ".join(f"export {k}={v}" for k, v in env.items())
+            lines.append(line)
+        script = "\n".join(lines)
+        for old, new in (
+            ("spine-agents", task_queue),
+            ("refund-1", first),
+            ("refund-2", second),
+            ("o-1001", "o-1258"),
+        ):
+            script = script.replace(old, new)
+        return script
+
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != venv)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"},
+        "PATH": path,
+        "TEMPORAL_ADDRESS": client.service_client.config.target_host,
+    }
+    # The blocks run in one shell, as a person pasting them would.
+    script = f"set -e\nsource {venv}/activate\n" + adapt(blocks[0]) + "\n" + adapt(blocks[1])
+    script = script.replace(f"source {venv}/activate\n", "", 1)  # only the README's own line
+    async with make_worker():
+        done = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        one = await wait_result(get_run(client, first))
+        two = await wait_result(get_run(client, second))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert one.status == "completed" and one.output == "Refunded 40.00."
+    assert two.status == "completed" and two.output == "Refunded 140.00."
+    assert [e.output["amount"] for e in two.side_effects] == [140]
