@@ -58,6 +58,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from spine.activities.blobs import ref_digest
+from spine.activities.errors import MODEL_CORRECTABLE
 from spine.activities.tools import Registry
 from spine.client.runs import RunHandle, SpineClientError, describe, get_run
 from spine.contract import (
@@ -515,7 +516,17 @@ def _fold(
             if said.is_error and (said.content or "").startswith(SKIPPED_PREFIX):
                 told(state, said)
             elif said.is_error:
-                apply_refusal(state, call, said.content or "")
+                text = said.content or ""
+                known = by_name.get(call.name)
+                apply_refusal(
+                    state,
+                    call,
+                    text,
+                    outcome="failed"
+                    if text.startswith(tuple(f"error: {kind}:" for kind in MODEL_CORRECTABLE))
+                    else "refused",
+                    side_effects=bool(known and known.side_effects),
+                )
             elif call.name in by_name:
                 # A local (read-only) tool leaves its result in a marker, not an activity event;
                 # what the model heard is the output, as the workflow wrote it down.
