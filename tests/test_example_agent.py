@@ -177,7 +177,9 @@ async def test_rejection_deletes_the_saved_summary(
 
 
 async def test_viewer_may_read_but_not_save(client, store: SummaryStore, notes_worker) -> None:
-    """Role viewer reads notes; its save is refused by policy and nothing is written."""
+    """Role viewer reads notes; its save is refused by policy and nothing is written. The save
+    it was asked for did not happen, so the run ends `failed` saying so (the policy's default
+    ``on_failed_side_effect = "fail"``), the refusal in `failed_calls`."""
     turns = (
         script()
         .tool("read_note", note_id="n-2")
@@ -189,7 +191,8 @@ async def test_viewer_may_read_but_not_save(client, store: SummaryStore, notes_w
             client, worker, "notes-agent", "Summarise n-2", turns, role="viewer", account=ACCOUNT
         )
         result = await handle.result()
-    assert result.status == "completed", result.reason
+    assert result.status == "failed" and "save_summary" in (result.reason or "")
+    assert [(c.tool, c.outcome) for c in result.failed_calls] == [("save_summary", "refused")]
     await assert_tools_called(handle, ["read_note"])
     await assert_side_effects(result, [])
     assert store.list(include_deleted=True) == []
