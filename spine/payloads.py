@@ -320,12 +320,11 @@ class ParentRun(BaseModel):
 
 
 class AgentCheck(BaseModel):
-    """`SpineAgentCheck`'s answer: a worker on the queue serves the agent with these tools, and
-    these the role may use."""
+    """`SpineAgentCheck`'s answer: a worker on the queue serves the agent, with these tools (who
+    may use which is not said: the check is not signed)."""
 
     agent: str
     tools: list[str] = Field(default_factory=list)
-    allowed_tools: list[str] = Field(default_factory=list)
 
 
 class CompensationInput(BaseModel):

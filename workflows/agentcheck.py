@@ -1,9 +1,9 @@
 """`SpineAgentCheck`: does a worker on this task queue serve an agent? (``spine run`` asks first.)
 
 The check resolves the agent the way a run does (``spine.resolve_agent``, refused and requeued by
-workers that do not serve it) and returns what the run would be offered, so ``spine run`` of an
-agent nobody serves is one line and starts nothing. It writes no audit entry and grants nothing:
-the run that follows is checked in full.
+workers that do not serve it) and returns the agent's tool names, so ``spine run`` of an agent
+nobody serves is one line and starts nothing. It writes no audit entry, says nothing of who may
+use what, and grants nothing: the run that follows is checked in full.
 """
 
 from __future__ import annotations
@@ -31,8 +31,4 @@ class SpineAgentCheck:
             retry_policy=RESOLVE_RETRY,
             summary=f"check agent {request.agent}",
         )
-        return AgentCheck(
-            agent=spec.name,
-            tools=[t.name for t in spec.tools],
-            allowed_tools=list(spec.allowed_tools),
-        )
+        return AgentCheck(agent=spec.name, tools=[t.name for t in spec.tools])
