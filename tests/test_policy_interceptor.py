@@ -29,7 +29,8 @@ async def test_interceptor_refuses_what_the_loop_let_through(
             async for e in handle.fetch_history_events()
             if e.HasField("activity_task_scheduled_event_attributes")
         ]
-    assert result.status == "completed", result.reason
+    # The refund the model asked for never ran, so its "done" does not complete the run.
+    assert result.status == "failed" and "PolicyDenied" in (result.reason or "")
     assert "tool.issue_refund" not in scheduled
     assert service.get("/v1/refunds?order_id=o-1050") == []
 
