@@ -85,9 +85,9 @@ from temporalio.worker import (
 )
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from spine.contract import ACTIVITY_MODEL_CALL, WORKFLOW_TYPE, tool_of
+from spine.contract import ACTIVITY_MODEL_CALL, WORKFLOW_TYPE, ApprovalDecision, tool_of
 from spine.guardrails.budget import price
-from spine.guardrails.interceptor import guards_of_current_run
+from spine.guardrails.interceptor import decode, guards_of_current_run
 from spine.observability import metrics
 from spine.observability.spans import DatabaseSpanExporter
 from spine.payloads import ToolCallInput
@@ -609,7 +609,7 @@ class _WorkflowInbound(WorkflowInboundInterceptor):
             return await self.next.handle_update_handler(input)
         before = self._pending()
         result = await self.next.handle_update_handler(input)
-        decision = input.args[0] if input.args else None
+        decision = _decision(input.args)
         approval_id = getattr(decision, "approval_id", None)
         if approval_id in before:  # the validator let it through, so the run took it
             self._on_decision(decision, *before[approval_id])
@@ -620,7 +620,7 @@ class _WorkflowInbound(WorkflowInboundInterceptor):
             return await self.next.handle_signal(input)
         before = self._pending()
         await self.next.handle_signal(input)
-        decision = input.args[0] if input.args else None
+        decision = _decision(input.args)
         approval_id = getattr(decision, "approval_id", None)
         # The run refuses a bad signal itself; it took this one if the approval is no longer open.
         if approval_id in before and approval_id not in self._pending():
@@ -935,3 +935,11 @@ def telemetry_from_env(env: Mapping[str, str] | None = None) -> Telemetry:
     for processor in telemetry._processors:
         fanout.add(processor)
     return telemetry
+
+
+def _decision(args: Sequence[object]) -> ApprovalDecision | None:
+    """The decision a `decide` update or `approval` signal carried (they take it raw)."""
+    arg = args[0] if args else None
+    if isinstance(arg, RawValue):
+        return decode(arg, ApprovalDecision)[0]
+    return arg if isinstance(arg, ApprovalDecision) else None
