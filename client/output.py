@@ -152,7 +152,8 @@ async def _first_parked(handle: RunHandle) -> StateView | None:
 
 async def _until_closed_or_parked(handle: RunHandle, *, live: bool) -> StateView | None:
     """Follow the run (printing its stream when `live`) until it closes, or until it parks:
-    then return its state (a parked run stays open, waiting for an operator)."""
+    then return its state (a parked run stays open, waiting for an operator). A stream that
+    cannot be read is one line on stderr; the run is still followed by its state."""
     parked = asyncio.ensure_future(_first_parked(handle))
     printing = None
     if live:
@@ -160,15 +161,30 @@ async def _until_closed_or_parked(handle: RunHandle, *, live: bool) -> StateView
 
         printing = asyncio.ensure_future(print_live(handle, click.echo))  # tokens and steps
     try:
-        waiting = [parked, printing] if printing is not None else [parked]
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if parked.done() and parked.result() is not None:
-            return parked.result()
-        if printing is not None:
-            await printing  # the run closed: let the stream print its end
-        return None
+        while True:
+            waiting = [t for t in (parked, printing) if t is not None]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if parked.done():
+                if parked.result() is not None:
+                    return parked.result()
+                if printing is not None:
+                    await asyncio.gather(printing, return_exceptions=True)  # its last lines
+                return None
+            assert printing is not None and printing.done()
+            problem = printing.exception()
+            if problem is None:
+                return None  # the run closed
+            click.echo(f"spine: live output unavailable: {_first_cause(problem)}", err=True)
+            printing = None
     finally:
         for task in (parked, printing):
             if task is not None and not task.done():
                 task.cancel()
         await asyncio.gather(parked, *([printing] if printing else []), return_exceptions=True)
+
+
+def _first_cause(error: BaseException) -> str:
+    """One line for an error (the first of a group)."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return (str(error) or type(error).__name__).splitlines()[0][:300]

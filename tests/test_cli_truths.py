@@ -304,11 +304,12 @@ async def test_spine_run_wait_returns_when_the_run_parks(
     turns = [turn(call("lookup_order", order_id="o-1254")), turn(text="ok")]
     script.write_text(json.dumps([t.model_dump(mode="json", exclude_none=True) for t in turns]))
     wid = f"parks-{task_queue}"
+    state_dir = tmp_path / "state"  # the worker's: the live stream is read there
     async with make_worker():
         done = await asyncio.to_thread(
             _cli, client, "alice", SPINE, "run", "refund-agent", "Look o-1254 up",
             "--role", "support", "--account", account, "--script", str(script), "--id", wid,
-            "--wait", env={"SPINE_TASK_QUEUE": task_queue},
+            "--wait", env={"SPINE_TASK_QUEUE": task_queue, "SPINE_STATE_DIR": str(state_dir)},
         )  # fmt: skip
         state = await get_state(get_run(client, wid))
         await get_run(client, wid).cancel()
