@@ -33,7 +33,7 @@ import secrets
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,50 +419,47 @@ class Console:
             log.warning("console: could not revoke an OpenBao token at sign-out: %s", err)
 
     async def inbox(self, request: Request) -> Response:
-        session = self._signed_in(request)
-        if isinstance(session, Response):
-            return session
-        items, more, problem = [], False, None
-        only = self._filter(request)
-        if isinstance(only, str):
-            problem = only
-        else:
-            try:
-                items, more = await data.inbox(self.settings.client, only)
-            except SpineClientError as err:
-                problem = str(err)
-        return self.page(
+        return await self._listing(
+            request,
             "inbox.html",
-            session,
-            items=items,
-            more=more,
-            problem=problem,
-            only=only if isinstance(only, data.Filter) else data.Filter(),
+            data.inbox,
             self_approval=bool(
                 self.settings.policy and self.settings.policy.identity.allow_self_approval
             ),
         )
 
     async def parked(self, request: Request) -> Response:
+        return await self._listing(request, "parked.html", data.parked)
+
+    async def _listing(
+        self,
+        request: Request,
+        template: str,
+        fetch: Callable[[Client, data.Filter], Awaitable[tuple[list[Any], bool]]],
+        **extra: object,
+    ) -> Response:
+        """A page listing runs (the inbox, parked runs), filtered by the query's account/agent."""
         session = self._signed_in(request)
         if isinstance(session, Response):
             return session
-        items, more, problem = [], False, None
+        items: list[Any] = []
+        more, problem = False, None
         only = self._filter(request)
         if isinstance(only, str):
             problem = only
         else:
             try:
-                items, more = await data.parked(self.settings.client, only)
+                items, more = await fetch(self.settings.client, only)
             except SpineClientError as err:
                 problem = str(err)
         return self.page(
-            "parked.html",
+            template,
             session,
             items=items,
             more=more,
             problem=problem,
             only=only if isinstance(only, data.Filter) else data.Filter(),
+            **extra,
         )
 
     async def run(self, request: Request) -> Response:
