@@ -132,16 +132,20 @@ async def test_fork_continues_without_redoing_side_effects(
     assert result.path[0].startswith(f"step 3: forked from {handle.id}")
 
 
+@pytest.mark.parametrize(
+    ("inline_bytes", "order"), [(8192, "o-1472"), (20, "o-1478")], ids=["inline", "by-reference"]
+)
 async def test_failed_fork_compensates_what_it_carried(
-    client, make_worker, task_queue, service, new_account, tmp_path
+    client, make_worker, task_queue, service, new_account, tmp_path, inline_bytes, order
 ):
-    """A fork that fails undoes the carried refund once, under the original idempotency key."""
-    order = "o-1472"
+    """A fork that fails undoes the carried refund once, under the original idempotency key.
+    By reference: the refund's output is in the shared store, and the worker gives the fork
+    read access to it (the compensation needs it) only once the fork is allowed."""
     script = tmp_path / "script.json"
     failing = turn(text="never", tokens=TOKENS)
     failing.error = "terminal"
     script.write_text(json.dumps([failing.model_dump(mode="json", exclude_none=True)]))
-    async with make_worker():
+    async with make_worker(inline_output_bytes=inline_bytes):
         handle, original = await _out_of_budget(client, task_queue, order, new_account())
         code, out, err = await spine(
             client,
