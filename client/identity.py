@@ -35,6 +35,7 @@ from temporalio.client import (
 from temporalio.converter import PayloadConverter
 
 from spine.contract import (
+    LEDGER_UPDATES,
     LEDGER_WORKFLOW_TYPE,
     PRINCIPAL_HEADER,
     SIGNAL_APPROVAL,
@@ -56,7 +57,6 @@ SIGNED_CALLS: dict[str, tuple[Purpose, type[BaseModel]]] = {
     SIGNAL_OPERATOR: ("operate", OperatorCommand),
     UPDATE_OPERATE: ("operate", OperatorCommand),
 }
-LEDGER_UPDATE = "apply"
 
 
 def credentials_path() -> Path:
@@ -182,7 +182,7 @@ class _Signing(OutboundInterceptor):
                     str(getattr(payload, "by", "")), purpose, input.id, payload_digest(payload)
                 )
                 input.headers = {**input.headers, PRINCIPAL_HEADER: header(claim)}
-        elif input.update == LEDGER_UPDATE and input.args and isinstance(input.args[0], BaseModel):
+        elif input.update in LEDGER_UPDATES and input.args and isinstance(input.args[0], BaseModel):
             claim = await self._claim("", "ledger", input.id, payload_digest(input.args[0]))
             input.headers = {**input.headers, PRINCIPAL_HEADER: header(claim)}
         return await self.next.start_workflow_update(input)
@@ -192,7 +192,7 @@ class _Signing(OutboundInterceptor):
     ) -> WorkflowUpdateHandle[Any]:
         update, start = input.update_workflow_input, input.start_workflow_input
         if (
-            update.update == LEDGER_UPDATE
+            update.update in LEDGER_UPDATES
             and start.workflow == LEDGER_WORKFLOW_TYPE
             and update.args
             and isinstance(update.args[0], BaseModel)

@@ -47,6 +47,7 @@ from temporalio.workflow import ActivityHandle, ChildWorkflowHandle
 from spine.activities.errors import PolicyDenied
 from spine.contract import (
     ACTIVITY_MODEL_CALL,
+    LEDGER_UPDATES,
     LEDGER_WORKFLOW_TYPE,
     UPDATE_DECIDE,
     UPDATE_OPERATE,
@@ -255,7 +256,9 @@ class _IdentityInbound(WorkflowInboundInterceptor):
             CURRENT.reset(token)
 
     def handle_update_validator(self, input: HandleUpdateInput) -> None:
-        ledger = workflow.info().workflow_type == LEDGER_WORKFLOW_TYPE and input.update == "apply"
+        ledger = (
+            workflow.info().workflow_type == LEDGER_WORKFLOW_TYPE and input.update in LEDGER_UPDATES
+        )
         signed = _SIGNED_UPDATES.get(input.update)
         purpose: Purpose | None = "ledger" if ledger else (signed[0] if signed else None)
         if purpose is None or (not ledger and guards_of_current_run() is None):

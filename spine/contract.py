@@ -43,6 +43,11 @@ TOOL_ACTIVITY_PREFIX = "tool."
 #: `spine run` asks the task queue whether a worker serves the agent before it starts a run.
 AGENT_CHECK_WORKFLOW_TYPE = "SpineAgentCheck"
 LEDGER_WORKFLOW_TYPE = "SpineBudgetLedger"
+#: The ledger's updates: one operation, or a batch of many runs' operations (group commit).
+#: Both must be signed by a worker principal.
+LEDGER_UPDATE = "apply"
+LEDGER_BATCH_UPDATE = "apply_batch"
+LEDGER_UPDATES = (LEDGER_UPDATE, LEDGER_BATCH_UPDATE)
 DEFAULT_LEDGER_TASK_QUEUE = "spine-ledger"
 
 

@@ -543,6 +543,26 @@ class LedgerAnswer(BaseModel):
     exposure: dict[str, float] = Field(
         default_factory=dict, description="The totals asked for, today, before this operation."
     )
+    refused: str | None = Field(
+        default=None,
+        description="Set when the ledger refused this operation of a batch (nothing of it was "
+        "applied); names what was wrong.",
+    )
+
+
+#: The most operations one `apply_batch` update may carry.
+MAX_LEDGER_BATCH = 500
+
+
+class LedgerBatch(BaseModel):
+    """Operations of many runs on one account, applied in order by one ledger update (group
+    commit: a hot account's ledger sees one update per worker round trip, not one per run)."""
+
+    ops: list[LedgerOp] = Field(min_length=1, max_length=MAX_LEDGER_BATCH)
+
+
+class LedgerBatchAnswer(BaseModel):
+    answers: list[LedgerAnswer]
 
 
 class BudgetWindowView(BaseModel):

@@ -239,3 +239,51 @@ async def test_ledger_keeps_its_runs_short_and_forgets_old_settlements(time_skip
     # hour (released) and is kept for a day in case its run still commits.
     assert early == {f"r/early-{MAX_UPDATES_PER_RUN + 4}": "released"}, early
     assert sum(rid.startswith("r/late-") for rid in kept) > 0
+
+
+async def test_a_hot_account_batches_and_still_cannot_be_raced(time_skipping_env, vault):
+    """Two hundred runs' reservations on one account at once: the worker sends them to the
+    ledger in a few batch updates (not two hundred), and exactly as many are granted as the
+    daily budget holds, no more, with every answer telling its own story."""
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.worker import Worker
+
+    from spine.activities.budget import BudgetActivities
+    from spine.payloads import BudgetCall, LedgerOp
+
+    env = time_skipping_env
+    queue = f"ledger-{uuid.uuid4()}"
+    account = f"hot-{uuid.uuid4().hex[:6]}"
+    activities = BudgetActivities(worker_client(env.client, vault), queue)
+    calls = [
+        BudgetCall(
+            account=account,
+            op=LedgerOp(
+                run_id=f"run-{i}", reserve_id=f"run-{i}/1", reserve_usd=0.1, daily_limit_usd=7.05
+            ),
+        )
+        for i in range(200)
+    ]
+    async with (
+        ledger_worker(env.client, queue, keyring=worker_keyring(vault)),
+        Worker(env.client, task_queue=f"{queue}-x", activities=[activities.apply]),
+    ):
+        answers = await asyncio.gather(*(activities.apply(c) for c in calls))
+        # A retried activity asks again and hears the same answer.
+        again = await activities.apply(calls[0])
+        view = await env.client.get_workflow_handle(ledger_workflow_id(account)).query(
+            "show", result_type=BudgetView
+        )
+        history = await env.client.get_workflow_handle(ledger_workflow_id(account)).fetch_history()
+    granted = [a for a in answers if a.granted]
+    assert len(granted) == 70, len(granted)  # 70 x 0.10 <= 7.05 < 71 x 0.10
+    assert all("daily budget of 7.0500 USD" in a.reason for a in answers if not a.granted)
+    assert again.granted == answers[0].granted
+    assert view.open_reservations == 70
+    assert abs(view.windows[0].reserved_usd - 7.0) < 1e-6
+    updates = [
+        e
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+    ]
+    assert 1 <= len(updates) <= 40, f"{len(updates)} ledger updates for 201 operations"

@@ -24,7 +24,7 @@ from spine.contract import (
     SideEffect,
     ledger_workflow_id,
 )
-from spine.payloads import BudgetView, LedgerOp
+from spine.payloads import BudgetView, LedgerBatch, LedgerBatchAnswer, LedgerOp
 from spine.workflows.state import AgentWorkflowInput, RunState
 from tests.helpers import (
     call,
@@ -179,9 +179,32 @@ async def test_only_workers_operate_budget_ledgers(
                 await who.get_workflow_handle(ledger).execute_update("apply", bad)
             except Exception as err:  # noqa: BLE001  # WorkflowUpdateFailedError, its cause tells
                 refused.append(str(getattr(err, "cause", err)))
+        # The batch update (group commit) is held to the same: a person's batch is refused
+        # whole; in a worker's batch the bad operation is refused alone.
+        good = LedgerOp(run_id="fine", reserve_id="fine/1", reserve_usd=0.01)
+        try:
+            await (
+                client_as(client, vault, "alice")
+                .get_workflow_handle(ledger)
+                .execute_update("apply_batch", LedgerBatch(ops=[good]))
+            )
+        except Exception as err:  # noqa: BLE001
+            refused.append(str(getattr(err, "cause", err)))
+        batch = (
+            await worker_client(client, vault)
+            .get_workflow_handle(ledger)
+            .execute_update(
+                "apply_batch", LedgerBatch(ops=[bad, good]), result_type=LedgerBatchAnswer
+            )
+        )
         view = await client.get_workflow_handle(ledger).query("show", result_type=BudgetView)
     assert "'alice' is not a Spine worker" in refused[0]
     assert "reserve_usd -1000.0 must be between 0 and" in refused[1]
+    assert "'alice' is not a Spine worker" in refused[2]
+    assert "reserve_usd -1000.0 must be between 0 and" in (batch.answers[0].refused or "")
+    assert not batch.answers[0].granted
+    assert batch.answers[1].granted and batch.answers[1].refused is None
+    assert view.open_reservations == 1  # the good one, and only from the worker's batch
     assert all(w.committed_usd >= 0 and w.reserved_usd >= 0 for w in view.windows)
 
 

@@ -20,11 +20,13 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from spine.contract import LEDGER_WORKFLOW_TYPE
+    from spine.contract import LEDGER_BATCH_UPDATE, LEDGER_UPDATE, LEDGER_WORKFLOW_TYPE
     from spine.payloads import (
         BudgetView,
         BudgetWindowView,
         LedgerAnswer,
+        LedgerBatch,
+        LedgerBatchAnswer,
         LedgerOp,
         LedgerState,
         Reservation,
@@ -35,9 +37,13 @@ with workflow.unsafe.imports_passed_through():
 #: (its previous worker died) replays the whole run inside one workflow task, which must finish
 #: within the task timeout even on a loaded worker.
 MAX_UPDATES_PER_RUN = 250
+#: Operations per run before continuing as new (a batch carries many), so the history stays
+#: about a megabyte however the operations arrive.
+MAX_OPS_PER_RUN = 2_000
 #: The ledger's workflow task timeout (Temporal's default is 10 s), for that same replay.
 LEDGER_TASK_TIMEOUT = timedelta(seconds=30)
 KEEP_WINDOWS = timedelta(days=62)
+WINDOW_NAMES = {"day": "daily", "mon": "monthly"}
 #: A reservation never settled (its run vanished) stops holding budget after this long.
 RESERVATION_TTL = timedelta(hours=1)
 #: Settled reservations are remembered this long, so a retried request gets the same answer
@@ -56,12 +62,14 @@ class BudgetLedger:
     def __init__(self, state: LedgerState) -> None:
         self._state = state
         self._updates = 0
+        self._ops = 0
 
     @workflow.run
     async def run(self, state: LedgerState) -> None:
         await workflow.wait_condition(
             lambda: (
                 self._updates >= MAX_UPDATES_PER_RUN
+                or self._ops >= MAX_OPS_PER_RUN
                 or workflow.info().is_continue_as_new_suggested()
             )
         )
@@ -94,9 +102,58 @@ class BudgetLedger:
             k: v for k, v in self._state.exposure.items() if k.split("|", 1)[0] >= today
         }
 
-    @workflow.update(name="apply")
+    @workflow.update(name=LEDGER_UPDATE)
     def apply(self, op: LedgerOp) -> LedgerAnswer:
         self._updates += 1
+        return self._apply(op)
+
+    @apply.validator
+    def _check(self, op: LedgerOp) -> None:
+        """Refuse what no Spine worker would send (the identity interceptor has already checked
+        that a worker signed it): bad numbers, and settling another run's reservations."""
+        problem = ledger_problem(op, self._state)
+        if problem:
+            raise ApplicationError(f"ledger: {problem}", type="LedgerRefused", non_retryable=True)
+
+    @workflow.update(name=LEDGER_BATCH_UPDATE)
+    def apply_batch(self, batch: LedgerBatch) -> LedgerBatchAnswer:
+        """Many runs' operations in one update, each applied (or refused) on its own, in order:
+        what a worker sends for a busy account (`spine.activities.budget.LedgerBatcher`)."""
+        self._updates += 1
+        answers = []
+        for op in batch.ops:
+            problem = ledger_problem(op, self._state)
+            if problem:
+                now = workflow.now()
+                answers.append(
+                    LedgerAnswer(
+                        granted=False,
+                        reason=f"ledger: {problem}",
+                        refused=f"ledger: {problem}",
+                        day=f"day:{now:%Y-%m-%d}",
+                        month=f"mon:{now:%Y-%m}",
+                        day_committed_usd=0.0,
+                        day_reserved_usd=0.0,
+                        month_committed_usd=0.0,
+                        used_fraction=0.0,
+                    )
+                )
+            else:
+                answers.append(self._apply(op))
+        return LedgerBatchAnswer(answers=answers)
+
+    @apply_batch.validator
+    def _check_batch(self, batch: LedgerBatch) -> None:
+        """The identity interceptor checks the worker's signature in front of this validator (an
+        update without a validator would skip it); the operations are checked one by one when
+        applied, so one bad operation refuses only itself."""
+        if not batch.ops:
+            raise ApplicationError(
+                "ledger: an empty batch", type="LedgerRefused", non_retryable=True
+            )
+
+    def _apply(self, op: LedgerOp) -> LedgerAnswer:
+        self._ops += 1
         for reservation_id, actual in op.commit.items():
             self._settle(reservation_id, actual)
         for reservation_id in op.release:
@@ -122,7 +179,7 @@ class BudgetLedger:
             if limit is not None and window.committed_usd + window.reserved_usd + amount > limit:
                 return self._answer(
                     False,
-                    f"{key[:3]}ly budget of {limit:.4f} USD for account {self._state.account!r}: "
+                    f"{WINDOW_NAMES[key[:3]]} budget of {limit:.4f} USD for account {self._state.account!r}: "
                     f"committed {window.committed_usd:.4f}, reserved {window.reserved_usd:.4f}, "
                     f"this call needs {amount:.4f}",
                     day,
@@ -142,14 +199,6 @@ class BudgetLedger:
         self._window(day).reserved_usd += amount
         self._window(month).reserved_usd += amount
         return self._answer(True, "", day, month, 0.0, op, exposure)
-
-    @apply.validator
-    def _check(self, op: LedgerOp) -> None:
-        """Refuse what no Spine worker would send (the identity interceptor has already checked
-        that a worker signed it): bad numbers, and settling another run's reservations."""
-        problem = ledger_problem(op, self._state)
-        if problem:
-            raise ApplicationError(f"ledger: {problem}", type="LedgerRefused", non_retryable=True)
 
     def _expire(self, now: datetime) -> None:
         cutoff = (now - RESERVATION_TTL).isoformat()
