@@ -244,6 +244,25 @@ async def history_of(
     return RunHistory(workflow_id=workflow_id, segments=segments)
 
 
+#: The marker a local activity leaves in history (Temporal's core SDK names it so).
+LOCAL_ACTIVITY_MARKER = "core_local_activity"
+
+
+def _resolved_locally(event: HistoryEvent) -> Payloads | None:
+    """The spec a run resolved with a local `spine.resolve_agent` (see
+    `spine.workflows.calls.resolve_agent`), from its marker; None for any other marker."""
+    marker = event.marker_recorded_event_attributes
+    if marker.marker_name != LOCAL_ACTIVITY_MARKER or "result" not in marker.details:
+        return None
+    try:
+        data = json.loads(marker.details["data"].payloads[0].data)
+    except (KeyError, IndexError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("activity_type") != ACTIVITY_RESOLVE_AGENT:
+        return None
+    return marker.details["result"]
+
+
 async def _segment(
     converter: DataConverter, run_id: str, events: Sequence[HistoryEvent]
 ) -> tuple[_Segment, str | None]:
@@ -286,6 +305,17 @@ async def _segment(
         elif event.HasField("activity_task_timed_out_event_attributes"):
             timed_out = event.activity_task_timed_out_event_attributes
             activities[timed_out.scheduled_event_id].retry_state = timed_out.retry_state
+        elif event.HasField("marker_recorded_event_attributes"):
+            resolved = _resolved_locally(event)
+            if resolved is not None:
+                activities[event.event_id] = _Activity(
+                    kind=ACTIVITY_RESOLVE_AGENT,
+                    run_id=run_id,
+                    input=Payloads(),
+                    max_attempts=1,
+                    result=resolved,
+                    closed_event=event.event_id,
+                )
         elif event.HasField("workflow_execution_completed_event_attributes"):
             done = event.workflow_execution_completed_event_attributes
             result = await _decode(converter, done.result, AgentResult)

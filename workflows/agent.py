@@ -258,6 +258,8 @@ class AgentWorkflow:
         policy slice once per chain, and arm the guards."""
         request = self.request
         assert request is not None
+        # Asked first, before any local activity of the task (see PATCH_RESOLVE_LOCALLY).
+        locally = request.carry is None and workflow.patched(calls.PATCH_RESOLVE_LOCALLY)
         if request.carry is not None:
             try:
                 await admission.admit_carry()
@@ -278,7 +280,7 @@ class AgentWorkflow:
             if request.fork_from is not None:
                 self._forget(await calls.fork_state(request, principal))
             else:
-                self.state.spec = await calls.resolve_agent(request)
+                self.state.spec = await calls.resolve_agent(request, locally=locally)
             self.state.principal = principal.name
             spec = self.state.agent
             choice = request.model

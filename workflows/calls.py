@@ -44,6 +44,11 @@ Park = Callable[[str], Awaitable[object]]
 """Park the run with a reason until an operator retries (or ends it)."""
 
 
+#: Runs started on code with this marker resolve their agent locally first (see `resolve_agent`).
+#: Asked before the run's first local activity: a patch marker recorded after a local activity
+#: of the same workflow task did not replay (TMPRL1100, seen on a query that replayed the run).
+PATCH_RESOLVE_LOCALLY = "spine-resolve-agent-locally"
+
 #: How `spine.resolve_agent` is retried. A worker that does not serve the agent refuses it
 #: (`AgentNotServed`, retryable), so the task goes back to the queue for another worker: this
 #: many tries, quickly, before the run (or `spine run`'s check) says no worker serves it.
@@ -56,16 +61,33 @@ RESOLVE_RETRY = RetryPolicy(
 )
 
 
-async def resolve_agent(request: AgentRequest) -> AgentSpec:
+async def resolve_agent(request: AgentRequest, *, locally: bool) -> AgentSpec:
     """Pin the agent's tools and the policy slice that applies to this run.
+
+    The worker running the run's task resolves it first, as a local activity (no round trip
+    through the server: most workers serve the agents they run); when it cannot (it does not
+    serve the agent, say), the regular activity finds a worker on the task queue that does.
 
     Raises:
         StopRun: the agent is unknown or cannot be resolved.
     """
+    inp = ResolveAgentInput(agent=request.agent, role=request.role, account=request.account)
+    if locally:
+        try:
+            return await workflow.execute_local_activity(
+                ACTIVITY_RESOLVE_AGENT,
+                inp,
+                result_type=AgentSpec,
+                start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(maximum_attempts=1),
+                summary=f"resolve agent {request.agent}",
+            )
+        except (ActivityError, ApplicationError):
+            pass  # the regular activity below asks the task queue (and says why if it fails)
     try:
         return await workflow.execute_activity(
             ACTIVITY_RESOLVE_AGENT,
-            ResolveAgentInput(agent=request.agent, role=request.role, account=request.account),
+            inp,
             result_type=AgentSpec,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=RESOLVE_RETRY,
