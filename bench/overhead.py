@@ -14,9 +14,12 @@ The lookup runs three ways, each compared with the bare loop running it the same
 * ``local``: a local activity (``lookup_order_local``).
 
 Single runs alternate Spine and bare to share the machine's noise; then `--concurrent` runs of
-each (regular activity path) start at once and the wall time to finish them all is compared.
+each (regular activity path) start at once and the wall time to finish them all is compared,
+in `--concurrent-rounds` rounds that alternate which arm goes first (the figure is the median:
+on a shared two-core machine one round of either arm varies by 20%).
 
-    python -m bench.overhead [--quick] [--steps 40] [--rounds 3] [--concurrent 200] [--out F]
+    python -m bench.overhead [--quick] [--steps 40] [--rounds 3] [--concurrent 200]
+        [--concurrent-rounds 3] [--out F]
 """
 
 from __future__ import annotations
@@ -227,6 +230,7 @@ async def main(
     skip_single: bool = False,
     pg3: bool = True,
     no_tracing: bool = False,
+    conc_rounds: int = 1,
 ):
     tmp = Path(tempfile.mkdtemp(prefix="spine-bench-overhead-"))
     policy = bench_policy(tmp, bench_agent={"max_steps": max(steps, conc_steps) + 5})
@@ -295,24 +299,36 @@ async def main(
             conc: dict[str, dict[str, float]] = {}
             meter = CpuMeter({"worker": [os.getpid()], "server": server_pids(stack.server.port)})
             total_steps = concurrent * (conc_steps + 1)
-            for arm in ("spine", "bare"):
-                meter.start()
-                wall, run_median = await concurrently(
-                    lambda arm=arm: getattr(arms, arm)("activity", conc_steps), concurrent
-                )
-                used = meter.stop()
-                conc[arm] = {
-                    "wall_s": wall,
-                    "run_median_s": run_median,
-                    "worker_cpu_ms_per_step": used["worker"] * 1000 / total_steps,
-                    "server_cpu_ms_per_step": used["server"] * 1000 / total_steps,
-                }
-                print(
-                    f"{concurrent} concurrent {arm} runs: {wall:.1f} s; CPU per step: worker "
-                    f"{conc[arm]['worker_cpu_ms_per_step']:.1f} ms, server "
-                    f"{conc[arm]['server_cpu_ms_per_step']:.1f} ms",
-                    flush=True,
-                )
+            rounds_of: dict[str, list[dict[str, float]]] = {"spine": [], "bare": []}
+            for r in range(conc_rounds):
+                # Alternate which arm goes first; the figures are medians over the rounds.
+                for arm in ("spine", "bare") if r % 2 == 0 else ("bare", "spine"):
+                    meter.start()
+                    wall, run_median = await concurrently(
+                        lambda arm=arm: getattr(arms, arm)("activity", conc_steps), concurrent
+                    )
+                    used = meter.stop()
+                    rounds_of[arm].append(
+                        {
+                            "wall_s": wall,
+                            "run_median_s": run_median,
+                            "worker_cpu_ms_per_step": used["worker"] * 1000 / total_steps,
+                            "server_cpu_ms_per_step": used["server"] * 1000 / total_steps,
+                        }
+                    )
+                    print(
+                        f"round {r + 1}/{conc_rounds}: {concurrent} concurrent {arm} runs: "
+                        f"{wall:.1f} s; CPU per step: worker "
+                        f"{rounds_of[arm][-1]['worker_cpu_ms_per_step']:.1f} ms, server "
+                        f"{rounds_of[arm][-1]['server_cpu_ms_per_step']:.1f} ms",
+                        flush=True,
+                    )
+            for arm, found in rounds_of.items():
+                conc[arm] = {k: statistics.median(f[k] for f in found) for k in found[0]}
+            ratios = [
+                s["wall_s"] / b["wall_s"]
+                for s, b in zip(rounds_of["spine"], rounds_of["bare"], strict=True)
+            ]
             if pg3:
                 conc["spine_pg3"] = await three_workers_on_postgres(
                     stack, arms, policy, concurrent, conc_steps, tmp
@@ -337,10 +353,14 @@ async def main(
         )
     total = concurrent * (conc_steps + 1)
     s_wall, b_wall = conc["spine"]["wall_s"], conc["bare"]["wall_s"]
-    print(f"{concurrent} concurrent runs of {conc_steps + 1} steps (regular activity path)")
+    print(
+        f"{concurrent} concurrent runs of {conc_steps + 1} steps (regular activity path), "
+        f"median of {conc_rounds} rounds"
+    )
     print(
         f"  spine {s_wall:.1f} s ({total / s_wall:.1f} steps/s)   "
-        f"bare {b_wall:.1f} s ({total / b_wall:.1f} steps/s)   ratio {s_wall / b_wall:.2f}"
+        f"bare {b_wall:.1f} s ({total / b_wall:.1f} steps/s)   ratio {s_wall / b_wall:.2f}   "
+        f"(each round: {', '.join(f'{r:.2f}' for r in ratios)})"
     )
     results["concurrent"] = {
         "runs": concurrent,
@@ -352,6 +372,8 @@ async def main(
         "spine_run_median_s": round(conc["spine"]["run_median_s"], 2),
         "bare_run_median_s": round(conc["bare"]["run_median_s"], 2),
         "ratio": round(s_wall / b_wall, 3),
+        "rounds": conc_rounds,
+        "round_ratios": [round(r, 3) for r in ratios],
         "cpu_ms_per_step": {
             arm: {
                 "worker": round(conc[arm]["worker_cpu_ms_per_step"], 2),
@@ -387,6 +409,9 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=None, help="tool steps per single run")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--concurrent", type=int, default=None, help="concurrent runs")
+    p.add_argument(
+        "--concurrent-rounds", type=int, default=None, help="rounds of the concurrent arms"
+    )
     p.add_argument("--skip-single", action="store_true", help="only the concurrent arm")
     p.add_argument(
         "--no-pg3", action="store_true", help="skip the arm over three workers sharing PostgreSQL"
@@ -405,5 +430,6 @@ if __name__ == "__main__":
             args.skip_single,
             not args.no_pg3,
             args.no_tracing,
+            args.concurrent_rounds or (1 if args.quick else 3),
         )
     )
