@@ -41,7 +41,9 @@ from spine.contract import (
     DEFAULT_TASK_QUEUE,
     SA_ACCOUNT,
     SA_AGENT,
+    SA_COST,
     SA_STATUS,
+    SA_STEPS,
     WORKFLOW_TYPE,
     AgentRequest,
     AgentResult,
@@ -287,6 +289,9 @@ def _search_attributes(request: AgentRequest) -> TypedSearchAttributes | None:
             SearchAttributePair(SA_AGENT, request.agent),
             SearchAttributePair(SA_ACCOUNT, request.account),
             SearchAttributePair(SA_STATUS, "running"),
+            # What the run would upsert first; with them the run upserts nothing at its start.
+            SearchAttributePair(SA_STEPS, 0),
+            SearchAttributePair(SA_COST, 0.0),
         ]
     )
 

@@ -30,9 +30,11 @@ what :func:`verify` catches.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -474,6 +476,28 @@ FOR EACH STATEMENT EXECUTE FUNCTION spine_audit_append_only();
 """The audit log's schema; applied at worker start (and by a writable store on first use)."""
 
 
+_Waiting = tuple[str, list[Row], "asyncio.Future[Appended]"]
+
+
+@dataclass
+class _Group:
+    """Appends waiting for the store's writer, and the writer (one per event loop)."""
+
+    waiting: list[_Waiting] = field(default_factory=list)
+    writer: asyncio.Task[None] | None = None
+
+
+def _fresh(err: Exception) -> Exception:
+    """An error of its own for each waiting append (one exception raised in many tasks would
+    collect all their tracebacks)."""
+    if isinstance(err, SpineError):
+        try:
+            return type(err)(err.message)
+        except TypeError:  # a subclass with a constructor of its own
+            return err
+    return err
+
+
 class DatabaseAuditStore:
     """The audit log in a shared-state :class:`~spine.store.Database` (SQLite or PostgreSQL).
 
@@ -484,9 +508,13 @@ class DatabaseAuditStore:
     on ``spine_audit``.
     """
 
+    #: The most appends one transaction takes.
+    MAX_GROUP = 256
+
     def __init__(self, database: Database) -> None:
         self.database = database
         self.read_only = database.read_only
+        self._groups: dict[asyncio.AbstractEventLoop, _Group] = {}
 
     def __str__(self) -> str:
         return str(self.database)
@@ -496,19 +524,56 @@ class DatabaseAuditStore:
             await self.database.migrate(MIGRATIONS)
 
     async def append(self, batch: AuditBatch) -> Appended:
+        """Chain and store `batch`, in one transaction with the other runs' appends waiting
+        at the same moment (group commit): a busy worker writes the audit log in a few
+        transactions, not one per model call, each append checked on its own as before."""
         if not batch.entries:
             return Appended(new=0, entries=0, head=GENESIS_HASH)
         rows = _prepare(batch)
         await self._ready()
-        first, last = int(rows[0]["seq"]), int(rows[-1]["seq"])
-        async with self.database.transaction(lock=batch.run_id) as tx:
-            found = await tx.fetchall(
-                f"{_SELECT} WHERE run_id = ? AND seq BETWEEN ? AND ?",
-                (batch.run_id, first - 1, last),
-            )
-            new, head = _link(rows, {int(r["seq"]): r for r in found})
-            await tx.executemany(_INSERT, [tuple(row[c] for c in _COLUMNS) for row in new])
-        return Appended(new=len(new), entries=last + 1, head=head)
+        loop = asyncio.get_running_loop()
+        group = self._groups.get(loop)
+        if group is None:
+            self._groups = {k: v for k, v in self._groups.items() if not k.is_closed()}
+            group = self._groups[loop] = _Group()
+        future: asyncio.Future[Appended] = loop.create_future()
+        group.waiting.append((batch.run_id, rows, future))
+        if group.writer is None or group.writer.done():
+            group.writer = asyncio.create_task(self._write_groups(group))
+        return await future
+
+    async def _write_groups(self, group: _Group) -> None:
+        while group.waiting:
+            taken, group.waiting = group.waiting[: self.MAX_GROUP], group.waiting[self.MAX_GROUP :]
+            try:
+                outcomes = await self._write(taken)
+            except Exception as err:  # the transaction failed: nothing of it was stored
+                outcomes = [_fresh(err) for _ in taken]
+            for (_, _, future), outcome in zip(taken, outcomes, strict=True):
+                if future.done():
+                    continue  # its activity was cancelled; what was stored stays stored
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    async def _write(self, taken: list[_Waiting]) -> list[Appended | Exception]:
+        outcomes: list[Appended | Exception] = []
+        async with self.database.transaction(lock=[run_id for run_id, _, _ in taken]) as tx:
+            for run_id, rows, _ in taken:
+                first, last = int(rows[0]["seq"]), int(rows[-1]["seq"])
+                found = await tx.fetchall(
+                    f"{_SELECT} WHERE run_id = ? AND seq BETWEEN ? AND ?",
+                    (run_id, first - 1, last),
+                )
+                try:
+                    new, head = _link(rows, {int(r["seq"]): r for r in found})
+                except (AuditGap, AuditConflict) as err:  # this batch only; nothing written
+                    outcomes.append(err)
+                    continue
+                await tx.executemany(_INSERT, [tuple(row[c] for c in _COLUMNS) for row in new])
+                outcomes.append(Appended(new=len(new), entries=last + 1, head=head))
+        return outcomes
 
     async def entries(self, run_id: str) -> list[StoredEntry]:
         await self._ready()

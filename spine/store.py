@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 Params = Sequence[object]
 Dialect = Literal["sqlite", "postgresql"]
+#: What a write transaction locks: one key, several (taken in sorted order) or none.
+Lock = str | Sequence[str] | None
 
 #: The SQLite file holding transcripts, large outputs and the rest (not the audit log).
 DEFAULT_STATE_DB = "state.db"
@@ -106,8 +108,9 @@ class Database:
     def __init__(self) -> None:
         self._migrated: set[tuple[str, int]] = set()
 
-    def transaction(self, *, lock: str | None = None) -> contextlib.AbstractAsyncContextManager[Tx]:
-        """A write transaction; `lock` serialises it with others naming the same key."""
+    def transaction(self, *, lock: Lock = None) -> contextlib.AbstractAsyncContextManager[Tx]:
+        """A write transaction; `lock` (a key, or several) serialises it with others naming
+        the same key."""
         raise NotImplementedError
 
     def reading(self) -> contextlib.AbstractAsyncContextManager[Tx]:
@@ -335,7 +338,7 @@ class SQLiteDatabase(Database):
         with contextlib.suppress(StoreUnavailable):
             self._call(rollback)
 
-    def transaction(self, *, lock: str | None = None) -> contextlib.AbstractAsyncContextManager[Tx]:
+    def transaction(self, *, lock: Lock = None) -> contextlib.AbstractAsyncContextManager[Tx]:
         if self.read_only:
             raise PermissionError(f"{self} is open read-only")
         # IMMEDIATE takes the write lock before reading, so two writers (from any process)
@@ -459,19 +462,23 @@ class PostgresDatabase(Database):
             raise StoreUnavailable(f"database {self} unavailable: {_first_line(err)}") from err
 
     @contextlib.asynccontextmanager
-    async def _transaction(self, lock: str | None, read_only: bool) -> AsyncIterator[Tx]:
+    async def _transaction(self, lock: Lock, read_only: bool) -> AsyncIterator[Tx]:
+        keys = [lock] if isinstance(lock, str) else sorted(set(lock or ()))
         async with self._errors():
             pool = await self._get_pool()
             async with pool.connection() as conn, conn.transaction():
                 if read_only:
                     await conn.execute("SET TRANSACTION READ ONLY")
-                if lock is not None:
+                # Several keys are taken in one order, so two writers cannot each hold one the
+                # other waits for (two keys of one hash could still; PostgreSQL then fails one
+                # transaction as a deadlock, which is StoreUnavailable, and its caller retries).
+                for key in keys:
                     await conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (PG_LOCK_CLASS, lock)
+                        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (PG_LOCK_CLASS, key)
                     )
                 yield _PgTx(conn)
 
-    def transaction(self, *, lock: str | None = None) -> contextlib.AbstractAsyncContextManager[Tx]:
+    def transaction(self, *, lock: Lock = None) -> contextlib.AbstractAsyncContextManager[Tx]:
         if self.read_only:
             raise PermissionError(f"{self} is open read-only")
         return self._transaction(lock, False)

@@ -249,6 +249,40 @@ async def test_concurrent_different_content_cannot_fork(store: SQLiteAuditStore)
     assert len(stored) == 4 and verify(stored).ok
 
 
+async def test_many_runs_append_in_few_transactions_each_checked_alone(
+    store: SQLiteAuditStore,
+) -> None:
+    """Group commit: 120 runs appending at once share a few transactions, and within one a
+    batch that cannot be chained (a gap) or contradicts the log (a conflict) fails alone while
+    the others land and verify."""
+    entries = story()
+    await store.append(batch(entries[:3], run_id="conflicted"))
+    opened = 0
+    transaction = store.database.transaction
+
+    def counting(**kwargs: object):  # type: ignore[no-untyped-def]
+        nonlocal opened
+        opened += 1
+        return transaction(**kwargs)  # type: ignore[arg-type]
+
+    store.database.transaction = counting  # type: ignore[method-assign]
+    runs = [f"run-{i:03d}" for i in range(120)]
+    forged = entries[2].model_copy(update={"data": {"decision": "approve", "by": "mallory"}})
+    outcomes = await asyncio.gather(
+        *(store.append(batch(entries[:4], run_id=r)) for r in runs),
+        store.append(batch(entries[5:], run_id="gapped")),  # seqs 0..4 never stored
+        store.append(batch([forged], run_id="conflicted")),
+        return_exceptions=True,
+    )
+    assert all(type(o).__name__ == "Appended" for o in outcomes[:120]), outcomes[:3]
+    assert isinstance(outcomes[120], AuditGap) and isinstance(outcomes[121], AuditConflict)
+    assert 1 <= opened <= 10, f"{opened} transactions for 122 appends"
+    for run_id in (*runs[:3], runs[-1], "conflicted"):
+        stored = await store.entries(run_id)
+        assert [e.seq for e in stored] == [0, 1, 2, 3][: len(stored)] and verify(stored).ok
+    assert await store.entries("gapped") == []
+
+
 async def test_store_refuses_update_and_delete(store: SQLiteAuditStore) -> None:
     """The table's triggers refuse UPDATE and DELETE: it is append-only."""
     await store.append(batch(story()[:2]))

@@ -145,6 +145,7 @@ class AgentWorkflow:
         self.guards = RunGuards(approvals=self.approvals)
         # Armed by `resolve` once the agent and its policy slice are pinned.
         self.budget: BudgetGate | None = None
+        self.lean = False  # set by `resolve` (see calls.PATCH_LEAN)
         self.tools: ToolCalls | None = None
         self.turns: ModelTurns | None = None
 
@@ -258,8 +259,10 @@ class AgentWorkflow:
         policy slice once per chain, and arm the guards."""
         request = self.request
         assert request is not None
-        # Asked first, before any local activity of the task (see PATCH_RESOLVE_LOCALLY).
-        locally = request.carry is None and workflow.patched(calls.PATCH_RESOLVE_LOCALLY)
+        # Asked first, before any local activity of the task (see PATCH_LEAN).
+        self.lean = workflow.patched(calls.PATCH_LEAN)
+        if self.lean:
+            self.view.seed(workflow.info().typed_search_attributes)
         if request.carry is not None:
             try:
                 await admission.admit_carry()
@@ -280,7 +283,7 @@ class AgentWorkflow:
             if request.fork_from is not None:
                 self._forget(await calls.fork_state(request, principal))
             else:
-                self.state.spec = await calls.resolve_agent(request, locally=locally)
+                self.state.spec = await calls.resolve_agent(request, locally=self.lean)
             self.state.principal = principal.name
             spec = self.state.agent
             choice = request.model
@@ -351,7 +354,8 @@ class AgentWorkflow:
             models = await budget.before_call(models, ask=self.ask_to_continue, ledger=self.ledger)
             answer = await turns.take(models, offered)
             if not answer.message.tool_calls:
-                self.view.publish()
+                if not self.lean:  # `finish` publishes the outcome with the last step and cost
+                    self.view.publish()
                 output = answer.message.content or ""
                 unfinished = unfinished_problem(self.state)
                 if unfinished:  # the model's answer may claim what did not happen

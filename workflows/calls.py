@@ -44,10 +44,12 @@ Park = Callable[[str], Awaitable[object]]
 """Park the run with a reason until an operator retries (or ends it)."""
 
 
-#: Runs started on code with this marker resolve their agent locally first (see `resolve_agent`).
-#: Asked before the run's first local activity: a patch marker recorded after a local activity
-#: of the same workflow task did not replay (TMPRL1100, seen on a query that replayed the run).
-PATCH_RESOLVE_LOCALLY = "spine-resolve-agent-locally"
+#: Runs started on code with this marker take fewer round trips through the server: they resolve
+#: their agent locally first (`resolve_agent`), keep the search attributes their start carried
+#: when those are right, and do not upsert just before finishing (finishing does). Asked before
+#: the run's first local activity: a patch marker recorded after a local activity of the same
+#: workflow task did not replay (TMPRL1100, seen on a query that replayed the run).
+PATCH_LEAN = "spine-lean-run"
 
 #: How `spine.resolve_agent` is retried. A worker that does not serve the agent refuses it
 #: (`AgentNotServed`, retryable), so the task goes back to the queue for another worker: this

@@ -179,7 +179,8 @@ class BudgetLedger:
             if limit is not None and window.committed_usd + window.reserved_usd + amount > limit:
                 return self._answer(
                     False,
-                    f"{WINDOW_NAMES[key[:3]]} budget of {limit:.4f} USD for account {self._state.account!r}: "
+                    f"{WINDOW_NAMES[key[:3]]} budget of {limit:.4f} USD for account "
+                    f"{self._state.account!r}: "
                     f"committed {window.committed_usd:.4f}, reserved {window.reserved_usd:.4f}, "
                     f"this call needs {amount:.4f}",
                     day,

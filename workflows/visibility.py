@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from spine.contract import SA_ACCOUNT, SA_AGENT, SA_COST, SA_STATUS, SA_STEPS, RunStatus
 from spine.workflows.state import RunState
@@ -49,6 +49,13 @@ class Visibility:
         self._sent: dict[str, object] = {}
         self._at: datetime | None = None
         self._every: timedelta | None = None
+
+    def seed(self, current: TypedSearchAttributes) -> None:
+        """Take the run's search attributes as already sent (those its start carried, or its
+        previous run's): only what differs is upserted. What a starter set is not trusted: a
+        wrong value differs from the run's own and is overwritten at the first publish."""
+        for pair in current:
+            self._sent[pair.key.name] = pair.value
 
     def _progress_every(self) -> timedelta:
         if self._every is None:
