@@ -126,6 +126,25 @@ async def demo_approval(r: Recorder) -> RunHandle:
     return handle
 
 
+async def lean_demo(r: Recorder) -> RunHandle:
+    """The demo conversation on the `spine-lean-run` shape: the agent resolved by a local
+    activity, the start's search attributes kept, ledger operations sent as batches."""
+    request = build_demo_request("o-1009")
+    request.account = r.account("lean-demo")
+    handle = await r.start("lean-demo", request)
+    state = await wait_for_status(handle, "awaiting_approval")
+    await decide(
+        handle,
+        ApprovalDecision(
+            approval_id=state.pending_approvals[0].approval_id,
+            decision="approve",
+            by="bob",
+            role="supervisor",
+        ),
+    )
+    return handle
+
+
 async def compensation(r: Recorder) -> RunHandle:
     """A refund and an email, then a terminal model error: both are undone in reverse order."""
     script = [*_refund_turns("o-1002"), turn(text="never")]
@@ -254,6 +273,7 @@ SCENARIOS: dict[str, Callable[[Recorder], Awaitable[RunHandle]]] = {
     "large-output": large_output,
     "rollout": rollout,
     "parallel": parallel,
+    "lean-demo": lean_demo,
 }
 
 

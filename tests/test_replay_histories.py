@@ -13,6 +13,7 @@ commands are intended and no old run is in flight, regenerate the files and comm
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -40,8 +41,8 @@ def _history(path: Path, text: str | None = None) -> WorkflowHistory:
 
 def test_every_scenario_is_recorded():
     """The recorded set covers approval, compensation, parking, continue-as-new, a fork, outputs
-    stored by reference, a run that moved to a new build under worker versioning and a turn
-    whose calls ran at once."""
+    stored by reference, a run that moved to a new build under worker versioning, a turn
+    whose calls ran at once and the demo on the lean shape (`spine-lean-run`)."""
     scenarios = {p.name.split(".")[0] for p in FILES}
     assert scenarios == {
         "demo-approval",
@@ -52,8 +53,20 @@ def test_every_scenario_is_recorded():
         "large-output",
         "rollout",
         "parallel",
+        "lean-demo",
     }
     assert len([p for p in FILES if p.name.startswith("continue-as-new.")]) >= 2
+    # The current shape: a local agent resolution behind its patch marker, and no upsert of
+    # the search attributes the start carried.
+    markers = []
+    for event in json.loads((HISTORIES / "lean-demo.json").read_text())["events"]:
+        marker = event.get("markerRecordedEventAttributes")
+        if marker is not None:
+            details = marker["details"]
+            key = "patch-data" if marker["markerName"] == "core_patch" else "data"
+            markers.append(json.loads(base64.b64decode(details[key]["payloads"][0]["data"])))
+    assert {"id": "spine-lean-run", "deprecated": False} in markers
+    assert "spine.resolve_agent" in [m.get("activity_type") for m in markers]
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])

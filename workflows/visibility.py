@@ -51,9 +51,13 @@ class Visibility:
         self._every: timedelta | None = None
 
     def seed(self, current: TypedSearchAttributes) -> None:
-        """Take the run's search attributes as already sent (those its start carried, or its
-        previous run's): only what differs is upserted. What a starter set is not trusted: a
-        wrong value differs from the run's own and is overwritten at the first publish."""
+        """For a run of the lean shape (`spine.workflows.calls.PATCH_LEAN`, newer than the
+        15 s interval, so its own patch is not asked: each patch marker also upserts Temporal's
+        `TemporalChangeVersion`): take the run's search attributes as already sent (those its
+        start carried, or its previous run's), so only what differs is upserted. What a starter
+        set is not trusted: a wrong value differs from the run's own and is overwritten at the
+        first publish."""
+        self._every = PROGRESS_EVERY
         for pair in current:
             self._sent[pair.key.name] = pair.value
 
