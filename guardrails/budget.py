@@ -194,7 +194,9 @@ class BudgetGate:
         reservation = f"{self.run_id}/{self.state.step}"
         answer: LedgerAnswer | None = None
         for size in (self.block_size(estimate), estimate):
-            answer = await self._apply(ledger, reservation, size)
+            # The ledger may grant a smaller block than asked, down to this one call.
+            answer = await self._apply(ledger, reservation, size, least=estimate)
+            size = answer.granted_usd if answer.granted and answer.granted_usd else size
             self._record(
                 "budget",
                 "spine",
@@ -243,8 +245,11 @@ class BudgetGate:
             budget.to_commit[budget.block_id] = round(budget.block_spent_usd, 8)
             budget.block_id = None
 
-    def ledger_op(self, reserve_id: str | None, amount: float) -> LedgerOp:
-        """Settle what is due, and reserve `amount` as `reserve_id` (None: settle only)."""
+    def ledger_op(
+        self, reserve_id: str | None, amount: float, least: float | None = None
+    ) -> LedgerOp:
+        """Settle what is due, and reserve `amount` as `reserve_id` (None: settle only), or as
+        little as `least` when the ledger sees less headroom."""
         budget = self.state.budget
         return LedgerOp(
             run_id=self.run_id,
@@ -252,12 +257,15 @@ class BudgetGate:
             release=list(budget.to_release),
             reserve_id=reserve_id,
             reserve_usd=round(amount, 8),
+            reserve_min_usd=round(least, 8) if least is not None and least < amount else None,
             daily_limit_usd=self.rules.daily_usd,
             monthly_limit_usd=self.rules.monthly_usd,
         )
 
-    async def _apply(self, ledger: Ledger, reserve_id: str | None, amount: float) -> LedgerAnswer:
-        answer = await ledger(self.ledger_op(reserve_id, amount))
+    async def _apply(
+        self, ledger: Ledger, reserve_id: str | None, amount: float, least: float | None = None
+    ) -> LedgerAnswer:
+        answer = await ledger(self.ledger_op(reserve_id, amount, least))
         self.state.budget.to_commit.clear()
         self.state.budget.to_release.clear()
         return answer

@@ -505,6 +505,13 @@ class LedgerOp(BaseModel):
     release: list[str] = Field(default_factory=list)
     reserve_id: str | None = None
     reserve_usd: float = 0.0
+    reserve_min_usd: float | None = Field(
+        default=None,
+        description="The least this reservation may be. When `reserve_usd` does not fit, the "
+        "ledger grants a smaller block, sized to the headroom it sees now (at least this much), "
+        "instead of refusing: runs starting together size their blocks from what they last "
+        "heard, the ledger from what is true.",
+    )
     daily_limit_usd: float | None = None
     monthly_limit_usd: float | None = None
     exposure_add: dict[str, float] = Field(
@@ -542,6 +549,9 @@ class LedgerAnswer(BaseModel):
     )
     exposure: dict[str, float] = Field(
         default_factory=dict, description="The totals asked for, today, before this operation."
+    )
+    granted_usd: float | None = Field(
+        default=None, description="What the reservation holds when granted (see reserve_min_usd)."
     )
     refused: str | None = Field(
         default=None,

@@ -287,3 +287,40 @@ async def test_a_hot_account_batches_and_still_cannot_be_raced(time_skipping_env
         if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
     ]
     assert 1 <= len(updates) <= 40, f"{len(updates)} ledger updates for 201 operations"
+
+
+async def test_a_block_that_does_not_fit_is_cut_to_the_headroom(time_skipping_env, vault):
+    """A run asks for a block and allows less: where the block does not fit, the ledger grants
+    a share of what is left now (at least the one call), instead of refusing the run."""
+    from temporalio.worker import Worker
+
+    from spine.activities.budget import BudgetActivities
+    from spine.payloads import BudgetCall, LedgerOp
+
+    env = time_skipping_env
+    queue = f"ledger-{uuid.uuid4()}"
+    account = f"cut-{uuid.uuid4().hex[:6]}"
+    activities = BudgetActivities(worker_client(env.client, vault), queue)
+
+    def op(i: int, least: float | None) -> BudgetCall:
+        return BudgetCall(
+            account=account,
+            op=LedgerOp(
+                run_id=f"r{i}",
+                reserve_id=f"r{i}/1",
+                reserve_usd=1.0,
+                reserve_min_usd=least,
+                daily_limit_usd=1.5,
+            ),
+        )
+
+    async with (
+        ledger_worker(env.client, queue, keyring=worker_keyring(vault)),
+        Worker(env.client, task_queue=f"{queue}-x", activities=[activities.apply]),
+    ):
+        whole = await activities.apply(op(0, 0.1))
+        cut = await activities.apply(op(1, 0.1))
+        strict = await activities.apply(op(2, None))  # allows no less: refused as before
+    assert whole.granted and whole.granted_usd == 1.0
+    assert cut.granted and cut.granted_usd == 0.1  # 2% of the 0.5 left is below the minimum
+    assert not strict.granted and "daily budget of 1.5000 USD" in strict.reason

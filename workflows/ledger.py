@@ -44,6 +44,9 @@ MAX_OPS_PER_RUN = 2_000
 LEDGER_TASK_TIMEOUT = timedelta(seconds=30)
 KEEP_WINDOWS = timedelta(days=62)
 WINDOW_NAMES = {"day": "daily", "mon": "monthly"}
+#: A block that does not fit is cut to this share of what the account has left (as the runs'
+#: own sizing does, `spine.guardrails.budget.HEADROOM_SHARE`, but with the ledger's fresh figures).
+HEADROOM_SHARE = 0.02
 #: A reservation never settled (its run vanished) stops holding budget after this long.
 RESERVATION_TTL = timedelta(hours=1)
 #: Settled reservations are remembered this long, so a retried request gets the same answer
@@ -170,10 +173,12 @@ class BudgetLedger:
         existing = self._state.reservations.get(op.reserve_id)
         if existing is not None:
             # A retried activity asks again: same reservation, same answer.
-            return self._answer(
+            answer = self._answer(
                 True, "already reserved", existing.day, existing.month, 0.0, op, exposure
             )
-        amount = op.reserve_usd
+            answer.granted_usd = existing.amount_usd
+            return answer
+        amount = self._sized(op, day, month)
         for key, limit in ((day, op.daily_limit_usd), (month, op.monthly_limit_usd)):
             window = self._window(key)
             if limit is not None and window.committed_usd + window.reserved_usd + amount > limit:
@@ -199,7 +204,23 @@ class BudgetLedger:
         )
         self._window(day).reserved_usd += amount
         self._window(month).reserved_usd += amount
-        return self._answer(True, "", day, month, 0.0, op, exposure)
+        answer = self._answer(True, "", day, month, 0.0, op, exposure)
+        answer.granted_usd = amount
+        return answer
+
+    def _sized(self, op: LedgerOp, day: str, month: str) -> float:
+        """The block to grant: `reserve_usd` when it fits; else, for an op that allows less
+        (`reserve_min_usd`), a share of what is left now (at least the minimum)."""
+        if op.reserve_min_usd is None:
+            return op.reserve_usd
+        left = [
+            limit - self._window(key).committed_usd - self._window(key).reserved_usd
+            for key, limit in ((day, op.daily_limit_usd), (month, op.monthly_limit_usd))
+            if limit is not None
+        ]
+        if not left or op.reserve_usd <= min(left):
+            return op.reserve_usd
+        return max(op.reserve_min_usd, min(op.reserve_usd, min(left) * HEADROOM_SHARE))
 
     def _expire(self, now: datetime) -> None:
         cutoff = (now - RESERVATION_TTL).isoformat()
@@ -300,6 +321,10 @@ def ledger_problem(op: LedgerOp, state: LedgerState) -> str | None:
         return f"reservation {op.reserve_id!r} is not one of run {op.run_id!r}"
     if _bad(op.reserve_usd):
         return f"reserve_usd {op.reserve_usd!r} must be between 0 and {MAX_USD_PER_OP:g}"
+    if op.reserve_min_usd is not None and (
+        _bad(op.reserve_min_usd) or op.reserve_min_usd > op.reserve_usd
+    ):
+        return f"reserve_min_usd {op.reserve_min_usd!r} must be between 0 and reserve_usd"
     for reservation_id, actual in op.commit.items():
         if _bad(actual):
             return (
