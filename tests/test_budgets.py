@@ -289,9 +289,9 @@ async def test_a_hot_account_batches_and_still_cannot_be_raced(time_skipping_env
     assert 1 <= len(updates) <= 40, f"{len(updates)} ledger updates for 201 operations"
 
 
-async def test_a_block_that_does_not_fit_is_cut_to_the_headroom(time_skipping_env, vault):
-    """A run asks for a block and allows less: where the block does not fit, the ledger grants
-    a share of what is left now (at least the one call), instead of refusing the run."""
+async def test_blocks_are_cut_to_a_share_of_the_headroom_left_now(time_skipping_env, vault):
+    """A run asks for a block and allows less (its one call): the ledger grants at most 2% of
+    what is left now (at least that one call), so runs reserving together cannot take it all."""
     from temporalio.worker import Worker
 
     from spine.activities.budget import BudgetActivities
@@ -318,9 +318,15 @@ async def test_a_block_that_does_not_fit_is_cut_to_the_headroom(time_skipping_en
         ledger_worker(env.client, queue, keyring=worker_keyring(vault)),
         Worker(env.client, task_queue=f"{queue}-x", activities=[activities.apply]),
     ):
-        whole = await activities.apply(op(0, 0.1))
-        cut = await activities.apply(op(1, 0.1))
-        strict = await activities.apply(op(2, None))  # allows no less: refused as before
+        whole = await activities.apply(op(0, None))  # allows no less: all of it, as before
+        cut = await activities.apply(op(1, 0.001))
+        least = await activities.apply(op(2, 0.1))
+        strict = await activities.apply(op(3, None))  # allows no less: refused as before
+        # Fifty runs asking at once each take 2% of what is left: never the whole rest.
+        burst = await asyncio.gather(*(activities.apply(op(10 + i, 0.0001)) for i in range(50)))
     assert whole.granted and whole.granted_usd == 1.0
-    assert cut.granted and cut.granted_usd == 0.1  # 2% of the 0.5 left is below the minimum
+    assert cut.granted and cut.granted_usd == 0.01  # 2% of the 0.5 left
+    assert least.granted and least.granted_usd == 0.1  # 2% of 0.49 is below its minimum
     assert not strict.granted and "daily budget of 1.5000 USD" in strict.reason
+    assert all(a.granted for a in burst)
+    assert sum(a.granted_usd or 0 for a in burst) < 0.39 * 0.65  # 1 - 0.98**50 of the 0.39 left

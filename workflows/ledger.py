@@ -209,8 +209,9 @@ class BudgetLedger:
         return answer
 
     def _sized(self, op: LedgerOp, day: str, month: str) -> float:
-        """The block to grant: `reserve_usd` when it fits; else, for an op that allows less
-        (`reserve_min_usd`), a share of what is left now (at least the minimum)."""
+        """The block to grant: for an op that allows less (`reserve_min_usd`), at most a share
+        of what is left now (at least the minimum), as the run sized it from what it last
+        heard; so runs reserving at once take a shrinking share each and never the whole rest."""
         if op.reserve_min_usd is None:
             return op.reserve_usd
         left = [
@@ -218,9 +219,10 @@ class BudgetLedger:
             for key, limit in ((day, op.daily_limit_usd), (month, op.monthly_limit_usd))
             if limit is not None
         ]
-        if not left or op.reserve_usd <= min(left):
+        if not left:
             return op.reserve_usd
-        return max(op.reserve_min_usd, min(op.reserve_usd, min(left) * HEADROOM_SHARE))
+        share = max(min(left), 0.0) * HEADROOM_SHARE
+        return max(op.reserve_min_usd, min(op.reserve_usd, share))
 
     def _expire(self, now: datetime) -> None:
         cutoff = (now - RESERVATION_TTL).isoformat()
