@@ -194,8 +194,10 @@ class BudgetGate:
         reservation = f"{self.run_id}/{self.state.step}"
         answer: LedgerAnswer | None = None
         for size in (self.block_size(estimate), estimate):
-            # The ledger may grant a smaller block than asked, down to this one call.
-            answer = await self._apply(ledger, reservation, size, least=estimate)
+            # The ledger may cut the block to its share of what is left now, down to the floor
+            # (a few calls); when not even that fits, the next try is just this call.
+            least = min(size, self.block_floor(estimate))
+            answer = await self._apply(ledger, reservation, size, least=least)
             size = answer.granted_usd if answer.granted and answer.granted_usd else size
             self._record(
                 "budget",
@@ -232,11 +234,15 @@ class BudgetGate:
         if limits and estimate > 0:
             headroom = min(limits) * max(1.0 - self.state.budget.ledger_fraction, 0.0)
             calls = min(calls, headroom * HEADROOM_SHARE / estimate)
-        calls = max(calls, float(min(BLOCK_CALLS, remaining)))
-        size = estimate * calls
+        size = max(estimate * calls, self.block_floor(estimate))
         if self.max_usd is not None:
             size = min(size, max(self.max_usd - self.state.usage.usd, estimate))
         return max(size, estimate)
+
+    def block_floor(self, estimate: float) -> float:
+        """The smallest block worth reserving: :data:`BLOCK_CALLS` calls (or the calls left)."""
+        remaining = max(self.max_steps - self.state.step + 1, 1)
+        return estimate * min(BLOCK_CALLS, remaining)
 
     def _close_block(self) -> None:
         """What the open block really cost is committed with the next ledger call."""
