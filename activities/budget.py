@@ -238,5 +238,5 @@ class LedgerBatcher:
 
 def _copy(err: Exception) -> Exception:
     if isinstance(err, SpineError):
-        return type(err)(str(err))
+        return err.copy()
     return DependencyUnavailable(f"budget ledger did not answer: {type(err).__name__}: {err}")

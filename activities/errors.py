@@ -45,6 +45,14 @@ class SpineError(Exception):
         self.message = message
         self.retry_after = retry_after
 
+    def copy(self) -> SpineError:
+        """The same error as a new object, for each of several waiters (one exception raised in
+        many tasks would collect all their tracebacks)."""
+        try:
+            return type(self)(self.message, retry_after=self.retry_after)
+        except TypeError:  # a subclass with a constructor of its own
+            return self
+
     def to_application_error(self) -> ApplicationError:
         """The Temporal form: type is the class name, retryability from the taxonomy."""
         return ApplicationError(

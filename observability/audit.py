@@ -487,17 +487,6 @@ class _Group:
     writer: asyncio.Task[None] | None = None
 
 
-def _fresh(err: Exception) -> Exception:
-    """An error of its own for each waiting append (one exception raised in many tasks would
-    collect all their tracebacks)."""
-    if isinstance(err, SpineError):
-        try:
-            return type(err)(err.message)
-        except TypeError:  # a subclass with a constructor of its own
-            return err
-    return err
-
-
 class DatabaseAuditStore:
     """The audit log in a shared-state :class:`~spine.store.Database` (SQLite or PostgreSQL).
 
@@ -548,7 +537,7 @@ class DatabaseAuditStore:
             try:
                 outcomes = await self._write(taken)
             except Exception as err:  # the transaction failed: nothing of it was stored
-                outcomes = [_fresh(err) for _ in taken]
+                outcomes = [err.copy() if isinstance(err, SpineError) else err for _ in taken]
             for (_, _, future), outcome in zip(taken, outcomes, strict=True):
                 if future.done():
                     continue  # its activity was cancelled; what was stored stays stored

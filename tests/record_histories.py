@@ -110,9 +110,8 @@ def _refund_turns(order: str) -> list[ScriptTurn]:
     ]
 
 
-async def demo_approval(r: Recorder) -> RunHandle:
-    """The demo conversation: lookup, a refund a supervisor approves, email, ticket, answer."""
-    handle = await r.start("demo-approval", build_demo_request("o-1001"))
+async def _approve_first(handle: RunHandle) -> RunHandle:
+    """Wait for the run's first approval and approve it as bob (a supervisor)."""
     state = await wait_for_status(handle, "awaiting_approval")
     await decide(
         handle,
@@ -124,6 +123,12 @@ async def demo_approval(r: Recorder) -> RunHandle:
         ),
     )
     return handle
+
+
+async def demo_approval(r: Recorder) -> RunHandle:
+    """The demo conversation: lookup, a refund a supervisor approves, email, ticket, answer."""
+    handle = await r.start("demo-approval", build_demo_request("o-1001"))
+    return await _approve_first(handle)
 
 
 async def lean_demo(r: Recorder) -> RunHandle:
@@ -132,17 +137,7 @@ async def lean_demo(r: Recorder) -> RunHandle:
     request = build_demo_request("o-1009")
     request.account = r.account("lean-demo")
     handle = await r.start("lean-demo", request)
-    state = await wait_for_status(handle, "awaiting_approval")
-    await decide(
-        handle,
-        ApprovalDecision(
-            approval_id=state.pending_approvals[0].approval_id,
-            decision="approve",
-            by="bob",
-            role="supervisor",
-        ),
-    )
-    return handle
+    return await _approve_first(handle)
 
 
 async def compensation(r: Recorder) -> RunHandle:
