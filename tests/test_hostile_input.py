@@ -151,6 +151,37 @@ async def test_an_oversized_or_garbled_decision_is_refused_and_the_run_goes_on(
     assert result.status == "completed"
 
 
+async def test_search_attributes_a_starter_sets_are_overwritten_with_the_truth(
+    client, make_worker, task_queue, monkeypatch
+):
+    """A run takes the search attributes its start carried as already sent (one upsert fewer),
+    but a starter who lies in them (another agent, account, status, step count) is corrected at
+    the run's first publish: lists and the Web UI show what the run is, not what was typed."""
+    from temporalio.common import SearchAttributePair, TypedSearchAttributes
+
+    from spine.client import runs
+    from spine.contract import SA_ACCOUNT, SA_AGENT, SA_STATUS, SA_STEPS
+
+    forged = TypedSearchAttributes(
+        [
+            SearchAttributePair(SA_AGENT, "payments-admin"),
+            SearchAttributePair(SA_ACCOUNT, "someone-else"),
+            SearchAttributePair(SA_STATUS, "completed"),
+            SearchAttributePair(SA_STEPS, 999),
+        ]
+    )
+    monkeypatch.setattr(runs, "_search_attributes", lambda request: forged)
+    request = scripted_request([turn(text="hi")])
+    async with make_worker():
+        handle = await start_run(client, request, task_queue=task_queue)
+        assert (await wait_result(handle)).status == "completed"
+    shown = (await handle.describe()).typed_search_attributes
+    assert shown.get(SA_AGENT) == request.agent
+    assert shown.get(SA_ACCOUNT) == request.account
+    assert shown.get(SA_STATUS) == "completed"
+    assert shown.get(SA_STEPS) == 1
+
+
 async def test_an_unknown_role_starts_nothing(client, make_worker, task_queue):
     """A role the policy never heard of is refused (it used to start and 'complete')."""
     request = scripted_request([turn(text="hi")], role="wizard", user="alice")
@@ -190,11 +221,20 @@ async def test_only_workers_operate_budget_ledgers(
             )
         except Exception as err:  # noqa: BLE001
             refused.append(str(getattr(err, "cause", err)))
+        # A minimum below zero or above the amount asked is refused like any bad amount.
+        bad_min = LedgerOp(
+            run_id="fine", reserve_id="fine/2", reserve_usd=0.01, reserve_min_usd=-5.0
+        )
+        over_min = LedgerOp(
+            run_id="fine", reserve_id="fine/3", reserve_usd=0.01, reserve_min_usd=0.5
+        )
         batch = (
             await worker_client(client, vault)
             .get_workflow_handle(ledger)
             .execute_update(
-                "apply_batch", LedgerBatch(ops=[bad, good]), result_type=LedgerBatchAnswer
+                "apply_batch",
+                LedgerBatch(ops=[bad, good, bad_min, over_min]),
+                result_type=LedgerBatchAnswer,
             )
         )
         view = await client.get_workflow_handle(ledger).query("show", result_type=BudgetView)
@@ -204,6 +244,8 @@ async def test_only_workers_operate_budget_ledgers(
     assert "reserve_usd -1000.0 must be between 0 and" in (batch.answers[0].refused or "")
     assert not batch.answers[0].granted
     assert batch.answers[1].granted and batch.answers[1].refused is None
+    for answer in batch.answers[2:]:
+        assert not answer.granted and "reserve_min_usd" in (answer.refused or "")
     assert view.open_reservations == 1  # the good one, and only from the worker's batch
     assert all(w.committed_usd >= 0 and w.reserved_usd >= 0 for w in view.windows)
 
