@@ -49,6 +49,8 @@ async def test_rate_limited_tools_are_spaced_by_the_server(
     assert queues == {f"{task_queue}--rl-demo-service"}
     tool_starts = sorted(started)
     assert len(tool_starts) == 8
-    # At 2 per second eight starts need about 3.5 s whatever the machine's speed.
+    # At 2 per second eight starts need about 3.5 s; the server's limiter lets a small burst
+    # through at once (runs that start together, as they now do with the agent resolved
+    # locally, measured 2.4 s), and unlimited they all start within a fraction of a second.
     spread = (tool_starts[-1] - tool_starts[0]).total_seconds()
-    assert spread >= 2.5, spread
+    assert spread >= 2.0, spread
