@@ -18,13 +18,21 @@ each (regular activity path) start at once and the wall time to finish them all 
 in `--concurrent-rounds` rounds that alternate which arm goes first (the figure is the median:
 on a shared two-core machine one round of either arm varies by 20%).
 
+The concurrent arms run twice per round. First the Temporal server shares every core with
+the workers, as on a laptop. Then the server has half of the cores to itself, and the workers
+and the services they call (the demo service, OpenBao) have the other half. That is how a
+platform team deploys: workers on their own hosts beside a Temporal cluster. On shared cores,
+Spine's extra worker CPU (guards, audit, transcripts, tracing) takes CPU from the server, and
+so lowers the server's throughput. On separate cores it only costs the workers' own hosts.
+
     python -m bench.overhead [--quick] [--steps 40] [--rounds 3] [--concurrent 200]
-        [--concurrent-rounds 3] [--out F]
+        [--concurrent-rounds 3] [--shared-cores-only] [--out F]
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import tempfile
@@ -43,6 +51,7 @@ from bench.common import (
     bench_policy,
     bench_stack,
     parser,
+    separate_cores,
     server_pids,
     spine_request,
     write_results,
@@ -66,6 +75,12 @@ from tests.helpers import call, turn
 SPINE_QUEUE = "bench-spine"
 PG3_QUEUE = "bench-spine-pg3"
 BARE_QUEUE = "bench-bare"
+#: Where the concurrent arms run: the server sharing every CPU with the workers, or on half of
+#: them with the workers (and the services they call) on the other half, as on separate hosts.
+TOPOLOGY = {
+    "shared": "server and workers share every core",
+    "separate": "server on its own cores, as on separate hosts",
+}
 #: The policy's `demo-service` rate limit, given to the bare loop's rate-limited queue too.
 RATE = 50.0
 
@@ -231,6 +246,7 @@ async def main(
     pg3: bool = True,
     no_tracing: bool = False,
     conc_rounds: int = 1,
+    separate: bool = True,
 ):
     tmp = Path(tempfile.mkdtemp(prefix="spine-bench-overhead-"))
     policy = bench_policy(tmp, bench_agent={"max_steps": max(steps, conc_steps) + 5})
@@ -296,41 +312,62 @@ async def main(
                     for p in paths
                 ]
                 print(f"round {r + 1}/{rounds} (spine/bare ms): {', '.join(last)}", flush=True)
-            conc: dict[str, dict[str, float]] = {}
             meter = CpuMeter({"worker": [os.getpid()], "server": server_pids(stack.server.port)})
             total_steps = concurrent * (conc_steps + 1)
-            rounds_of: dict[str, list[dict[str, float]]] = {"spine": [], "bare": []}
+            topologies = ("shared", "separate") if separate else ("shared",)
+            rounds_of: dict[str, dict[str, list[dict[str, float]]]] = {
+                t: {"spine": [], "bare": []} for t in topologies
+            }
             for r in range(conc_rounds):
-                # Alternate which arm goes first; the figures are medians over the rounds.
-                for arm in ("spine", "bare") if r % 2 == 0 else ("bare", "spine"):
-                    meter.start()
-                    wall, run_median = await concurrently(
-                        lambda arm=arm: getattr(arms, arm)("activity", conc_steps), concurrent
+                for topology in topologies:
+                    pinned = (
+                        separate_cores(
+                            server_pids(stack.server.port),
+                            [os.getpid(), stack.service.process.pid, stack.vault.process.pid],
+                        )
+                        if topology == "separate"
+                        else contextlib.nullcontext()
                     )
-                    used = meter.stop()
-                    rounds_of[arm].append(
-                        {
-                            "wall_s": wall,
-                            "run_median_s": run_median,
-                            "worker_cpu_ms_per_step": used["worker"] * 1000 / total_steps,
-                            "server_cpu_ms_per_step": used["server"] * 1000 / total_steps,
-                        }
-                    )
-                    print(
-                        f"round {r + 1}/{conc_rounds}: {concurrent} concurrent {arm} runs: "
-                        f"{wall:.1f} s; CPU per step: worker "
-                        f"{rounds_of[arm][-1]['worker_cpu_ms_per_step']:.1f} ms, server "
-                        f"{rounds_of[arm][-1]['server_cpu_ms_per_step']:.1f} ms",
-                        flush=True,
-                    )
-            for arm, found in rounds_of.items():
-                conc[arm] = {k: statistics.median(f[k] for f in found) for k in found[0]}
-            ratios = [
-                s["wall_s"] / b["wall_s"]
-                for s, b in zip(rounds_of["spine"], rounds_of["bare"], strict=True)
-            ]
+                    with pinned:
+                        # Alternate which arm goes first; the figures are medians over rounds.
+                        for arm in ("spine", "bare") if r % 2 == 0 else ("bare", "spine"):
+                            meter.start()
+                            wall, run_median = await concurrently(
+                                lambda arm=arm: getattr(arms, arm)("activity", conc_steps),
+                                concurrent,
+                            )
+                            used = meter.stop()
+                            found = {
+                                "wall_s": wall,
+                                "run_median_s": run_median,
+                                "worker_cpu_ms_per_step": used["worker"] * 1000 / total_steps,
+                                "server_cpu_ms_per_step": used["server"] * 1000 / total_steps,
+                            }
+                            rounds_of[topology][arm].append(found)
+                            print(
+                                f"round {r + 1}/{conc_rounds} ({topology} cores): {concurrent} "
+                                f"concurrent {arm} runs: {wall:.1f} s; CPU per step: worker "
+                                f"{found['worker_cpu_ms_per_step']:.1f} ms, server "
+                                f"{found['server_cpu_ms_per_step']:.1f} ms",
+                                flush=True,
+                            )
+            conc = {
+                topology: {
+                    arm: {k: statistics.median(f[k] for f in found) for k in found[0]}
+                    for arm, found in by_arm.items()
+                }
+                for topology, by_arm in rounds_of.items()
+            }
+            ratios = {
+                topology: [
+                    s["wall_s"] / b["wall_s"]
+                    for s, b in zip(by_arm["spine"], by_arm["bare"], strict=True)
+                ]
+                for topology, by_arm in rounds_of.items()
+            }
+            pg3_found = None
             if pg3:
-                conc["spine_pg3"] = await three_workers_on_postgres(
+                pg3_found = await three_workers_on_postgres(
                     stack, arms, policy, concurrent, conc_steps, tmp
                 )
     telemetry.shutdown()
@@ -352,38 +389,44 @@ async def main(
             f"  {path:<13} spine {s * 1000:6.1f} ms   bare {b * 1000:6.1f} ms   ratio {s / b:.2f}"
         )
     total = concurrent * (conc_steps + 1)
-    s_wall, b_wall = conc["spine"]["wall_s"], conc["bare"]["wall_s"]
     print(
         f"{concurrent} concurrent runs of {conc_steps + 1} steps (regular activity path), "
         f"median of {conc_rounds} rounds"
     )
-    print(
-        f"  spine {s_wall:.1f} s ({total / s_wall:.1f} steps/s)   "
-        f"bare {b_wall:.1f} s ({total / b_wall:.1f} steps/s)   ratio {s_wall / b_wall:.2f}   "
-        f"(each round: {', '.join(f'{r:.2f}' for r in ratios)})"
-    )
-    results["concurrent"] = {
-        "runs": concurrent,
-        "steps_per_run": conc_steps + 1,
-        "spine_wall_s": round(s_wall, 2),
-        "bare_wall_s": round(b_wall, 2),
-        "spine_steps_per_s": round(total / s_wall, 1),
-        "bare_steps_per_s": round(total / b_wall, 1),
-        "spine_run_median_s": round(conc["spine"]["run_median_s"], 2),
-        "bare_run_median_s": round(conc["bare"]["run_median_s"], 2),
-        "ratio": round(s_wall / b_wall, 3),
-        "rounds": conc_rounds,
-        "round_ratios": [round(r, 3) for r in ratios],
-        "cpu_ms_per_step": {
-            arm: {
-                "worker": round(conc[arm]["worker_cpu_ms_per_step"], 2),
-                "server": round(conc[arm]["server_cpu_ms_per_step"], 2),
-            }
-            for arm in ("spine", "bare")
-        },
-    }
-    if "spine_pg3" in conc:
-        pg = conc["spine_pg3"]
+    for topology, key in (("shared", "concurrent"), ("separate", "concurrent_separate_cores")):
+        if topology not in conc:
+            continue
+        spine, bare = conc[topology]["spine"], conc[topology]["bare"]
+        s_wall, b_wall = spine["wall_s"], bare["wall_s"]
+        print(
+            f"  {TOPOLOGY[topology]}: spine {s_wall:.1f} s ({total / s_wall:.1f} steps/s)   "
+            f"bare {b_wall:.1f} s ({total / b_wall:.1f} steps/s)   ratio {s_wall / b_wall:.2f}"
+            f"   (each round: {', '.join(f'{r:.2f}' for r in ratios[topology])})"
+        )
+        results[key] = {
+            "topology": TOPOLOGY[topology],
+            "runs": concurrent,
+            "steps_per_run": conc_steps + 1,
+            "spine_wall_s": round(s_wall, 2),
+            "bare_wall_s": round(b_wall, 2),
+            "spine_steps_per_s": round(total / s_wall, 1),
+            "bare_steps_per_s": round(total / b_wall, 1),
+            "spine_run_median_s": round(spine["run_median_s"], 2),
+            "bare_run_median_s": round(bare["run_median_s"], 2),
+            "ratio": round(s_wall / b_wall, 3),
+            "rounds": conc_rounds,
+            "round_ratios": [round(r, 3) for r in ratios[topology]],
+            "cpu_ms_per_step": {
+                arm: {
+                    "worker": round(conc[topology][arm]["worker_cpu_ms_per_step"], 2),
+                    "server": round(conc[topology][arm]["server_cpu_ms_per_step"], 2),
+                }
+                for arm in ("spine", "bare")
+            },
+        }
+    b_wall = conc["shared"]["bare"]["wall_s"]
+    if pg3_found is not None:
+        pg = pg3_found
         print(
             f"  spine over 3 worker processes sharing PostgreSQL {pg['wall_s']:.1f} s "
             f"({total / pg['wall_s']:.1f} steps/s)   ratio to bare {pg['wall_s'] / b_wall:.2f}"
@@ -417,6 +460,11 @@ if __name__ == "__main__":
         "--no-pg3", action="store_true", help="skip the arm over three workers sharing PostgreSQL"
     )
     p.add_argument(
+        "--shared-cores-only",
+        action="store_true",
+        help="skip the concurrent arms with the server on its own cores",
+    )
+    p.add_argument(
         "--no-tracing", action="store_true", help="diagnostic: what tracing costs (not a figure)"
     )
     args = p.parse_args()
@@ -431,5 +479,6 @@ if __name__ == "__main__":
             not args.no_pg3,
             args.no_tracing,
             args.concurrent_rounds or (1 if args.quick else 3),
+            not args.shared_cores_only and len(os.sched_getaffinity(0)) >= 2,
         )
     )

@@ -269,10 +269,18 @@ def markdown(results: Path) -> str:
             )
         c = overhead["concurrent"]
         lines += [
-            f"| {c['runs']} concurrent runs of {c['steps_per_run']} steps (throughput) "
+            f"| {c['runs']} concurrent runs of {c['steps_per_run']} steps (throughput), "
+            f"{c.get('topology', 'server and workers share every core')} "
             f"| {c['spine_steps_per_s']:.1f} steps/s | {c['bare_steps_per_s']:.1f} steps/s "
             f"| {c['ratio']:.2f} |",
         ]
+        separate = overhead.get("concurrent_separate_cores")
+        if separate:
+            lines.append(
+                f"| the same, {separate['topology']} "
+                f"| {separate['spine_steps_per_s']:.1f} steps/s "
+                f"| {separate['bare_steps_per_s']:.1f} steps/s | {separate['ratio']:.2f} |"
+            )
         pg = overhead.get("concurrent_pg3")
         if pg:
             lines.append(
@@ -280,14 +288,16 @@ def markdown(results: Path) -> str:
                 f"| {pg['steps_per_s']:.1f} steps/s | {c['bare_steps_per_s']:.1f} steps/s "
                 f"| {pg['ratio_to_bare']:.2f} |"
             )
-        cpu = c.get("cpu_ms_per_step")
-        if cpu:
-            lines += [
-                "",
-                f"CPU per step in the concurrent arm (from /proc): worker "
-                f"{cpu['spine']['worker']:.1f} ms (bare {cpu['bare']['worker']:.1f} ms), Temporal "
-                f"server {cpu['spine']['server']:.1f} ms (bare {cpu['bare']['server']:.1f} ms).",
-            ]
+        for arm in (c, separate or {}):
+            cpu = arm.get("cpu_ms_per_step")
+            if cpu:
+                lines += [
+                    "",
+                    f"CPU per step in the concurrent arm ({arm.get('topology', 'shared cores')}; "
+                    f"from /proc): worker {cpu['spine']['worker']:.1f} ms (bare "
+                    f"{cpu['bare']['worker']:.1f} ms), Temporal server "
+                    f"{cpu['spine']['server']:.1f} ms (bare {cpu['bare']['server']:.1f} ms).",
+                ]
         lines.append("")
     recovery = _load(results, "recovery")
     if recovery:
