@@ -66,6 +66,7 @@ class BudgetLedger:
         self._state = state
         self._updates = 0
         self._ops = 0
+        self._expired_at: datetime | None = None
 
     @workflow.run
     async def run(self, state: LedgerState) -> None:
@@ -225,6 +226,13 @@ class BudgetLedger:
         return max(op.reserve_min_usd, min(op.reserve_usd, share))
 
     def _expire(self, now: datetime) -> None:
+        """Release the reservations older than the TTL. Once per moment: a workflow task has one
+        `workflow.now()`, and what a batch reserves in it is newer than the cutoff, so scanning
+        again for the batch's next operation would find nothing (and a busy account's ledger
+        holds thousands of settled reservations)."""
+        if now == self._expired_at:
+            return
+        self._expired_at = now
         cutoff = (now - RESERVATION_TTL).isoformat()
         for reservation in list(self._state.reservations.values()):
             if reservation.state == "reserved" and reservation.reserved_at < cutoff:
