@@ -330,3 +330,62 @@ async def test_blocks_are_cut_to_a_share_of_the_headroom_left_now(time_skipping_
     assert not strict.granted and "daily budget of 1.5000 USD" in strict.reason
     assert all(a.granted for a in burst)
     assert sum(a.granted_usd or 0 for a in burst) < 0.39 * 0.65  # 1 - 0.98**50 of the 0.39 left
+
+
+def test_a_busy_accounts_ledger_carries_a_bounded_state():
+    """A continue-as-new carries every open reservation, the released ones it must still
+    count, and of the committed ones only the newest `MAX_COMMITTED_KEPT`: an account reserving
+    thousands of blocks an hour would otherwise carry past Temporal's 2 MB payload limit."""
+    from spine.payloads import LedgerState, Reservation
+    from workflows.ledger import MAX_COMMITTED_KEPT, kept_reservations
+
+    def reservation(i: int, state: str, at: str) -> Reservation:
+        return Reservation(
+            reservation_id=f"run-{i}/1",
+            run_id=f"run-{i}",
+            amount_usd=0.004,
+            day="day:2026-11-29",
+            month="mon:2026-11",
+            state=state,  # type: ignore[arg-type]
+            actual_usd=0.003 if state == "committed" else 0.0,
+            reserved_at=at,
+        )
+
+    busy = MAX_COMMITTED_KEPT + 500
+    # Committed within the hour, newest last; an old one; open ones; a released one (expired
+    # while its run waited: a late commit must still count).
+    reservations = {
+        r.reservation_id: r
+        for r in [
+            reservation(-1, "committed", "2026-11-29T08:00:00"),
+            *(
+                reservation(i, "committed", f"2026-11-29T10:{i * 60 // busy:02d}:{i % 60:02d}")
+                for i in range(busy)
+            ),
+            reservation(busy, "reserved", "2026-11-29T09:00:00"),
+            reservation(busy + 1, "reserved", "2026-11-29T10:59:59"),
+            reservation(busy + 2, "released", "2026-11-29T09:30:00"),
+        ]
+    }
+    keep_after = {
+        "reserved": "",
+        "committed": "2026-11-29T10:00:00",
+        "released": "2026-11-28T11:00:00",
+    }
+    kept = kept_reservations(reservations, keep_after)
+    committed = [r for r in kept.values() if r.state == "committed"]
+    assert len(committed) == MAX_COMMITTED_KEPT
+    newest = sorted(
+        (r for r in reservations.values() if r.state == "committed"),
+        key=lambda r: (r.reserved_at, r.reservation_id),
+    )[-MAX_COMMITTED_KEPT:]
+    assert {r.reservation_id for r in committed} == {r.reservation_id for r in newest}
+    assert {f"run-{busy}/1", f"run-{busy + 1}/1", f"run-{busy + 2}/1"} <= set(kept)
+    assert "run--1/1" not in kept  # older than the hour
+    carried = LedgerState(account="acme", reservations=kept).model_dump_json()
+    assert len(carried) < 1_000_000, len(carried)
+    # A quiet account keeps everything the time rules keep, as before.
+    quiet = dict(list(reservations.items())[:10])
+    assert kept_reservations(quiet, keep_after) == {
+        k: r for k, r in quiet.items() if k != "run--1/1"
+    }

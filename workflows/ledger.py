@@ -53,6 +53,12 @@ RESERVATION_TTL = timedelta(hours=1)
 #: (committed) or a late commit still counts (released); then only the window totals remain.
 KEEP_COMMITTED = RESERVATION_TTL
 KEEP_RELEASED = timedelta(days=1)
+#: At most this many committed reservations (the newest) ride along a continue-as-new, however
+#: busy the account: about 0.4 KB each, so the carried state stays far below Temporal's 2 MB
+#: payload limit (an account reserving 5,000 blocks an hour would pass it otherwise, and its
+#: ledger could not continue). A retry of an older one is harmless: its spend is in the window
+#: totals, a repeated commit of an unknown reservation changes nothing.
+MAX_COMMITTED_KEPT = 2_000
 
 
 # Auto-upgrade under worker versioning (the ledger worker's default behaviour, see
@@ -93,11 +99,7 @@ class BudgetLedger:
             "committed": (now - KEEP_COMMITTED).isoformat(),
             "released": (now - KEEP_RELEASED).isoformat(),
         }
-        self._state.reservations = {
-            k: r
-            for k, r in self._state.reservations.items()
-            if r.reserved_at >= keep_after.get(r.state, "")
-        }
+        self._state.reservations = kept_reservations(self._state.reservations, keep_after)
         self._state.windows = {
             k: w for k, w in self._state.windows.items() if k[4:] >= oldest[: len(k) - 4]
         }
@@ -353,3 +355,17 @@ def ledger_problem(op: LedgerOp, state: LedgerState) -> str | None:
     if len(op.exposure_query) > 100 or len(op.commit) + len(op.release) > 1000:
         return "too many keys in one operation"
     return None
+
+
+def kept_reservations(
+    reservations: dict[str, Reservation], keep_after: dict[str, str]
+) -> dict[str, Reservation]:
+    """The reservations a continue-as-new carries: every open one, settled ones newer than
+    `keep_after` (by state), and of the committed ones at most `MAX_COMMITTED_KEPT`, the newest."""
+    kept = {k: r for k, r in reservations.items() if r.reserved_at >= keep_after.get(r.state, "")}
+    committed = [k for k, r in kept.items() if r.state == "committed"]
+    if len(committed) <= MAX_COMMITTED_KEPT:
+        return kept
+    newest = sorted(committed, key=lambda k: (kept[k].reserved_at, k))[-MAX_COMMITTED_KEPT:]
+    dropped = set(committed) - set(newest)
+    return {k: r for k, r in kept.items() if k not in dropped}
