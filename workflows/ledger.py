@@ -56,8 +56,8 @@ KEEP_RELEASED = timedelta(days=1)
 #: At most this many committed reservations (the newest) ride along a continue-as-new, however
 #: busy the account: about 0.4 KB each, so the carried state stays far below Temporal's 2 MB
 #: payload limit (an account reserving 5,000 blocks an hour would pass it otherwise, and its
-#: ledger could not continue). A retry of an older one is harmless: its spend is in the window
-#: totals, a repeated commit of an unknown reservation changes nothing.
+#: ledger could not continue). A repeated commit of an older one is ignored, as for any unknown
+#: reservation; its spend is already in the window totals.
 MAX_COMMITTED_KEPT = 2_000
 
 
