@@ -194,18 +194,17 @@ def pin_processes(pids: Iterable[int], cpus: set[int]) -> None:
 
 
 @contextlib.contextmanager
-def separate_cores(server: list[int], rest: list[int]) -> Iterator[tuple[set[int], set[int]]]:
+def separate_cores(server: list[int], rest: list[int]) -> Iterator[None]:
     """Run the Temporal server on one half of this machine's CPUs and `rest` (the workers and
     the services they call) on the other half, as on separate hosts; all CPUs again after."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise RuntimeError("separate cores need at least two CPUs")
     half = len(cpus) // 2
-    server_cpus, rest_cpus = set(cpus[:half]), set(cpus[half:])
-    pin_processes(server, server_cpus)
-    pin_processes(rest, rest_cpus)
+    pin_processes(server, set(cpus[:half]))
+    pin_processes(rest, set(cpus[half:]))
     try:
-        yield server_cpus, rest_cpus
+        yield
     finally:
         pin_processes([*server, *rest], set(cpus))
 

@@ -228,8 +228,7 @@ class BudgetGate:
         A quiet account's run reserves once for its whole length; near the account's limit the
         blocks shrink, and a denied block falls back to one call (see `_reserve`).
         """
-        remaining = max(self.max_steps - self.state.step + 1, 1)
-        calls = float(min(remaining, BLOCK_MAX_CALLS))
+        calls = float(min(self._calls_left(), BLOCK_MAX_CALLS))
         limits = [x for x in (self.rules.daily_usd, self.rules.monthly_usd) if x is not None]
         if limits and estimate > 0:
             headroom = min(limits) * max(1.0 - self.state.budget.ledger_fraction, 0.0)
@@ -241,8 +240,11 @@ class BudgetGate:
 
     def block_floor(self, estimate: float) -> float:
         """The smallest block worth reserving: :data:`BLOCK_CALLS` calls (or the calls left)."""
-        remaining = max(self.max_steps - self.state.step + 1, 1)
-        return estimate * min(BLOCK_CALLS, remaining)
+        return estimate * min(BLOCK_CALLS, self._calls_left())
+
+    def _calls_left(self) -> int:
+        """Model calls this run may still make (this one included)."""
+        return max(self.max_steps - self.state.step + 1, 1)
 
     def _close_block(self) -> None:
         """What the open block really cost is committed with the next ledger call."""
