@@ -31,16 +31,19 @@ by ``LISTEN``/``NOTIFY``). :func:`stream_store_from_env` picks one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger("spine.streams")
+
+T = TypeVar("T")
 
 JsonObject = dict[str, object]
 
@@ -153,75 +158,111 @@ class SQLiteStreamStore:
     """Streams in a SQLite file: one host; readers in other processes poll the file.
 
     Readers in the same process are woken at once by appends; others look every `poll_s`.
+    The store keeps one connection, used from one thread of its own (opening a connection per
+    batch, and an fsync per commit, cost a worker more CPU than the rest of a step's
+    streaming). Commits are not synced (``synchronous=NORMAL`` in WAL mode): a stream is best
+    effort, the audit log is the record; a worker that crashes keeps what it committed.
     """
 
     def __init__(self, path: Path | str, *, poll_s: float = 0.05) -> None:
         self.path = Path(path)
         self.poll_s = poll_s
-        self._ready = False
-        self._appended: dict[str, int] = {}
+        self._db: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._guard = threading.Lock()
+        self._appends = 0  # appends by this process: wakes its readers at once
 
     def __str__(self) -> str:
         return f"sqlite:///{self.path}"
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        if not self._ready:
+    def _connection(self) -> sqlite3.Connection:
+        """The store's connection (only ever used from the store's thread)."""
+        if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(_SQLITE_SCHEMA)
-            cutoff = (datetime.now(UTC) - RETENTION).isoformat()
-            conn.execute("DELETE FROM spine_stream WHERE at < ?", (cutoff,))
-            self._ready = True
-        return conn
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            try:
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = NORMAL")
+                db.executescript(_SQLITE_SCHEMA)
+                cutoff = (datetime.now(UTC) - RETENTION).isoformat()
+                db.execute("DELETE FROM spine_stream WHERE at < ?", (cutoff,))
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+        return self._db
 
-    def _append(self, events: Sequence[NewEvent]) -> None:
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                "INSERT OR IGNORE INTO spine_stream (run_id, key, kind, at, data)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(e.run_id, e.key, e.kind, e.at, json.dumps(e.data)) for e in events],
-            )
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+    async def _on_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._guard:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{self.path.name}")
+            thread = self._thread
+
+        def call() -> T:
+            try:
+                return fn(self._connection())
+            except sqlite3.Error:
+                if self._db is not None and not self._db.in_transaction:
+                    self._db.close()  # the next call starts on a fresh connection
+                    self._db = None
+                raise
+
+        return await asyncio.get_running_loop().run_in_executor(thread, call)
 
     async def append(self, events: Sequence[NewEvent]) -> None:
         if not events:
             return
-        await asyncio.to_thread(self._append, events)
-        for event in events:
-            self._appended[event.run_id] = self._appended.get(event.run_id, 0) + 1
+        rows = [(e.run_id, e.key, e.kind, e.at, json.dumps(e.data)) for e in events]
 
-    def _read(self, run_id: str, after: int, limit: int) -> list[StreamEvent]:
-        conn = self._connect()
-        try:
-            rows = conn.execute(
+        def append(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT OR IGNORE INTO spine_stream (run_id, key, kind, at, data)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await self._on_thread(append)
+        self._appends += 1
+
+    async def read(self, run_id: str, after: int = 0, limit: int = 500) -> list[StreamEvent]:
+        rows = await self._on_thread(
+            lambda db: db.execute(
                 "SELECT * FROM spine_stream WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (run_id, after, limit),
             ).fetchall()
-        finally:
-            conn.close()
+        )
         return [_event(dict(row)) for row in rows]
 
-    async def read(self, run_id: str, after: int = 0, limit: int = 500) -> list[StreamEvent]:
-        return await asyncio.to_thread(self._read, run_id, after, limit)
-
     async def wait(self, run_id: str, after: int, timeout: float) -> None:
-        seen = self._appended.get(run_id, 0)
+        seen = self._appends
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             await asyncio.sleep(min(self.poll_s, max(deadline - time.monotonic(), 0)))
-            if self._appended.get(run_id, 0) != seen:
-                return  # an append in this process
+            if self._appends != seen:
+                return  # an append in this process (maybe of another run: the caller reads)
             if await self.read(run_id, after, limit=1):
                 return  # an append by another process
 
     async def close(self) -> None:
-        return None
+        with self._guard:
+            thread, self._thread = self._thread, None
+        if thread is None:
+            return
+
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(thread, close)
+        thread.shutdown(wait=False)
 
 
 def _event(row: Mapping[str, object]) -> StreamEvent:
@@ -407,56 +448,65 @@ def stream_store_from_env(env: Mapping[str, str], state_dir: Path | str = ".spin
 class LiveSink:
     """A worker's writer of stream events: producers hand events over from any thread (the
     workflow threads, the activities' loop) without waiting; a task on the worker's loop
-    appends them in batches. A store that fails drops the batch and logs one line."""
+    appends them in batches. A store that fails drops the batch and logs one line.
+
+    A hand-over is a deque append; only the first of a batch wakes the worker's loop (a wake-up
+    from another thread is a system call, and a step publishes several events)."""
 
     def __init__(self, store: StreamStore, *, batch_s: float = 0.02, max_pending: int = 20_000):
         self.store = store
         self.batch_s = batch_s
         self.max_pending = max_pending
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[NewEvent | None] | None = None
+        self._pending: collections.deque[NewEvent] = collections.deque()
+        self._ready: asyncio.Event | None = None
+        self._woken = False  # a wake-up is set or scheduled: later hand-overs need none
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()
+        self._ready = asyncio.Event()
+        self._stopping = False
         self._task = asyncio.create_task(self._drain(), name="spine live sink")
 
     def publish(self, event: NewEvent) -> None:
         """Hand an event over (thread-safe, never blocks; dropped if the sink is not running)."""
-        loop, queue = self._loop, self._queue
-        if loop is None or queue is None or loop.is_closed():
+        loop, ready = self._loop, self._ready
+        if loop is None or ready is None or loop.is_closed():
             return
-        if queue.qsize() >= self.max_pending:
+        if len(self._pending) >= self.max_pending:
             self.dropped += 1
             return
+        self._pending.append(event)
+        if self._woken:
+            return  # the drain has not taken the pending events yet: it takes this one too
+        self._woken = True
         try:
             if _on_loop(loop):
-                queue.put_nowait(event)
+                ready.set()
             else:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+                loop.call_soon_threadsafe(ready.set)
         except RuntimeError:  # the loop closed meanwhile
             return
 
     async def _drain(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
-        done = False
-        while not done:
-            item = await queue.get()
-            done = item is None  # stop(): write what is left, then end
-            batch = [] if item is None else [item]
-            if not done:
+        assert self._ready is not None
+        ready, pending = self._ready, self._pending
+        while True:
+            await ready.wait()
+            ready.clear()
+            if not self._stopping:
                 await asyncio.sleep(self.batch_s)  # let a few tokens gather
-            while not queue.empty() and len(batch) < 500:
-                following = queue.get_nowait()
-                if following is None:
-                    done = True
-                    break
-                batch.append(following)
-            if batch:
+            # Before taking: a hand-over from now on wakes the next round (at worst once
+            # needlessly); one before it is taken below.
+            self._woken = False
+            while pending:
+                batch = [pending.popleft() for _ in range(min(len(pending), 500))]
                 await self._write(batch)
+            if self._stopping:
+                return
 
     async def _write(self, batch: list[NewEvent]) -> None:
         try:
@@ -467,11 +517,12 @@ class LiveSink:
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Write what is pending (within `timeout_s`), stop, and close the store."""
-        queue, task, loop = self._queue, self._task, self._loop
+        task, loop, ready = self._task, self._loop, self._ready
         self._loop = None  # nothing more is taken
-        if queue is not None and task is not None and loop is not None:
-            # After the hand-overs already scheduled on the loop (call_soon keeps their order).
-            loop.call_soon(queue.put_nowait, None)
+        if task is not None and loop is not None and ready is not None:
+            # Hand-overs already made are in the deque: the drain writes them all, then ends.
+            self._stopping = True
+            loop.call_soon(ready.set)
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout_s)
             except TimeoutError:
