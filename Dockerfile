@@ -22,11 +22,14 @@ COPY guardrails ./guardrails
 COPY observability ./observability
 COPY client ./client
 COPY demo ./demo
-RUN pip install --no-compile . \
+# With bytecode compiled at build time: the workflow sandbox imports the workflow modules afresh
+# for every run, and with PYTHONDONTWRITEBYTECODE nothing writes their bytecode later, so a
+# worker without it compiles them from source for each run (~20 ms of CPU per run).
+RUN pip install . \
     && rm -rf /root/.cache
 
 # Your agents: install their package here (or COPY them and set SPINE_AGENTS), and your policy:
-# COPY my_agents ./my_agents
+# COPY my_agents ./my_agents   (and RUN python -m compileall -q my_agents, as above)
 # COPY policy.toml /etc/spine/policy.toml
 # ENV SPINE_AGENTS=my_agents SPINE_POLICY=/etc/spine/policy.toml
 
