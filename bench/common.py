@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import functools
 import json
@@ -55,6 +56,17 @@ from spine.guardrails.policy import DEFAULT_POLICY_PATH
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The repository's source packages (as the Makefile's PACKAGES).
+PACKAGES = (
+    "spine",
+    "workflows",
+    "activities",
+    "guardrails",
+    "observability",
+    "client",
+    "demo",
+    "bench",
+)
 SIDE_EFFECT_KINDS = ("refunds", "emails", "tickets")
 STARTUP_TIMEOUT_S = 60.0
 
@@ -229,12 +241,29 @@ class CpuMeter:
         return self.used
 
 
-class DevServer:
-    """The Temporal dev server on a fixed port with a SQLite file, so it can restart with state."""
+#: The dev server's one test-only switch that taxes search attributes, as a production server
+#: sets it. The CLI's dev server turns `system.forceSearchAttributesCacheRefreshOnRead` on, so an
+#: attribute registered while it runs is usable at once: every use of a search attribute (a run
+#: started with them, an upsert, a visibility write) then reads the cluster metadata and the
+#: namespace from SQLite. Temporal's default is off, and a cluster's operators register
+#: attributes before workers use them (as :class:`DevServer` does, at start). Benchmarks run
+#: the server with the production value so they measure what Spine costs a cluster, not the
+#: dev server's switch; ``--dev-sa-refresh`` keeps the dev server's value.
+PRODUCTION_DYNAMIC_CONFIG = ("system.forceSearchAttributesCacheRefreshOnRead=false",)
 
-    def __init__(self, db_file: Path, port: int | None = None) -> None:
+
+class DevServer:
+    """The Temporal dev server on a fixed port with a SQLite file, so it can restart with state.
+
+    With `production_config` (the default) the server runs with
+    :data:`PRODUCTION_DYNAMIC_CONFIG`."""
+
+    def __init__(
+        self, db_file: Path, port: int | None = None, *, production_config: bool = True
+    ) -> None:
         self.db_file = db_file
         self.port = port or free_port()
+        self.production_config = production_config
         self.env: WorkflowEnvironment | None = None
         self.vault: VaultDev | None = None
         """Set: :attr:`client` signs as the principals this OpenBao holds tokens for."""
@@ -249,6 +278,12 @@ class DevServer:
             raise RuntimeError("the Temporal dev server is not running")
         return self.vault.signed(self.env.client) if self.vault else self.env.client
 
+    @property
+    def dynamic_config(self) -> list[str]:
+        """The dynamic config values the server starts with (``key=value``)."""
+        production = list(PRODUCTION_DYNAMIC_CONFIG) if self.production_config else []
+        return ["frontend.enableUpdateWorkflowExecution=true", *production]
+
     async def start(self) -> None:
         # As client.testing.temporal_dev_server, but with a startup timeout that survives a
         # loaded machine (the SDK's default of 5 s does not, with other test suites running).
@@ -259,8 +294,7 @@ class DevServer:
             port=self.port,
             dev_server_database_filename=str(self.db_file),
             dev_server_extra_args=[
-                "--dynamic-config-value",
-                "frontend.enableUpdateWorkflowExecution=true",
+                arg for value in self.dynamic_config for arg in ("--dynamic-config-value", value)
             ],
             dev_server_startup_timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
         )
@@ -333,7 +367,14 @@ BENCH_PRINCIPALS: dict[str, tuple[str, ...]] = {"alice": (), "bob": ()}
 
 
 @contextlib.asynccontextmanager
-async def bench_stack(tmp: Path) -> AsyncIterator[Stack]:
+async def bench_stack(tmp: Path, *, production_config: bool = True) -> AsyncIterator[Stack]:
+    """The demo service, OpenBao and the Temporal dev server (see :class:`DevServer`).
+
+    Compiles the repository's sources first, as `make setup` and the container image do: a
+    worker whose workflow modules have no bytecode (PYTHONDONTWRITEBYTECODE) compiles them for
+    every run, which is not what a deployment pays."""
+    for package in PACKAGES:
+        compileall.compile_dir(REPO_ROOT / package, quiet=2)
     service = start_demo_service(tmp / "demo-service.db")
     vault: VaultDev | None = None
     server: DevServer | None = None
@@ -342,7 +383,7 @@ async def bench_stack(tmp: Path) -> AsyncIterator[Stack]:
         vault.put_secret("spine/acme", {"api_key": service.api_key})
         # Runs are started by alice and approved by bob, signed as production clients sign.
         vault.tokens.update(vault.seed_principals(BENCH_PRINCIPALS))
-        server = DevServer(tmp / "temporal.db")
+        server = DevServer(tmp / "temporal.db", production_config=production_config)
         server.vault = vault
         await server.start()
         yield Stack(tmp=tmp, vault=vault, service=service, server=server)

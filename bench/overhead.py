@@ -247,6 +247,7 @@ async def main(
     no_tracing: bool = False,
     conc_rounds: int = 1,
     separate: bool = True,
+    production_config: bool = True,
 ):
     tmp = Path(tempfile.mkdtemp(prefix="spine-bench-overhead-"))
     policy = bench_policy(tmp, bench_agent={"max_steps": max(steps, conc_steps) + 5})
@@ -258,7 +259,8 @@ async def main(
         }
     )
     llm = FakeLLMServer().start()
-    async with bench_stack(tmp) as stack:
+    async with bench_stack(tmp, production_config=production_config) as stack:
+        server_config = stack.server.dynamic_config
         client = stack.server.client
         config = SpineConfig(
             task_queue=SPINE_QUEUE,
@@ -374,7 +376,12 @@ async def main(
     llm.stop()
 
     print(f"\nper-step latency, single run ({steps + 1} steps per run, median of {rounds} rounds)")
-    results: dict[str, object] = {"steps_per_run": steps + 1, "rounds": rounds, "single": {}}
+    results: dict[str, object] = {
+        "steps_per_run": steps + 1,
+        "rounds": rounds,
+        "server_dynamic_config": server_config,
+        "single": {},
+    }
     for path in paths if not skip_single else []:
         s = statistics.median(single[path]["spine"])
         b = statistics.median(single[path]["bare"])
@@ -467,6 +474,11 @@ if __name__ == "__main__":
     p.add_argument(
         "--no-tracing", action="store_true", help="diagnostic: what tracing costs (not a figure)"
     )
+    p.add_argument(
+        "--dev-sa-refresh",
+        action="store_true",
+        help="keep the dev server's test-only search-attribute refresh (see bench.common)",
+    )
     args = p.parse_args()
     asyncio.run(
         main(
@@ -480,5 +492,6 @@ if __name__ == "__main__":
             args.no_tracing,
             args.concurrent_rounds or (1 if args.quick else 3),
             not args.shared_cores_only and len(os.sched_getaffinity(0)) >= 2,
+            not args.dev_sa_refresh,
         )
     )
