@@ -150,6 +150,7 @@ def build_spec(
         prices=policy.price_table(),
         policy_version=policy.full_version,
         search_attributes=search_attributes,
+        progress_every_s=policy.runtime.progress_every_s,
     )
 
 

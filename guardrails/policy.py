@@ -41,6 +41,10 @@ class Runtime(_Strict):
     breaker_threshold: int = Field(default=10, ge=1)
     breaker_reset_s: float = Field(default=30.0, gt=0)
     max_sub_agent_depth: int = Field(default=3, ge=0, le=10)
+    progress_every_s: float = Field(default=60.0, ge=1, le=3600)
+    """A working run refreshes its `SpineSteps` and `SpineCostUSD` search attributes at most this
+    often (`SpineStatus` changes at once). Each refresh is a history event and a visibility
+    write; runs started before the setting existed keep the interval they started with."""
     on_failed_side_effect: Literal["fail", "complete"] = "fail"
     """A run whose model gives its final answer while a side-effect tool's last call was
     refused or failed: ``fail`` (it ends `failed`, its other side effects undone) or

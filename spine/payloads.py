@@ -265,6 +265,12 @@ class AgentSpec(BaseModel):
     )
     policy_version: str = ""
     search_attributes: bool = True
+    progress_every_s: float | None = Field(
+        default=None,
+        description="Seconds between refreshes of the step and cost search attributes (the "
+        "policy's `runtime.progress_every_s`); None in a spec resolved before the setting "
+        "existed: the run keeps the interval it started with.",
+    )
     operator_roles: list[str] = Field(default_factory=lambda: ["operator", "supervisor"])
     parking_timeout_s: float = 7 * 24 * 3600
     max_retries_per_run: int = 100

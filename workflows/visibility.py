@@ -3,10 +3,12 @@
 The `state` query reads :class:`Visibility`'s status and reason; lists and the Web UI read the
 search attributes (`SpineAgent`, `SpineAccount`, `SpineStatus`, `SpineSteps`, `SpineCostUSD`).
 Only changed attributes are upserted: a status change at once, step and cost progress at most
-every :data:`PROGRESS_EVERY` of workflow time (each upsert is a history event and a visibility
-write; under load a step can take seconds, so a short interval meant an upsert every step).
-Runs that started before the interval grew keep the old one (``workflow.patched``), so their
-histories replay.
+every ``runtime.progress_every_s`` of the policy (60 s by default) of workflow time. Each upsert
+is a history event and a visibility write; under load a step can take seconds, so a short
+interval meant an upsert every few steps. The interval is part of the agent spec the run
+resolved at its start (recorded in its history), so it replays as decided. Runs whose spec
+predates the setting keep the interval they started with: :data:`PROGRESS_EVERY`, or
+:data:`LEGACY_PROGRESS_EVERY` for those older than its patch.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from temporalio import workflow
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from spine.contract import SA_ACCOUNT, SA_AGENT, SA_COST, SA_STATUS, SA_STEPS, RunStatus
+from spine.payloads import AgentSpec
 from spine.workflows.state import RunState
 
-#: Step and cost search attributes are refreshed at most this often (status: at once).
+#: The interval of runs whose spec has no `progress_every_s` (status: at once).
 PROGRESS_EVERY = timedelta(seconds=15)
 #: The interval of runs whose history began before the change (they replay with it).
 LEGACY_PROGRESS_EVERY = timedelta(seconds=2)
@@ -67,6 +70,11 @@ class Visibility:
             self._every = PROGRESS_EVERY if new else LEGACY_PROGRESS_EVERY
         return self._every
 
+    def _interval(self, spec: AgentSpec) -> timedelta:
+        if spec.progress_every_s is not None:
+            return timedelta(seconds=spec.progress_every_s)
+        return self._progress_every()
+
     def set(self, status: RunStatus, reason: str | None) -> None:
         """A new status and reason; search attributes follow a change of status at once."""
         self.reason = reason
@@ -80,7 +88,7 @@ class Visibility:
         if spec is None or not spec.search_attributes:
             return
         now = self._now()
-        if progress and self._at is not None and now - self._at < self._progress_every():
+        if progress and self._at is not None and now - self._at < self._interval(spec):
             return
         pairs = [
             SearchAttributePair(SA_AGENT, self._agent),
