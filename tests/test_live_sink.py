@@ -23,6 +23,19 @@ def _event(run: str, n: int) -> NewEvent:
     return NewEvent(run_id=run, key=f"k:{n}", kind="step", data={"n": n}, at=AT)
 
 
+def _counted(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    """Count the calls of `owner.name` from now on (the list's one item)."""
+    calls = [0]
+    original = getattr(owner, name)
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 def _rows(path: Path) -> list[tuple[str, str]]:
     with sqlite3.connect(path) as db:
         return db.execute("SELECT run_id, key FROM spine_stream ORDER BY seq").fetchall()
@@ -63,21 +76,12 @@ async def test_hand_overs_from_another_thread_wake_the_loop_once_per_batch(
 ) -> None:
     sink = LiveSink(SQLiteStreamStore(tmp_path / "streams.db"), batch_s=0.05)
     await sink.start()
-    loop = asyncio.get_running_loop()
-    wakeups = 0
-    original = loop.call_soon_threadsafe
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        nonlocal wakeups
-        wakeups += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    wakeups = _counted(monkeypatch, asyncio.get_running_loop(), "call_soon_threadsafe")
     # 300 events in one burst: one wake-up takes them all (the drain waits batch_s first).
     # The few other calls are thread-pool results (the producer thread's, the store's).
     await asyncio.to_thread(lambda: [sink.publish(_event("run", n)) for n in range(300)])
     await sink.stop()
-    assert wakeups <= 6, wakeups
+    assert wakeups[0] <= 6, wakeups
     assert len(_rows(tmp_path / "streams.db")) == 300
 
 
@@ -145,19 +149,11 @@ async def test_a_sink_over_its_limit_drops_and_counts_instead_of_growing() -> No
 async def test_the_sqlite_store_keeps_one_connection_and_readers_elsewhere_see_appends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    opened = 0
-    connect = sqlite3.connect
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        nonlocal opened
-        opened += 1
-        return connect(*args, **kwargs)
-
-    monkeypatch.setattr(sqlite3, "connect", counting)
+    opened = _counted(monkeypatch, sqlite3, "connect")
     writer = SQLiteStreamStore(tmp_path / "streams.db")
     for n in range(20):
         await writer.append([_event("run", n)])
-    assert opened == 1
+    assert opened == [1]
     assert [e.data["n"] for e in await writer.read("run", after=0, limit=5)] == [0, 1, 2, 3, 4]
 
     reader = SQLiteStreamStore(tmp_path / "streams.db")  # as another process opens it
