@@ -35,25 +35,22 @@ import collections
 import contextlib
 import json
 import logging
-import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, Field
+
+from spine.store import Migration, SQLiteDatabase
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
     from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger("spine.streams")
-
-T = TypeVar("T")
 
 JsonObject = dict[str, object]
 
@@ -152,93 +149,60 @@ CREATE TABLE IF NOT EXISTS spine_stream (
 );
 CREATE INDEX IF NOT EXISTS spine_stream_run ON spine_stream (run_id, seq);
 """
+#: PostgreSQL streams keep their own schema (:class:`PostgresStreamStore`, with its NOTIFY).
+_SQLITE_MIGRATIONS = (Migration("streams", 1, sqlite=_SQLITE_SCHEMA, postgresql=""),)
 
 
 class SQLiteStreamStore:
     """Streams in a SQLite file: one host; readers in other processes poll the file.
 
     Readers in the same process are woken at once by appends; others look every `poll_s`.
-    The store keeps one connection, used from one thread of its own (opening a connection per
-    batch, and an fsync per commit, cost a worker more CPU than the rest of a step's
-    streaming). Commits are not synced (``synchronous=NORMAL`` in WAL mode): a stream is best
-    effort, the audit log is the record; a worker that crashes keeps what it committed.
+    The file is a :class:`~spine.store.SQLiteDatabase` with commits that are not synced (a
+    stream is best effort, the audit log is the record): one connection kept open, no fsync
+    per batch (a connection and an fsync per batch cost a worker more CPU than the rest of a
+    step's streaming).
     """
 
     def __init__(self, path: Path | str, *, poll_s: float = 0.05) -> None:
         self.path = Path(path)
         self.poll_s = poll_s
-        self._db: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
-        self._guard = threading.Lock()
+        self._db = SQLiteDatabase(self.path, synced=False)
+        self._ready = False
         self._appends = 0  # appends by this process: wakes its readers at once
 
     def __str__(self) -> str:
         return f"sqlite:///{self.path}"
 
-    def _connection(self) -> sqlite3.Connection:
-        """The store's connection (only ever used from the store's thread)."""
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            try:
-                db.row_factory = sqlite3.Row
-                db.execute("PRAGMA journal_mode = WAL")
-                db.execute("PRAGMA synchronous = NORMAL")
-                db.executescript(_SQLITE_SCHEMA)
-                cutoff = (datetime.now(UTC) - RETENTION).isoformat()
-                db.execute("DELETE FROM spine_stream WHERE at < ?", (cutoff,))
-            except BaseException:
-                db.close()
-                raise
-            self._db = db
-        return self._db
-
-    async def _on_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with self._guard:
-            if self._thread is None:
-                self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{self.path.name}")
-            thread = self._thread
-
-        def call() -> T:
-            try:
-                return fn(self._connection())
-            except sqlite3.Error:
-                if self._db is not None and not self._db.in_transaction:
-                    self._db.close()  # the next call starts on a fresh connection
-                    self._db = None
-                raise
-
-        return await asyncio.get_running_loop().run_in_executor(thread, call)
+    async def _open(self) -> None:
+        """The schema, and events older than the retention dropped, once per store."""
+        if self._ready:
+            return
+        await self._db.migrate(_SQLITE_MIGRATIONS)
+        cutoff = (datetime.now(UTC) - RETENTION).isoformat()
+        async with self._db.transaction() as tx:
+            await tx.execute("DELETE FROM spine_stream WHERE at < ?", (cutoff,))
+        self._ready = True
 
     async def append(self, events: Sequence[NewEvent]) -> None:
         if not events:
             return
-        rows = [(e.run_id, e.key, e.kind, e.at, json.dumps(e.data)) for e in events]
-
-        def append(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
-                    "INSERT OR IGNORE INTO spine_stream (run_id, key, kind, at, data)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    rows,
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-
-        await self._on_thread(append)
+        await self._open()
+        async with self._db.transaction() as tx:
+            await tx.executemany(
+                "INSERT OR IGNORE INTO spine_stream (run_id, key, kind, at, data)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(e.run_id, e.key, e.kind, e.at, json.dumps(e.data)) for e in events],
+            )
         self._appends += 1
 
     async def read(self, run_id: str, after: int = 0, limit: int = 500) -> list[StreamEvent]:
-        rows = await self._on_thread(
-            lambda db: db.execute(
+        await self._open()
+        async with self._db.reading() as tx:
+            rows = await tx.fetchall(
                 "SELECT * FROM spine_stream WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (run_id, after, limit),
-            ).fetchall()
-        )
-        return [_event(dict(row)) for row in rows]
+            )
+        return [_event(row) for row in rows]
 
     async def wait(self, run_id: str, after: int, timeout: float) -> None:
         seen = self._appends
@@ -251,18 +215,7 @@ class SQLiteStreamStore:
                 return  # an append by another process
 
     async def close(self) -> None:
-        with self._guard:
-            thread, self._thread = self._thread, None
-        if thread is None:
-            return
-
-        def close() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-        await asyncio.get_running_loop().run_in_executor(thread, close)
-        thread.shutdown(wait=False)
+        await self._db.close()
 
 
 def _event(row: Mapping[str, object]) -> StreamEvent:

@@ -217,16 +217,20 @@ class SQLiteDatabase(Database):
     """A SQLite file; see the module docstring.
 
     Commits are fully synchronous: an append the workflow saw succeed must survive a power cut.
-    The connection is kept open (closing the last connection to a WAL database checkpoints it,
+    With ``synced=False`` (best-effort data, e.g. live streams) they are not synced
+    (``synchronous=NORMAL`` in WAL mode: they survive a crash of the process, not of the
+    machine; a commit still runs on the store's thread, as a WAL checkpoint may sync). The
+    connection is kept open (closing the last connection to a WAL database checkpoints it,
     several fsyncs) and used from one thread of its own, one transaction at a time.
     """
 
     dialect: Dialect = "sqlite"
 
-    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False, synced: bool = True) -> None:
         super().__init__()
         self.path = Path(path)
         self.read_only = read_only
+        self.synced = synced
         if read_only:
             if not self.path.is_file():
                 raise FileNotFoundError(f"no database at {str(self.path)!r}")
@@ -264,7 +268,7 @@ class SQLiteDatabase(Database):
             db.row_factory = sqlite3.Row
             if not self.read_only:
                 db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA synchronous={'FULL' if self.synced else 'NORMAL'}")
             self._db = db
         return self._db
 
