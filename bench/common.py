@@ -98,9 +98,14 @@ def parser(doc: str | None, quick_help: str) -> argparse.ArgumentParser:
     """The flags every benchmark takes: ``--quick``, ``--out``, ``--seed``.
 
     Also makes SIGTERM behave like Ctrl-C, so a stopped benchmark still stops the servers and
-    worker processes it started instead of leaving them behind.
+    worker processes it started instead of leaving them behind; and compiles the repository's
+    sources, as `make setup` and the container image do: a worker whose workflow modules have no
+    bytecode (PYTHONDONTWRITEBYTECODE) compiles them for every run, which a deployment does not.
     """
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for package in sorted(REPO_ROOT.iterdir()):
+        if (package / "__init__.py").is_file():
+            compileall.compile_dir(package, quiet=2)
     p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -357,14 +362,7 @@ BENCH_PRINCIPALS: dict[str, tuple[str, ...]] = {"alice": (), "bob": ()}
 
 @contextlib.asynccontextmanager
 async def bench_stack(tmp: Path, *, production_config: bool = True) -> AsyncIterator[Stack]:
-    """The demo service, OpenBao and the Temporal dev server (see :class:`DevServer`).
-
-    Compiles the repository's sources first, as `make setup` and the container image do: a
-    worker whose workflow modules have no bytecode (PYTHONDONTWRITEBYTECODE) compiles them for
-    every run, which is not what a deployment pays."""
-    for package in sorted(REPO_ROOT.iterdir()):
-        if (package / "__init__.py").is_file():
-            compileall.compile_dir(package, quiet=2)
+    """The demo service, OpenBao and the Temporal dev server (see :class:`DevServer`)."""
     service = start_demo_service(tmp / "demo-service.db")
     vault: VaultDev | None = None
     server: DevServer | None = None
