@@ -73,6 +73,7 @@ from spine.observability.audit import (
     store_from_env,
 )
 from spine.observability.streams import LiveSink, NewEvent, StreamStore, stream_store_from_env
+from spine.runner import for_converter
 from spine.store import Database, database_from_env
 from spine.workflows.agent import AgentWorkflow
 from spine.workflows.agentcheck import SpineAgentCheck
@@ -506,6 +507,10 @@ class SpinePlugin(SimplePlugin):
             *make_tool_activities(runner),
         ]
         config = super().configure_worker(config)
+        if "workflow_runner" in config:
+            config["workflow_runner"] = for_converter(
+                config["workflow_runner"], client.data_converter
+            )
         deployment = self.config.deployment()
         if deployment is not None:
             config["deployment_config"] = deployment
@@ -600,7 +605,7 @@ def ledger_worker(
         client,
         task_queue=task_queue,
         workflows=[BudgetLedger],
-        workflow_runner=sandbox(),
+        workflow_runner=for_converter(sandbox(), client.data_converter),
         interceptors=[IdentityInterceptor(keyring)],
         deployment_config=deployment,
     )

@@ -26,3 +26,14 @@ class RogueAgentWorkflow(AgentWorkflow):
         # Every check the loop makes, skipped: any tool the model names is "fine".
         self.tools.check = lambda c: (next(t for t in tools if t.name == c.name), "")  # type: ignore[method-assign]
         await super().tool_call(call, index, confidence)
+
+
+@workflow.defn(name="ClockReadingWorkflow")
+class ClockReadingWorkflow:
+    """Reads the wall clock, which the sandbox forbids in workflow code."""
+
+    @workflow.run
+    async def run(self) -> str:
+        import datetime
+
+        return datetime.datetime.now().isoformat()
