@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import hvac
@@ -234,6 +234,20 @@ class VaultSigner:
     tokens: Mapping[str, str]
     default: str | None = None
     """Who signs when a call names nobody (the CLI's logged-in principal)."""
+    _clients: threading.local = field(
+        default_factory=threading.local, init=False, repr=False, compare=False
+    )
+
+    def _client(self, token: str) -> hvac.Client:
+        """This thread's OpenBao client for `token`, kept for the thread's next signature (its
+        HTTP connection with it), replaced when the token changes. A worker signs every
+        ledger operation, from a few pool threads: a client per signature opened a connection
+        (and read ~/.netrc) every time."""
+        kept = getattr(self._clients, "kept", None)
+        if kept is None or kept[0] != token:
+            kept = (token, hvac.Client(url=self.url, token=token, timeout=5))
+            self._clients.kept = kept
+        return kept[1]
 
     def names(self) -> list[str]:
         return sorted(self.tokens)
@@ -264,9 +278,8 @@ class VaultSigner:
             )
         at = (issued_at or datetime.now(UTC)).isoformat()
         data = message(purpose, workflow_id, principal, at, payload_digest)
-        client = hvac.Client(url=self.url, token=token, timeout=5)
         try:
-            signed = client.secrets.transit.sign_data(
+            signed = self._client(token).secrets.transit.sign_data(
                 name=f"{KEY_PREFIX}{principal}",
                 hash_input=base64.b64encode(data).decode(),
                 mount_point=TRANSIT,

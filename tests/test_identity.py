@@ -12,8 +12,10 @@ import json
 import os
 import subprocess
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError
 
@@ -29,8 +31,9 @@ from spine.client.runs import (
 )
 from spine.client.testing import DemoService, VaultDev, binary
 from spine.contract import ApprovalDecision, OperatorCommand
-from spine.guardrails.identity import payload_digest
-from spine.guardrails.principals import rotate_principal_key
+from spine.guardrails import principals
+from spine.guardrails.identity import IdentityError, payload_digest
+from spine.guardrails.principals import login_userpass, rotate_principal_key
 from tests.helpers import (
     SPINE,
     call,
@@ -43,6 +46,7 @@ from tests.helpers import (
     signing_env,
     turn,
     wait_for_status,
+    worker_keyring,
 )
 
 
@@ -366,3 +370,37 @@ async def test_the_temporal_cli_way_in(client, make_worker, task_queue, tmp_path
         )
         result = await wait_result(handle)
     assert result.status == "completed"
+
+
+def test_a_signer_keeps_one_openbao_client_per_thread_and_token(
+    vault: VaultDev, monkeypatch: pytest.MonkeyPatch
+):
+    """Signing again reuses the thread's client (and its connection); another thread or a new
+    token gets its own. Every signature still verifies, and a revoked token is still refused."""
+    made = []
+    real = principals.hvac.Client
+
+    def counting(*args, **kwargs):
+        made.append(kwargs.get("token"))
+        return real(*args, **kwargs)
+
+    keyring = worker_keyring(vault)
+    token = login_userpass(vault.url, "bob", "pw-bob")  # a second login: a new token
+    monkeypatch.setattr(principals.hvac, "Client", counting)
+    bob = signer_as(vault, "bob")
+    claims = [bob.sign("bob", "decide", f"run-{i}", f"digest-{i}") for i in range(5)]
+    assert len(made) == 1
+    for i, claim in enumerate(claims):
+        keyring.verify(
+            claim, purpose="decide", workflow_id=f"run-{i}", payload_digest=f"digest-{i}"
+        )
+    with ThreadPoolExecutor(1) as other:
+        other.submit(bob.sign, "bob", "decide", "run-x", "digest").result()
+    assert len(made) == 2
+
+    bob.tokens["bob"] = token  # type: ignore[index]
+    bob.sign("bob", "decide", "run-y", "digest")
+    assert made[-1] == token and len(made) == 3
+    vault.client().auth.token.revoke(token)
+    with pytest.raises(IdentityError, match="refused to sign as 'bob'|cannot sign"):
+        bob.sign("bob", "decide", "run-z", "digest")
