@@ -10,13 +10,14 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from spine.observability.streams import LiveSink, NewEvent, SQLiteStreamStore
 
-AT = "2026-11-29T00:00:00+00:00"
+AT = datetime.now(UTC).isoformat()  # within the stores' retention (a day)
 
 
 def _event(run: str, n: int) -> NewEvent:

@@ -151,6 +151,13 @@ async def test_runs_move_between_hosts_sharing_only_postgres(
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
     replacement = await start(hosts[3])
+    # Work left when the replacement is ready: on a slow machine its start (a new Python
+    # process, OpenBao, migrations) can take longer than the survivors need to finish.
+    left = sum(
+        max(STEPS + 1 - s.step, 0)
+        for s in await asyncio.gather(*(get_state(h) for h in handles))
+        if s.status not in ("completed", "failed", "compensated", "rejected")
+    )
 
     results: list[AgentResult] = await asyncio.wait_for(
         asyncio.gather(*(h.result() for h in handles)), timeout=600
@@ -175,7 +182,12 @@ async def test_runs_move_between_hosts_sharing_only_postgres(
         others = {i for i in after if i not in victim_ids}
         assert others, f"{handle.id} was never served by another worker"
     late = [i for h in handles for i in await identities(client, h.id)]
-    assert any(i.startswith(f"{replacement.pid}@") for i in late), "the replacement served nothing"
+    if left >= 12:  # more than a few steps each for three workers: it must have taken some
+        assert any(i.startswith(f"{replacement.pid}@") for i in late), (
+            f"the replacement served nothing of the {left} steps left when it was ready"
+        )
+    else:
+        print(f"the replacement was ready with {left} step(s) left; the survivors finished them")
 
     # Exactly one refund, email and ticket per order.
     for kind in ("refunds", "emails", "tickets"):
