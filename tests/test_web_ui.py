@@ -211,9 +211,9 @@ async def test_a_sub_agent_shows_as_a_child_of_its_run_in_the_web_ui(
                 page.set_default_timeout(UI_TIMEOUT_MS)
                 expect = playwright_api.expect
                 await page.goto(web_ui_url(handle.id, handle.result_run_id))
-                await expect(page.get_by_text(child.id).first).to_be_visible()
+                await expect(page.get_by_text(child.id).first).to_be_visible(timeout=UI_TIMEOUT_MS)
                 await page.goto(web_ui_url(child.id))
                 parent_link = page.get_by_role("link", name=handle.id).first
-                await expect(parent_link).to_be_visible()
+                await expect(parent_link).to_be_visible(timeout=UI_TIMEOUT_MS)
             finally:
                 await browser.close()
