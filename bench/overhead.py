@@ -26,7 +26,7 @@ Spine's extra worker CPU (guards, audit, transcripts, tracing) takes CPU from th
 so lowers the server's throughput. On separate cores it only costs the workers' own hosts.
 
     python -m bench.overhead [--quick] [--steps 40] [--rounds 3] [--concurrent 200]
-        [--concurrent-rounds 3] [--shared-cores-only] [--out F]
+        [--concurrent-rounds 3] [--concurrent-steps 10] [--shared-cores-only] [--out F]
 """
 
 from __future__ import annotations
@@ -462,6 +462,13 @@ if __name__ == "__main__":
     p.add_argument(
         "--concurrent-rounds", type=int, default=None, help="rounds of the concurrent arms"
     )
+    p.add_argument(
+        "--concurrent-steps",
+        type=int,
+        default=10,
+        help="tool steps per concurrent run (a run pays fixed costs once: start, sandbox, "
+        "ledger, audit; longer runs spread them)",
+    )
     p.add_argument("--skip-single", action="store_true", help="only the concurrent arm")
     p.add_argument(
         "--no-pg3", action="store_true", help="skip the arm over three workers sharing PostgreSQL"
@@ -480,12 +487,14 @@ if __name__ == "__main__":
         help="keep the dev server's test-only search-attribute refresh (see bench.common)",
     )
     args = p.parse_args()
+    if not 0 <= args.concurrent_steps <= 500:
+        p.error(f"--concurrent-steps must be between 0 and 500 (got {args.concurrent_steps})")
     asyncio.run(
         main(
             args.steps or (40 if args.quick else 60),
             args.rounds or (2 if args.quick else 4),
             args.concurrent or (50 if args.quick else 200),
-            10,
+            args.concurrent_steps,
             args.out,
             args.skip_single,
             not args.no_pg3,
