@@ -375,13 +375,10 @@ async def main(
     telemetry.shutdown()
     llm.stop()
 
-    print(f"\nper-step latency, single run ({steps + 1} steps per run, median of {rounds} rounds)")
-    results: dict[str, object] = {
-        "steps_per_run": steps + 1,
-        "rounds": rounds,
-        "server_dynamic_config": server_config,
-        "single": {},
-    }
+    results: dict[str, object] = {"server_dynamic_config": server_config}
+    if not skip_single:  # the single-run rows, only when they ran
+        print(f"\nper-step latency, single run ({steps + 1} steps per run, median of {rounds})")
+        results.update({"steps_per_run": steps + 1, "rounds": rounds, "single": {}})
     for path in paths if not skip_single else []:
         s = statistics.median(single[path]["spine"])
         b = statistics.median(single[path]["bare"])
