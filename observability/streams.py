@@ -404,15 +404,31 @@ class LiveSink:
     appends them in batches. A store that fails drops the batch and logs one line.
 
     A hand-over is a deque append; only the first of a batch wakes the worker's loop (a wake-up
-    from another thread is a system call, and a step publishes several events)."""
+    from another thread is a system call, and a step publishes several events).
 
-    def __init__(self, store: StreamStore, *, batch_s: float = 0.02, max_pending: int = 20_000):
+    Timing: the first event after a quiet spell is written `batch_s` after it came (time to
+    first token is what a reader sees); while events keep coming, the sink writes at most once
+    every `interval_s`. So a reader sees an event within ``max(batch_s, interval_s)`` of its
+    hand-over, and a busy worker pays one store write per interval, not one per step (a write
+    costs the worker ~1 ms of CPU; at 20 steps/s, per-step writes were 1.5 ms of a step's ~35).
+    """
+
+    def __init__(
+        self,
+        store: StreamStore,
+        *,
+        batch_s: float = 0.02,
+        interval_s: float = 0.1,
+        max_pending: int = 20_000,
+    ):
         self.store = store
         self.batch_s = batch_s
+        self.interval_s = interval_s
         self.max_pending = max_pending
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: collections.deque[NewEvent] = collections.deque()
         self._ready: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
         self._woken = False  # a wake-up is set or scheduled: later hand-overs need none
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -421,6 +437,7 @@ class LiveSink:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
+        self._stopped = asyncio.Event()
         self._stopping = False
         self._task = asyncio.create_task(self._drain(), name="spine live sink")
 
@@ -445,19 +462,24 @@ class LiveSink:
             return
 
     async def _drain(self) -> None:
-        assert self._ready is not None
-        ready, pending = self._ready, self._pending
+        assert self._ready is not None and self._stopped is not None and self._loop is not None
+        ready, stopped, pending, loop = self._ready, self._stopped, self._pending, self._loop
+        written = float("-inf")  # the loop's time of the last write
         while True:
             await ready.wait()
             ready.clear()
             if not self._stopping:
-                await asyncio.sleep(self.batch_s)  # let a few tokens gather
+                # Let a few tokens gather, and keep to one write per interval (a stop cuts it).
+                delay = max(self.batch_s, written + self.interval_s - loop.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopped.wait(), delay)
             # Before taking: a hand-over from now on wakes the next round (at worst once
             # needlessly); one before it is taken below.
             self._woken = False
             while pending:
                 batch = [pending.popleft() for _ in range(min(len(pending), 500))]
                 await self._write(batch)
+            written = loop.time()
             if self._stopping:
                 return
 
@@ -470,12 +492,13 @@ class LiveSink:
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Write what is pending (within `timeout_s`), stop, and close the store."""
-        task, loop, ready = self._task, self._loop, self._ready
+        task, loop, ready, stopped = self._task, self._loop, self._ready, self._stopped
         self._loop = None  # nothing more is taken
-        if task is not None and loop is not None and ready is not None:
+        if task is not None and loop is not None and ready is not None and stopped is not None:
             # Hand-overs already made are in the deque: the drain writes them all, then ends.
             self._stopping = True
             loop.call_soon(ready.set)
+            loop.call_soon(stopped.set)  # and does not wait out its interval first
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout_s)
             except TimeoutError:

@@ -36,6 +36,7 @@ only with ``SPINE_TRACE_CONTENT=1``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -269,7 +270,10 @@ def _install_provider(env: Mapping[str, str]) -> _FanOut:
         return fanout
 
 
+@functools.cache
 def _tracer() -> otel_trace.Tracer:
+    """Spine's tracer, made once: a tracer holds no state of its own (replay safety is decided
+    per span), and the SDK builds a new one on every ``get_tracer`` call."""
     return otel_trace.get_tracer("spine")
 
 

@@ -9,13 +9,14 @@ import asyncio
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from spine.observability.streams import LiveSink, NewEvent, SQLiteStreamStore
+from tests.helpers import eventually
 
 AT = datetime.now(UTC).isoformat()  # within the stores' retention (a day)
 
@@ -171,3 +172,72 @@ async def test_the_sqlite_store_keeps_one_connection_and_readers_elsewhere_see_a
     await writer.append([_event("run", 21)])
     assert len(await writer.read("run")) == 22
     await writer.close()
+
+
+class _Timed:
+    """A store that keeps what it is given and the loop's time of each append."""
+
+    def __init__(self) -> None:
+        self.stored: list[NewEvent] = []
+        self.times: list[float] = []
+
+    async def append(self, events: Sequence[NewEvent]) -> None:
+        self.times.append(asyncio.get_running_loop().time())
+        self.stored.extend(events)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_steady_stream_is_written_at_most_once_per_interval() -> None:
+    store = _Timed()
+    sink = LiveSink(store, batch_s=0.001, interval_s=0.2)  # type: ignore[arg-type]
+    await sink.start()
+    stop = threading.Event()
+
+    def produce() -> None:  # an event every 5 ms, as a busy worker's runs hand them over
+        n = 0
+        while not stop.wait(0.005):
+            sink.publish(_event("run", n))
+            n += 1
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        await eventually(_writes(store, 6), what="six writes")
+    finally:
+        stop.set()
+        await asyncio.to_thread(producer.join)
+    await sink.stop()
+    gaps = [b - a for a, b in zip(store.times, store.times[1:-1], strict=False)]  # not the stop's
+    assert gaps and min(gaps) >= 0.2 - 0.01, gaps
+    assert [e.key for e in store.stored] == [f"k:{n}" for n in range(len(store.stored))]
+
+
+async def test_the_first_event_after_a_quiet_spell_goes_at_once_and_a_stop_cuts_the_interval() -> (
+    None
+):
+    store = _Timed()
+    sink = LiveSink(store, batch_s=0.001, interval_s=3600)  # type: ignore[arg-type]
+    await sink.start()
+    sink.publish(_event("run", 0))
+    await eventually(_stored(store, 1), timeout=30, what="the first event")  # not an hour later
+    sink.publish(_event("run", 1))  # within the interval: it waits
+    await asyncio.sleep(0.3)
+    assert len(store.stored) == 1
+    await asyncio.wait_for(sink.stop(timeout_s=30), 30)  # writes it now, not in an hour
+    assert [e.key for e in store.stored] == ["k:0", "k:1"] and sink.dropped == 0
+
+
+def _stored(store: _Timed, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return len(store.stored) >= count
+
+    return check
+
+
+def _writes(store: _Timed, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return len(store.times) >= count
+
+    return check
