@@ -90,6 +90,7 @@ from spine.contract import ACTIVITY_MODEL_CALL, WORKFLOW_TYPE, ApprovalDecision,
 from spine.guardrails.budget import price
 from spine.guardrails.interceptor import decode, guards_of_current_run
 from spine.observability import metrics
+from spine.observability.propagation import TraceContextInterceptor, detach
 from spine.observability.spans import DatabaseSpanExporter
 from spine.payloads import ToolCallInput
 from spine.store import open_database, redact_url, shared_database
@@ -331,15 +332,8 @@ def _attach(span: Span) -> tuple[Context, Token[Context]]:
 
 def _detach(attached: tuple[Context, Token[Context]] | None) -> None:
     """Detach quietly: on eviction the coroutine may finish in another contextvars context."""
-    if attached is None:
-        return
-    context, token = attached
-    if opentelemetry.context.get_current() is not context:
-        return
-    try:
-        token.var.reset(token)
-    except ValueError:
-        pass  # the token belongs to another contextvars.Context; nothing to undo here
+    if attached is not None:
+        detach(*attached)
 
 
 def _live() -> bool:
@@ -379,7 +373,7 @@ class _ActivityInbound(ActivityInboundInterceptor):
         if not self._settings.tracing:
             yield otel_trace.INVALID_SPAN
             return
-        # The parent is the context Temporal's OpenTelemetryInterceptor (outer) took from headers.
+        # The parent is the context the propagation interceptor (outer) took from headers.
         span = _tracer().start_span(name, kind=kind, attributes=_clean(attributes))
         try:
             with otel_trace.use_span(span, record_exception=False, set_status_on_exception=False):
@@ -748,11 +742,13 @@ def _with_opentelemetry_passthrough(runner: WorkflowRunner | None) -> WorkflowRu
 
 
 class SpineTelemetryPlugin(SimplePlugin):
-    """Worker (and Replayer) plugin: Temporal's OpenTelemetry interceptor, then Spine's.
+    """Worker (and Replayer) plugin: trace-context propagation, then Spine's spans.
 
-    The order matters: Temporal's interceptor attaches the trace context carried in headers, and
-    Spine's, inside it, starts `invoke_agent` under that context, so activities started by the
-    workflow carry `invoke_agent` as their parent.
+    The order matters: the propagation interceptor (:mod:`spine.observability.propagation`, the
+    header Temporal's OpenTelemetry interceptor uses, cheaper) attaches the trace context carried
+    in headers, and Spine's, inside it, starts `invoke_agent` under that context, so activities
+    started by the workflow carry `invoke_agent` as their parent. When the client already has
+    Temporal's interceptor, that one propagates instead.
     """
 
     def __init__(self, settings: _Settings) -> None:
@@ -769,7 +765,7 @@ class SpineTelemetryPlugin(SimplePlugin):
         tracing_types = (OpenTelemetryInterceptor, TracingInterceptor)
         if any(isinstance(i, tracing_types) for i in client_interceptors):
             return [self._spine]  # the client's own tracing interceptor already propagates context
-        return [OpenTelemetryInterceptor(), self._spine]
+        return [TraceContextInterceptor(), self._spine]
 
     def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
         config = super().configure_worker(config)

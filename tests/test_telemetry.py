@@ -21,7 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from temporalio.client import Client
+from temporalio.api.common.v1 import Payload
+from temporalio.client import Client, Interceptor, OutboundInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
@@ -32,6 +33,7 @@ from spine.client.testing import free_port
 from spine.client.trace_cli import load_spans, trace
 from spine.contract import ApprovalDecision, ScriptTurn
 from spine.guardrails.policy import load_policy
+from spine.observability.propagation import HEADER
 from spine.observability.telemetry import CONTENT_ATTRIBUTES, Telemetry, telemetry_from_env
 from spine.plugin import PASSTHROUGH_MODULES, SpineConfig, build_worker
 from spine.workflows.agent import AgentWorkflow
@@ -445,3 +447,53 @@ async def test_prometheus_metrics_from_the_worker(client, worker_config, task_qu
         assert lines("spine_run_cost_usd_sum{")
         assert lines("temporal_workflow_completed{")
     assert telemetry.trace_file is None and telemetry.otlp_endpoint is None
+
+
+def _with_trace_header(client: Client, header: Payload) -> Client:
+    """`client`, also sending `header` as the trace context of every start and signal (first:
+    the session client's signing sees it, as any caller's would be)."""
+
+    class _Out(OutboundInterceptor):
+        async def start_workflow(self, input):  # type: ignore[no-untyped-def]
+            input.headers = {**input.headers, HEADER: header}
+            return await self.next.start_workflow(input)
+
+        async def signal_workflow(self, input):  # type: ignore[no-untyped-def]
+            input.headers = {**input.headers, HEADER: header}
+            await self.next.signal_workflow(input)
+
+    class _Hostile(Interceptor):
+        def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+            return _Out(next)
+
+    config = client.config()
+    return Client(**{**config, "interceptors": [_Hostile(), *config["interceptors"]]})
+
+
+async def test_a_hostile_trace_header_on_a_start_or_a_signal_does_not_stall_the_run(
+    client, worker_config, task_queue, telemetry, trace_file
+):
+    """The trace header comes from whoever starts or signals a run: one that does not parse is
+    ignored. (Temporal's own interceptor raised on it, failing the run's workflow task again and
+    again: a signal from anyone could stall someone else's run.)"""
+    hostile = _with_trace_header(
+        client, Payload(metadata={"encoding": b"json/plain"}, data=b'{"traceparent": 7')
+    )
+    script = ten_step_script("o-1219")
+    async with traced_worker(client, worker_config, telemetry):
+        handle = await start_run(hostile, scripted_request(script), task_queue=task_queue)
+        state = await wait_for_status(handle, "awaiting_approval")
+        await hostile.get_workflow_handle(handle.id).signal("approval", {"not": "a decision"})
+        [pending] = state.pending_approvals
+        await decide(
+            handle,
+            ApprovalDecision(
+                approval_id=pending.approval_id, decision="approve", by="bob", role="supervisor"
+            ),
+        )
+        result = await wait_result(handle)
+    assert result.status == "completed", result.reason
+    spans = spans_of(trace_file, telemetry, handle.id)
+    [root] = [s for s in spans if s["parent_id"] is None]  # the header gave it no parent
+    assert root["attributes"]["spine.run.status"] == "completed"
+    assert {s["parent_id"] for s in spans if s is not root} == {root["span_id"]}
