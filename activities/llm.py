@@ -7,6 +7,7 @@ owns retries, so every attempt is visible in history.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -215,15 +216,39 @@ class ModelActivities:
         """One model turn."""
         try:
             async with heartbeating():
-                anchor = None
-                if call.audit is not None and call.audit.entries:
-                    anchor = await self._store_audit(call.audit)
-                result = await self._model_call(call)
+                messages, anchor = await self._store(call)
+                result = await self._model_call(call, messages)
                 result.audit = anchor
         except SpineError as err:
             raise err.to_application_error() from None  # message says it all; chains overflow
         result.attempt = activity.info().attempt
         return result
+
+    async def _store(self, call: ModelCallInput) -> tuple[list[ChatMessage], Appended | None]:
+        """The transcript with the call's new messages stored, and the anchor of the audit
+        entries the call carried (None without entries).
+
+        Two independent, idempotent writes, each a synced commit: made at once, so a step
+        waits for one commit, not two. Both settle before the model is asked, and if either
+        failed the model is not asked (the audit store's failure is reported first).
+        """
+        # The scripted model answers from its script: it only needs the prefix verified.
+        transcript = self.transcripts.extend(
+            call.transcript_id,
+            call.base_len,
+            call.base_digest,
+            call.new_messages,
+            load=call.provider != "scripted",
+        )
+        if call.audit is None or not call.audit.entries:
+            return await transcript, None
+        messages, anchor = await asyncio.gather(
+            transcript, self._store_audit(call.audit), return_exceptions=True
+        )
+        for outcome in (anchor, messages):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return messages, anchor  # type: ignore[return-value]  # neither is an exception here
 
     async def _store_audit(self, batch: AuditBatch) -> Appended:
         """Store the audit entries the workflow queued since its last write (idempotent)."""
@@ -286,15 +311,9 @@ class ModelActivities:
             fallback_index=call.fallback_index,
         )
 
-    async def _model_call(self, call: ModelCallInput) -> ModelCallResult:
-        # The scripted model answers from its script: it only needs the prefix verified.
-        messages = await self.transcripts.extend(
-            call.transcript_id,
-            call.base_len,
-            call.base_digest,
-            call.new_messages,
-            load=call.provider != "scripted",
-        )
+    async def _model_call(
+        self, call: ModelCallInput, messages: list[ChatMessage]
+    ) -> ModelCallResult:
         tokens = self._token_writer(call)
         if call.provider == "scripted":
             if call.script_turn is None:
