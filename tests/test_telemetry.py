@@ -37,7 +37,15 @@ from spine.observability.propagation import HEADER
 from spine.observability.telemetry import CONTENT_ATTRIBUTES, Telemetry, telemetry_from_env
 from spine.plugin import PASSTHROUGH_MODULES, SpineConfig, build_worker
 from spine.workflows.agent import AgentWorkflow
-from tests.helpers import call, eventually, policy_file, scripted_request, turn, wait_for_status
+from tests.helpers import (
+    approve_first_pending,
+    call,
+    eventually,
+    policy_file,
+    scripted_request,
+    turn,
+    wait_for_status,
+)
 
 Span = dict[str, object]
 
@@ -484,13 +492,7 @@ async def test_a_hostile_trace_header_on_a_start_or_a_signal_does_not_stall_the_
         handle = await start_run(hostile, scripted_request(script), task_queue=task_queue)
         state = await wait_for_status(handle, "awaiting_approval")
         await hostile.get_workflow_handle(handle.id).signal("approval", {"not": "a decision"})
-        [pending] = state.pending_approvals
-        await decide(
-            handle,
-            ApprovalDecision(
-                approval_id=pending.approval_id, decision="approve", by="bob", role="supervisor"
-            ),
-        )
+        await approve_first_pending(handle, state)
         result = await wait_result(handle)
     assert result.status == "completed", result.reason
     spans = spans_of(trace_file, telemetry, handle.id)
