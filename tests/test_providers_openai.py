@@ -175,6 +175,41 @@ async def test_transcript_maps_to_chat_messages(
     ]
 
 
+def test_the_sdk_request_transform_would_not_change_the_body_spine_builds() -> None:
+    """Spine sends its wire form untransformed (`wire_body`): that is only right while the
+    SDK's transform is the identity on it. A transcript of every message shape, with a system
+    name, tool calls with and without valid arguments, a tool error and a null content."""
+    from openai._utils import maybe_transform
+    from openai.types.chat import completion_create_params
+
+    from spine.activities.providers.openai import wire_body
+
+    request = ProviderRequest(
+        model="gpt-test",
+        tools=[LOOKUP],
+        messages=[
+            ChatMessage(role="system", content="Be brief.", name="policy"),
+            ChatMessage(role="user", content="Refund A1", name="ann"),
+            ChatMessage(
+                role="assistant",
+                tool_calls=[
+                    ToolCall(id="c1", name="lookup_order", args={"order_id": "A1", "n": [1.5]}),
+                    ToolCall(id="c2", name="lookup_order", args=None, raw_args="{oops"),
+                ],
+            ),
+            ChatMessage(role="tool", tool_call_id="c1", content='{"ok": 1}'),
+            ChatMessage(role="tool", tool_call_id="c2", content="not JSON", is_error=True),
+            ChatMessage(role="assistant", content="Done."),
+        ],
+    )
+    body = {"model": "gpt-test", **wire_body(request)}
+
+    transformed = maybe_transform(body, completion_create_params.CompletionCreateParamsStreaming)
+
+    assert transformed == body
+    assert json.dumps(transformed, sort_keys=True) == json.dumps(body, sort_keys=True)
+
+
 async def test_request_timeout_is_sent_per_call(
     llm: FakeLLMServer, provider: OpenAIProvider
 ) -> None:
