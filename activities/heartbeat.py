@@ -34,7 +34,6 @@ async def heartbeating() -> AsyncIterator[None]:
         return
     loop = asyncio.get_running_loop()
     every_s = timeout.total_seconds() / BEATS_PER_TIMEOUT
-    timer: asyncio.TimerHandle | None = None
 
     def beat() -> None:
         nonlocal timer

@@ -59,6 +59,9 @@ PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePro
 
 _CONVERTER = PayloadConverter.default
 
+#: The largest trace header taken (W3C traceparent + tracestate + baggage fit well within it).
+MAX_HEADER_BYTES = 16 * 1024
+
 
 def encode(context: Context | None = None) -> Payload | None:
     """The header for `context` (default: the current one), or None when it carries nothing."""
@@ -79,10 +82,6 @@ def decode(headers: Mapping[str, Payload]) -> Context | None:
         return None
     data = header.SerializeToString(deterministic=True)
     return _decoded(data) if len(data) <= MAX_HEADER_BYTES else None
-
-
-#: The largest trace header taken (W3C traceparent + tracestate + baggage fit well within it).
-MAX_HEADER_BYTES = 16 * 1024
 
 
 @functools.lru_cache(maxsize=1024)
