@@ -70,6 +70,7 @@ bench: $(BENCH_STAMP) setup
 	$(BIN)/python -m bench.compound --quick --out $(QUICK)/compound.json
 	$(BIN)/python -m bench.parallel --quick --out $(QUICK)/parallel.json
 	$(BIN)/python -m bench.streaming --quick --out $(QUICK)/streaming.json
+	$(BIN)/python -m bench.provider_cpu --quick --out $(QUICK)/provider_cpu.json
 	$(BIN)/python -m bench.report --results $(QUICK)
 
 bench-full: $(BENCH_STAMP) setup
@@ -83,6 +84,7 @@ bench-full: $(BENCH_STAMP) setup
 	$(BIN)/python -m bench.compound --out bench/results/compound.json
 	$(BIN)/python -m bench.parallel --out bench/results/parallel.json
 	$(BIN)/python -m bench.streaming --out bench/results/streaming.json
+	$(BIN)/python -m bench.provider_cpu --out bench/results/provider_cpu.json
 	$(BIN)/python -m bench.report
 
 clean: down

@@ -382,15 +382,21 @@ async def main(
     for path in paths if not skip_single else []:
         s = statistics.median(single[path]["spine"])
         b = statistics.median(single[path]["bare"])
+        # Each round's arms ran back to back: their ratio is what the machine's drift over the
+        # whole run (both arms slower in a late round) moves least.
+        paired = [x / y for x, y in zip(single[path]["spine"], single[path]["bare"], strict=True)]
         results["single"][path] = {  # type: ignore[index]
             "spine_step_ms": round(s * 1000, 1),
             "bare_step_ms": round(b * 1000, 1),
             "ratio": round(s / b, 3),
+            "round_ratios": [round(r, 3) for r in paired],
+            "median_round_ratio": round(statistics.median(paired), 3),
             "spine_rounds_ms": [round(x * 1000, 1) for x in single[path]["spine"]],
             "bare_rounds_ms": [round(x * 1000, 1) for x in single[path]["bare"]],
         }
         print(
             f"  {path:<13} spine {s * 1000:6.1f} ms   bare {b * 1000:6.1f} ms   ratio {s / b:.2f}"
+            f"   (each round: {', '.join(f'{r:.2f}' for r in paired)})"
         )
     total = concurrent * (conc_steps + 1)
     print(
