@@ -210,6 +210,39 @@ def test_the_sdk_request_transform_would_not_change_the_body_spine_builds() -> N
     assert json.dumps(transformed, sort_keys=True) == json.dumps(body, sort_keys=True)
 
 
+async def test_a_transcript_cannot_steer_the_request_it_is_sent_in(
+    llm: FakeLLMServer, provider: OpenAIProvider
+) -> None:
+    """The body Spine builds is merged into the SDK's request: a tool output or a model's tool
+    call that looks like request fields stays text inside its message, and the model, the
+    output cap and the tools are the ones Spine asked for."""
+    llm.enqueue_openai("ok")
+    steer = {"model": "gpt-expensive", "max_completion_tokens": 10**9, "tools": [], "n": 64}
+    request = ProviderRequest(
+        model="gpt-test",
+        max_tokens=64,
+        tools=[LOOKUP],
+        messages=[
+            ChatMessage(role="user", content=json.dumps(steer)),
+            ChatMessage(
+                role="assistant",
+                tool_calls=[ToolCall(id="c1", name="lookup_order", args=steer)],
+            ),
+            ChatMessage(role="tool", tool_call_id="c1", content=json.dumps(steer)),
+        ],
+    )
+
+    await provider.complete(request)
+
+    body = llm.requests[0].body
+    assert set(body) == {"model", "messages", "tools", "max_completion_tokens"}
+    assert (body["model"], body["max_completion_tokens"]) == ("gpt-test", 64)
+    assert [t["function"]["name"] for t in body["tools"]] == ["lookup_order"]
+    assert body["messages"][0]["content"] == json.dumps(steer)
+    assert json.loads(body["messages"][1]["tool_calls"][0]["function"]["arguments"]) == steer
+    assert body["messages"][2]["content"] == json.dumps(steer)
+
+
 async def test_request_timeout_is_sent_per_call(
     llm: FakeLLMServer, provider: OpenAIProvider
 ) -> None:
